@@ -1,0 +1,2 @@
+"""Backends consume verified IR: ``torch`` (runs anywhere), ``triton`` (CUDA kernels),
+``onnx`` (ONNX Runtime)."""

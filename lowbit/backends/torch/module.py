@@ -1,0 +1,66 @@
+"""``CompiledModule``: a ``torch.nn.Module`` that runs a lowbit graph.
+
+The graph's constants are registered as buffers, so ``.to(device)`` / ``.half()`` and
+``state_dict()`` behave as for any module. Inputs and outputs keep the traced model's Python
+structure (a transformers ``ModelOutput`` comes back as one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from lowbit.frontend.trace import TracedModel
+from lowbit.ir.graph import Graph
+from lowbit.ir.interpreter import Executor
+from lowbit.ir.printer import print_graph
+
+
+class _Buffers(Mapping):
+    """Constant name → the module's current buffer (follows ``.to(device)``)."""
+
+    def __init__(self, module: torch.nn.Module, names: dict[str, str]):
+        self.module = module
+        self.names = names
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return getattr(self.module, self.names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class CompiledModule(torch.nn.Module):
+    def __init__(self, traced: TracedModel, records: list | None = None):
+        super().__init__()
+        self.traced = traced
+        self.records = records or []
+        self._buffer_names: dict[str, str] = {}
+        for i, (name, tensor) in enumerate(self.graph.tensors.items()):
+            buffer = f"c{i}_" + "".join(ch if ch.isalnum() else "_" for ch in name)[-48:]
+            self.register_buffer(buffer, tensor)
+            self._buffer_names[name] = buffer
+        self._executor: Executor | None = None
+
+    @property
+    def graph(self) -> Graph:
+        return self.traced.graph
+
+    def _plan(self) -> Executor:
+        if self._executor is None or self._executor.version != self.graph.version:
+            self._executor = Executor(self.graph, _Buffers(self, self._buffer_names))
+        return self._executor
+
+    def forward(self, *args, **kwargs):
+        leaves = self.traced.flatten_inputs(args, kwargs)
+        with torch.no_grad():
+            outputs = self._plan().run(leaves)
+        return self.traced.unflatten_outputs(outputs)
+
+    def ir(self) -> str:
+        """The printed graph this module runs."""
+        return print_graph(self.graph)

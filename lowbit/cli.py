@@ -1,0 +1,124 @@
+"""The ``lowbit`` command line (thin: parsing arguments and printing; the work is elsewhere).
+
+    lowbit inspect tiny-llama --dump-dir out/
+    lowbit inspect minilm --pipeline "canonicalize" --why-not fuse-attention
+    lowbit passes
+    lowbit zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from lowbit.errors import LowbitError
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def format_records(records) -> str:
+    rows = [("#", "pass", "time", "nodes", "params", "drift")]
+    for i, r in enumerate(records):
+        drift = "-" if r.drift is None else f"{r.drift:.1e}"
+        time_s = "-" if i == 0 else f"{r.seconds * 1000:.1f} ms"
+        rows.append((str(i), r.name + ("" if r.changed or i == 0 else " (no change)"), time_s,
+                     str(r.nodes), _bytes(r.param_bytes), drift))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[c].rjust(widths[c]) if c in (0, 2, 3, 4, 5) else row[c].ljust(widths[c])
+                 for c in range(len(row))]
+        lines.append("  ".join(cells))
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lowbit.api import build
+    from lowbit.zoo import load_model
+
+    spec = load_model(args.model)
+    print(f"tracing {args.model} ({spec.description or type(spec.model).__name__}) ...", file=sys.stderr)
+    start = time.perf_counter()
+    traced, records = build(spec.model, spec.example_inputs, pipeline=args.pipeline,
+                            kwargs=spec.kwargs or None, dynamic_shapes=spec.dynamic_shapes,
+                            dump_dir=args.dump_dir, measure_drift=not args.no_drift)
+    print(format_records(records))
+    print(f"\n{len(records) - 1} passes in {time.perf_counter() - start:.1f} s (tracing included)")
+    if args.dump_dir:
+        print(f"graphs after each pass: {args.dump_dir}/NN-<pass>.ir")
+    if args.why_not:
+        _why_not(traced.graph, args.why_not, args.where)
+    return 0
+
+
+def _why_not(graph, rule_name: str, where: str | None) -> None:
+    from lowbit.passes.canonicalize import RULES
+    from lowbit.passes.rewriter import why_not
+
+    if rule_name not in RULES:
+        raise LowbitError(f"unknown rule {rule_name!r}; rules: {', '.join(sorted(RULES))}")
+    misses = why_not(graph, RULES[rule_name], where)
+    print(f"\n{rule_name}: {len(misses)} candidate node(s) did not match")
+    for m in misses:
+        loc = m.node.loc.module or "<no module>"
+        print(f"  %{m.node.results[0].name} ({m.node.op}) at {loc}: {m.reason}")
+
+
+def _passes(args: argparse.Namespace) -> int:
+    from lowbit.passes import ALIASES, PASSES
+
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        kind = "lossless" if cls.lossless else "lossy"
+        print(f"{name:34s} {kind:8s} {cls.summary}")
+    for name, expansion in sorted(ALIASES.items()):
+        print(f"{name:34s} {'alias':8s} = {expansion}")
+    return 0
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from lowbit.zoo import ZOO
+
+    for name, factory in ZOO.items():
+        print(f"{name:12s} {(factory.__doc__ or '').strip().splitlines()[0] if factory.__doc__ else ''}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="A compiler for cheap inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="trace a model, run a pipeline, show what each pass did")
+    p.add_argument("model", help="zoo name, file.py:factory, package.module:factory, or a transformers dir")
+    p.add_argument("--pipeline", help="passes to run after canonicalize, e.g. 'fold-constants'")
+    p.add_argument("--dump-dir", help="write the printed graph after each pass here")
+    p.add_argument("--no-drift", action="store_true", help="skip running the graph after each pass")
+    p.add_argument("--why-not", metavar="RULE", help="explain where a pattern rule did not match")
+    p.add_argument("--where", metavar="MODULE", help="with --why-not: only nodes under this module path")
+    p.set_defaults(fn=_inspect)
+    sub.add_parser("passes", help="list the registered passes").set_defaults(fn=_passes)
+    sub.add_parser("zoo", help="list the built-in models").set_defaults(fn=_zoo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

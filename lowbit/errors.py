@@ -1,0 +1,29 @@
+"""Errors lowbit raises. Each names what failed and where (node, module path, pass, token)."""
+
+
+class LowbitError(Exception):
+    """Base class of lowbit's errors."""
+
+
+class TraceError(LowbitError):
+    """torch.export could not trace the model."""
+
+
+class VerifyError(LowbitError):
+    """The graph breaks an IR rule."""
+
+
+class ParseError(LowbitError):
+    """IR text or a pipeline string could not be read; the message points at the token."""
+
+
+class PipelineError(LowbitError):
+    """A pipeline string or recipe is malformed or names an unknown pass or option."""
+
+
+class PassError(LowbitError):
+    """A pass failed; the message names the pass and where the failing graph was written."""
+
+
+class ModelSpecError(LowbitError):
+    """A MODEL argument names no known model, file, module or directory."""

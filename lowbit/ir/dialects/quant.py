@@ -1,0 +1,78 @@
+"""The ``quant`` dialect: quantize and dequantize with per-tensor, per-channel (``axis``) or
+per-group (``axis`` + ``group_size``) scales.
+
+Integer dtypes:  q = clamp(round(x / s) + z, qmin, qmax),   x̂ = (q − z) · s
+fp8 dtypes:      q = fp8(clamp(x / s, −max, max)),          x̂ = float(q) · s
+
+Sub-byte values (int4/uint4) are held in int8/uint8 tensors, one value per element.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import VerifyError
+from lowbit.ir.attrs import AttrKind
+from lowbit.ir.dialects.infer import tensor
+from lowbit.ir.opdef import AttrDef, define
+from lowbit.ir.types import DType, TensorType
+
+_GRANULARITY = [AttrDef("axis", AttrKind.OPT_INT, None), AttrDef("group_size", AttrKind.OPT_INT, None)]
+
+
+def expand_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None,
+                 group_size: int | None) -> torch.Tensor:
+    """Broadcast a per-tensor / per-channel / per-group scale (or zero point) against ``x``.
+
+    Per channel: ``scale`` has shape [x.shape[axis]]. Per group: ``scale`` has x's shape with
+    dim ``axis`` divided by ``group_size`` (each group shares one scale).
+    """
+    if axis is None:
+        return scale
+    axis = axis % x.dim()
+    if group_size is not None:
+        return scale.repeat_interleave(group_size, dim=axis)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def _quantize_infer(types, attrs):
+    x = tensor(types[0], "input")
+    return [TensorType(x.shape, attrs["dtype"])]
+
+
+def _quantize_verify(node):
+    dtype = node.attrs["dtype"]
+    if dtype.is_float and dtype not in (DType.f8e4m3, DType.f8e5m2):
+        raise VerifyError(f"quant.quantize dtype must be an integer or fp8 type, got {dtype.short}")
+    if node.attrs.get("group_size") is not None and node.attrs.get("axis") is None:
+        raise VerifyError("quant.quantize with group_size needs an axis")
+
+
+@define("quant.quantize", operands=["input", "scale", "zero_point?"], infer=_quantize_infer,
+        verify=_quantize_verify, attrs=[AttrDef("dtype", AttrKind.DTYPE), *_GRANULARITY])
+def quantize(input, scale, zero_point, *, dtype, axis, group_size):
+    s = expand_scale(scale, input, axis, group_size)
+    if dtype.is_float:
+        limit = torch.finfo(dtype.storage).max
+        return (input / s).clamp(-limit, limit).to(dtype.storage)
+    q = torch.round(input / s)
+    if zero_point is not None:
+        q = q + expand_scale(zero_point, input, axis, group_size).to(q.dtype)
+    lo, hi = dtype.int_range
+    return q.clamp(lo, hi).to(dtype.storage)
+
+
+def _dequantize_infer(types, attrs):
+    x = tensor(types[0], "input")
+    return [TensorType(x.shape, attrs["out_dtype"])]
+
+
+@define("quant.dequantize", operands=["input", "scale", "zero_point?"], infer=_dequantize_infer,
+        attrs=[*_GRANULARITY, AttrDef("out_dtype", AttrKind.DTYPE, DType.f32)])
+def dequantize(input, scale, zero_point, *, axis, group_size, out_dtype):
+    q = input.to(torch.float32)
+    if zero_point is not None:
+        q = q - expand_scale(zero_point, input, axis, group_size).to(torch.float32)
+    return (q * expand_scale(scale, input, axis, group_size)).to(out_dtype.storage)

@@ -1,0 +1,51 @@
+"""The ``rotate`` dialect: orthogonal transforms applied online.
+
+``rotate.hadamard`` multiplies the last dim by the normalized Walsh–Hadamard matrix H/√n
+(n a power of two), with the O(n log n) butterfly: y = x · (H/√n). H is symmetric and
+(H/√n)² = I, so applying it twice gives back x.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.errors import VerifyError
+from lowbit.ir.dialects.infer import same_as_input, tensor
+from lowbit.ir.opdef import define
+
+
+def fast_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x · H/√n over the last dim by ``log2 n`` butterfly stages."""
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fast_hadamard needs a power-of-two size, got {n}")
+    shape = x.shape
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.reshape(-1, n // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return (y.reshape(shape) / math.sqrt(n)).to(x.dtype)
+
+
+def sylvester_hadamard(n: int) -> torch.Tensor:
+    """The dense ±1 Hadamard matrix of power-of-two size n (Sylvester's construction)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
+def _hadamard_verify(node):
+    n = tensor(node.operands[0].type, "input").shape[-1]
+    if isinstance(n, int) and n & (n - 1):
+        raise VerifyError(f"rotate.hadamard needs a power-of-two last dim, got {n}")
+
+
+@define("rotate.hadamard", operands=["input"], infer=same_as_input, verify=_hadamard_verify)
+def hadamard(input):
+    return fast_hadamard(input)

