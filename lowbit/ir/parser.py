@@ -311,3 +311,12 @@ def parse_graph(text: str, tensors: dict[str, torch.Tensor] | None = None) -> Gr
         else:
             p.node(c)
     return p.graph
+
+
+def clone_graph(graph: Graph) -> Graph:
+    """An independent copy of ``graph`` (its tensors cloned), through the text form."""
+    from lowbit.ir.printer import print_graph
+
+    copy = parse_graph(print_graph(graph), {k: v.clone() for k, v in graph.tensors.items()})
+    copy.name = graph.name
+    return copy

@@ -1,0 +1,40 @@
+import os
+
+import pytest
+import torch
+
+from lowbit.ir import Graph, TensorType
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/*.expected.ir from the current output")
+
+
+@pytest.fixture
+def update_golden(request) -> bool:
+    return bool(request.config.getoption("--update-golden"))
+
+
+def sample_inputs(graph: Graph, sizes: dict[str, int] | None = None, seed: int = 0) -> list:
+    """Random inputs for a graph's inputs, symbolic dims given by ``sizes`` (default 3)."""
+    sizes = sizes or {}
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for v in graph.inputs:
+        t = v.type
+        assert isinstance(t, TensorType)
+        shape = [d if isinstance(d, int) else sizes.get(d, 3) for d in t.shape]
+        if t.dtype.is_float:
+            out.append(torch.randn(shape, generator=gen).to(t.dtype.storage))
+        else:
+            out.append(torch.randint(0, 10, shape, generator=gen).to(t.dtype.storage))
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

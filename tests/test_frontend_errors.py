@@ -1,0 +1,60 @@
+"""Bad input gets a clear message: untraceable models, unknown models, bad arguments."""
+
+import pytest
+import torch
+
+from lowbit.errors import ModelSpecError, TraceError
+from lowbit.frontend import trace
+from lowbit.zoo import load_model
+
+
+class _DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on tensor values: torch.export cannot trace it
+            return x * 2
+        return x
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.gate = _DataDependent()
+
+    def forward(self, x):
+        return self.gate(self.proj(x))
+
+
+def test_untraceable_model_names_module_and_reason():
+    with pytest.raises(TraceError) as e:
+        trace(_Outer(), (torch.randn(2, 4),))
+    msg = str(e.value)
+    assert "torch.export could not trace _Outer" in msg
+    assert "inside module gate (_DataDependent)" in msg
+    assert "test_frontend_errors.py" in msg and "if x.sum() > 0" in msg
+    assert "torch says" in msg and "data-dependent" in msg.lower()
+
+
+def test_trace_argument_errors():
+    with pytest.raises(TypeError, match="needs a torch.nn.Module"):
+        trace(lambda x: x, (torch.randn(2),))
+    with pytest.raises(TypeError, match="example_inputs must be a tuple"):
+        trace(torch.nn.ReLU(), torch.randn(2))
+
+
+def test_unknown_zoo_name_lists_valid_names():
+    with pytest.raises(ModelSpecError) as e:
+        load_model("tiny-lama")
+    msg = str(e.value)
+    assert "Did you mean tiny-llama" in msg
+    for name in ("tiny-llama", "tiny-gpt2", "minilm", "tiny-vit", "tiny-cnn"):
+        assert name in msg
+
+
+def test_bad_factory_specs():
+    with pytest.raises(ModelSpecError, match="no such file"):
+        load_model("does/not/exist.py:make")
+    with pytest.raises(ModelSpecError, match="cannot import module"):
+        load_model("no_such_package_xyz.models:make")
+    with pytest.raises(ModelSpecError, match="has no callable 'nope'"):
+        load_model("lowbit.zoo:nope")
