@@ -4,46 +4,63 @@ with ``lowbit inspect``."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import torch
 
 from lowbit.backends.torch import CompiledModule
 from lowbit.frontend.trace import TracedModel, trace
+from lowbit.passes.base import PassContext
 from lowbit.passes.manager import PassManager, PassRecord
 from lowbit.passes.pipeline import parse_pipeline
 
 
-def full_pipeline(pipeline: str | None) -> str:
-    """Canonicalization always runs first; the user's pipeline follows."""
-    return "canonicalize" if not pipeline else f"canonicalize,{pipeline}"
+def full_pipeline(pipeline: str | None, recipe: str | None = None) -> str:
+    """Canonicalization always runs first, then the recipe's passes, then the user's pipeline."""
+    from lowbit.recipes import recipe_pipeline
+
+    parts = ["canonicalize"]
+    if recipe:
+        parts.append(recipe_pipeline(recipe))
+    if pipeline:
+        parts.append(pipeline)
+    return ",".join(parts)
 
 
 def build(model: torch.nn.Module, example_inputs: tuple, *, pipeline: str | None = None,
+          recipe: str | None = None, calibration: Iterable[tuple] | None = None,
           kwargs: dict | None = None, dynamic_shapes: object = None, verify: bool = True,
-          dump_dir: str | os.PathLike | None = None,
-          measure_drift: bool = True) -> tuple[TracedModel, list[PassRecord]]:
-    """Trace ``model`` and run ``canonicalize`` + ``pipeline`` on it; returns the traced model
-    (its graph transformed) and one record per pass."""
-    passes = parse_pipeline(full_pipeline(pipeline))  # a bad pipeline fails before tracing
+          dump_dir: str | os.PathLike | None = None, measure_drift: bool = True,
+          progress: bool = True) -> tuple[TracedModel, list[PassRecord]]:
+    """Trace ``model`` and run ``canonicalize`` + ``recipe`` + ``pipeline`` on it; returns the
+    traced model (its graph transformed) and one record per pass."""
+    passes = parse_pipeline(full_pipeline(pipeline, recipe))  # a bad pipeline fails before tracing
     traced = trace(model, example_inputs, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                    canonicalize=False)
     samples = traced.flatten_inputs(example_inputs, kwargs) if measure_drift else None
-    manager = PassManager(passes, verify_each=verify, dump_dir=dump_dir, sample_inputs=samples)
+    batches = None if calibration is None else [traced.flatten_inputs(tuple(b)) for b in calibration]
+    ctx = PassContext(example_inputs=samples, calibration=batches, progress=progress)
+    manager = PassManager(passes, verify_each=verify, dump_dir=dump_dir, sample_inputs=samples, ctx=ctx)
     return traced, manager.run(traced.graph)
 
 
-def compile(model: torch.nn.Module, example_inputs: tuple, *, pipeline: str | None = None,
+def compile(model: torch.nn.Module, example_inputs: tuple, *, recipe: str | None = None,
+            calibration: Iterable[tuple] | None = None, pipeline: str | None = None,
             kwargs: dict | None = None, dynamic_shapes: object = None,
-            verify: bool = True, dump_dir: str | os.PathLike | None = None) -> CompiledModule:
+            verify: bool = True, dump_dir: str | os.PathLike | None = None,
+            progress: bool = True) -> CompiledModule:
     """Trace ``model``, run ``canonicalize`` and then ``pipeline``, and return a module that
     runs the result on the torch backend.
 
         fast = lowbit.compile(model, (ids,), dynamic_shapes=({0: "batch", 1: "seq"},))
         out = fast(ids)            # same structure as model(ids)
 
-    ``example_inputs`` is a tuple of positional arguments, as for ``torch.export``.
+        q = lowbit.compile(model, (ids, mask), recipe="w8a8", calibration=batches)
+
+    ``example_inputs`` is a tuple of positional arguments, as for ``torch.export``;
+    ``calibration`` is an iterable of such tuples (needed by calibrated passes).
     """
-    traced, records = build(model, example_inputs, pipeline=pipeline, kwargs=kwargs,
-                            dynamic_shapes=dynamic_shapes, verify=verify, dump_dir=dump_dir,
-                            measure_drift=False)
+    traced, records = build(model, example_inputs, pipeline=pipeline, recipe=recipe,
+                            calibration=calibration, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
+                            verify=verify, dump_dir=dump_dir, measure_drift=False, progress=progress)
     return CompiledModule(traced, records)

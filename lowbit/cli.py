@@ -2,6 +2,7 @@
 
     lowbit inspect tiny-llama --dump-dir out/
     lowbit inspect minilm --pipeline "canonicalize" --why-not fuse-attention
+    lowbit eval minilm --recipe w8a8 --recipe w8a8-dynamic
     lowbit passes
     lowbit zoo
 """
@@ -72,6 +73,29 @@ def _why_not(graph, rule_name: str, where: str | None) -> None:
         print(f"  %{m.node.results[0].name} ({m.node.op}) at {loc}: {m.reason}")
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.evaluate import minilm_batches, minilm_cosine
+    from lowbit.zoo import load_model
+
+    if args.model != "minilm":
+        raise LowbitError(f"lowbit eval measures minilm (embedding cosine vs fp32); "
+                          f"no quality metric is defined for {args.model!r} yet")
+    spec = load_model(args.model)
+    calib = minilm_batches("calibration", batch_size=args.batch_size)
+    evals = minilm_batches("eval")
+    print(f"{'recipe':16s} {'mean cos':>9s} {'min cos':>9s}  static/dynamic act quantizers")
+    for recipe in args.recipe:
+        q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                           recipe=recipe, calibration=calib)
+        r = minilm_cosine(q, spec.model, evals)
+        ops = [n.op for n in q.graph.nodes]
+        print(f"{recipe:16s} {r['mean']:9.4f} {r['min']:9.4f}  "
+              f"{ops.count('quant.quantize')}/{ops.count('quant.dynamic_quantize')}", flush=True)
+    print(f"\n{int(r['n'])} evaluation sentences; calibrated on {sum(len(b[0]) for b in calib)} others")
+    return 0
+
+
 def _passes(args: argparse.Namespace) -> int:
     from lowbit.passes import ALIASES, PASSES
 
@@ -103,6 +127,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--why-not", metavar="RULE", help="explain where a pattern rule did not match")
     p.add_argument("--where", metavar="MODULE", help="with --why-not: only nodes under this module path")
     p.set_defaults(fn=_inspect)
+    e = sub.add_parser("eval", help="quality of quantization recipes vs fp32")
+    e.add_argument("model", help="minilm (cosine of mean-pooled sentence embeddings)")
+    e.add_argument("--recipe", action="append", required=True,
+                   help="built-in recipe name or a .yaml/.toml file; repeat to compare")
+    e.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    e.set_defaults(fn=_eval)
     sub.add_parser("passes", help="list the registered passes").set_defaults(fn=_passes)
     sub.add_parser("zoo", help="list the built-in models").set_defaults(fn=_zoo)
     return parser

@@ -78,11 +78,14 @@ def test_lossless_passes_keep_function_and_are_idempotent(g, pass_name):
     before = run_graph(g, inputs)
     work = clone_graph(g)
     p = PASSES[pass_name]()
-    p.run(work, PassContext())
+    ctx = PassContext(calibration=[sample_inputs(g, {"batch": 3}, seed=s) for s in range(1, 3)],
+                      progress=False)
+    p.run(work, ctx)
     verify(work)
     after = run_graph(work, inputs)
     for a, b in zip(after, before):
         assert rel_err(a, b) < 1e-5
-    text = print_graph(work)
-    assert not p.run(work, PassContext()), f"{pass_name} changed the graph a second time"
-    assert print_graph(work) == text
+    if PASSES[pass_name].idempotent:
+        text = print_graph(work)
+        assert not p.run(work, ctx), f"{pass_name} changed the graph a second time"
+        assert print_graph(work) == text

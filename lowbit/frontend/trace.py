@@ -1,6 +1,6 @@
 """``lowbit.trace``: torch.export (non-strict) → ATen graph → lowbit IR, then canonicalization.
 
-This is the only module that imports ``torch.export``.
+``lowbit.frontend`` is the only package that imports ``torch.export``.
 
     traced = lowbit.trace(model, (input_ids,), dynamic_shapes=({0: "batch", 1: "seq"},))
     print(traced.graph)

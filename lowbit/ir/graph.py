@@ -228,7 +228,7 @@ class Graph:
         return self.insert(node, before=before)
 
     def constant(self, tensor: torch.Tensor, name: str, loc: Location | None = None,
-                 *, before: Node | None = None) -> Value:
+                 *, before: Node | None = None, dtype: DType | None = None) -> Value:
         """Add a ``core.constant`` holding ``tensor``: after the leading constants, or ``before``."""
         key = name
         i = 0
@@ -236,7 +236,7 @@ class Graph:
             i += 1
             key = f"{name}_{i}"
         self.tensors[key] = tensor.detach()
-        node = self.create_node("core.constant", [], {"name": key}, [tensor_type_of(tensor)],
+        node = self.create_node("core.constant", [], {"name": key}, [tensor_type_of(tensor, dtype)],
                                 loc, name=key)
         if before is not None:
             self.insert(node, before=before)
@@ -302,7 +302,8 @@ class Graph:
         if node is None or node.op != "core.constant":
             raise ValueError(f"%{value.name} is not a constant")
         self.tensors[str(node.attrs["name"])] = tensor.detach()
-        value.type = tensor_type_of(tensor)
+        old = value.tensor_type.dtype
+        value.type = tensor_type_of(tensor, old if old.storage == tensor.dtype else None)
         self.version += 1
 
     # ---- traversal ---------------------------------------------------------------------
@@ -335,5 +336,9 @@ class Graph:
         return print_graph(self)
 
 
-def tensor_type_of(tensor: torch.Tensor) -> TensorType:
-    return TensorType(tuple(int(d) for d in tensor.shape), DType.from_torch(tensor.dtype))
+def tensor_type_of(tensor: torch.Tensor, dtype: DType | None = None) -> TensorType:
+    """The type of a constant holding ``tensor``; ``dtype`` names a narrower type stored in it
+    (int4 values in an int8 tensor)."""
+    if dtype is not None and dtype.storage != tensor.dtype:
+        raise ValueError(f"{dtype.short} values are stored as {dtype.storage}, not {tensor.dtype}")
+    return TensorType(tuple(int(d) for d in tensor.shape), dtype or DType.from_torch(tensor.dtype))

@@ -72,7 +72,7 @@ class Executor:
         for i, node in enumerate(nodes):
             if node.op == "core.constant":
                 continue
-            fn, kwargs = _callable(node)
+            fn, kwargs = node_callable(node)
             steps.append(_Step(node, fn, tuple(-1 if v is None else slot[id(v)] for v in node.operands),
                                kwargs, tuple(slot[id(r)] for r in node.results),
                                tuple(frees.get(i, ()))))
@@ -104,7 +104,8 @@ class Executor:
         return [env[s] for s in self.output_slots]
 
 
-def _callable(node: Node) -> tuple[Callable[..., object], dict]:
+def node_callable(node: Node) -> tuple[Callable[..., object], dict]:
+    """The reference function of ``node`` and the keyword attributes to call it with."""
     opdef = lookup(node.op)
     if is_opaque(node.op):
         call = node.attrs["args"]

@@ -1,7 +1,8 @@
 """Reads the printer's text back into a graph, so tests can write input graphs by hand.
 
 Constants take their data from ``tensors`` (by name) when given; otherwise they get
-deterministic pseudo-random data seeded from their name (integers in [0, 10), floats ~ N(0,1)),
+deterministic pseudo-random data seeded from their name (integers in [0, 10) or the int4
+range, floats ~ N(0,1)),
 which is enough for structural tests and numerics before/after a pass.
 """
 
@@ -287,7 +288,8 @@ def _seeded_tensor(name: str, t: TensorType) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(t.dtype.storage)
     if t.dtype == DType.bool:
         return torch.randint(0, 2, shape, generator=gen).bool()
-    return torch.randint(0, 10, shape, generator=gen).to(t.dtype.storage)
+    lo, hi = t.dtype.int_range if t.dtype.bits < 8 else (0, 9)
+    return torch.randint(lo, hi + 1, shape, generator=gen).to(t.dtype.storage)
 
 
 def parse_graph(text: str, tensors: dict[str, torch.Tensor] | None = None) -> Graph:

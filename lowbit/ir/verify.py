@@ -13,8 +13,7 @@ from lowbit.ir.types import TensorType, Type
 
 
 def _where(node: Node) -> str:
-    loc = f" (at {node.loc.module})" if node.loc.module else ""
-    return f"{format_node(node)}{loc}"
+    return format_node(node)  # the printed line ends with the node's module path
 
 
 def verify(graph: Graph) -> None:
@@ -91,9 +90,15 @@ def _verify_constant(graph: Graph, node: Node) -> None:
     name = str(node.attrs["name"])
     if name not in graph.tensors:
         raise VerifyError(f"constant {name!r} has no tensor in the graph")
-    actual = tensor_type_of(graph.tensors[name])
-    if node.result.type != actual:
-        raise VerifyError(f"constant {name!r} is {actual}, but its value says {node.result.type}")
+    tensor = graph.tensors[name]
+    declared = node.result.tensor_type
+    if tuple(tensor.shape) != declared.shape or tensor.dtype != declared.dtype.storage:
+        raise VerifyError(f"constant {name!r} is declared {declared}, but its tensor is "
+                          f"{tensor_type_of(tensor)}")
+    if declared.dtype.bits < 8 and tensor.numel():
+        lo, hi = declared.dtype.int_range
+        if tensor.min().item() < lo or tensor.max().item() > hi:
+            raise VerifyError(f"constant {name!r} holds values outside the {declared.dtype.short} range")
 
 
 def _compare_types(expected: list[Type], actual: list[Type]) -> None:

@@ -26,17 +26,28 @@ class PassContext:
     """What passes may need beyond the graph: sample inputs, a seed, a log of notes."""
 
     example_inputs: list | None = None
+    calibration: list[list] | None = None  # batches, each already flattened to graph inputs
     seed: int = 0
+    progress: bool = True
     notes: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+    def require_calibration(self, pass_name: str) -> list[list]:
+        if not self.calibration:
+            from lowbit.errors import LowbitError
+
+            raise LowbitError(f"{pass_name} needs calibration data: pass calibration=[batches] "
+                              "to lowbit.compile (or --calibration to the CLI)")
+        return self.calibration
 
 
 @dataclass(frozen=True)
 class Pass:
     name: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
+    idempotent: ClassVar[bool] = True  # a second run changes nothing
     summary: ClassVar[str] = ""
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:

@@ -14,7 +14,7 @@ import torch
 
 from lowbit.ir.attrs import CallArgs
 from lowbit.ir.graph import Graph, Node
-from lowbit.ir.interpreter import _callable
+from lowbit.ir.interpreter import node_callable
 from lowbit.ir.opdef import is_opaque, lookup
 from lowbit.ir.types import DType, TensorType
 from lowbit.passes.base import Pass, PassContext, register
@@ -126,7 +126,7 @@ class FoldConstants(Pass):
         for node in graph.nodes:
             if not self._foldable(node, graph):
                 continue
-            fn, kwargs = _callable(node)
+            fn, kwargs = node_callable(node)
             args = [None if v is None else graph.tensor(v) for v in node.operands]
             with torch.no_grad():
                 value = fn(*args, **kwargs)

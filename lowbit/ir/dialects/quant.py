@@ -17,6 +17,7 @@ from lowbit.ir.dialects.infer import tensor
 from lowbit.ir.opdef import AttrDef, define
 from lowbit.ir.types import DType, TensorType
 
+EPS = 1e-8  # smallest scale: a zero-range channel or token gets this, never a division by zero
 _GRANULARITY = [AttrDef("axis", AttrKind.OPT_INT, None), AttrDef("group_size", AttrKind.OPT_INT, None)]
 
 
@@ -76,3 +77,28 @@ def dequantize(input, scale, zero_point, *, axis, group_size, out_dtype):
     if zero_point is not None:
         q = q - expand_scale(zero_point, input, axis, group_size).to(torch.float32)
     return (q * expand_scale(scale, input, axis, group_size)).to(out_dtype.storage)
+
+
+def _dynamic_infer(types, attrs):
+    x = tensor(types[0], "input")
+    per_token = TensorType(x.shape[:-1] + (1,), DType.f32)
+    return [TensorType(x.shape, attrs["dtype"]), per_token, TensorType(per_token.shape, attrs["dtype"])]
+
+
+@define("quant.dynamic_quantize", operands=["input"], infer=_dynamic_infer, verify=_quantize_verify,
+        attrs=[AttrDef("dtype", AttrKind.DTYPE), AttrDef("symmetric", AttrKind.BOOL, True)])
+def dynamic_quantize(input, *, dtype, symmetric):
+    """Per-token (last dim) quantization with scales computed at run time: returns
+    (q, scale, zero_point), scale and zero point shaped [..., 1]."""
+    x = input.float()
+    qmin, qmax = dtype.int_range
+    if symmetric:
+        scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(EPS)
+        zp = torch.zeros_like(scale)
+    else:
+        lo = x.amin(-1, keepdim=True).clamp_max(0)
+        hi = x.amax(-1, keepdim=True).clamp_min(0)
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+        zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    q = (torch.round(x / scale) + zp).clamp(qmin, qmax)
+    return q.to(dtype.storage), scale, zp.to(dtype.storage)

@@ -1,0 +1,163 @@
+"""``insert-qdq``: quantize linear weights offline and put quantize/dequantize pairs on
+linear inputs (lossy; the pass manager reports the drift).
+
+Weights (per output channel, axis 0; or per group of G inputs, axis 1):
+    s = max|W| / qmax (symmetric) or (max − min) / (qmax − qmin) with a zero point,
+    W_q = clamp(round(W / s) + z)  stored as an integer constant, then dequantize → linear.
+Activations: static (one scale/zero point from calibration, chosen by the spec's observer)
+or dynamic per token (``quant.dynamic_quantize`` computes them at run time).
+
+With ``auto_dynamic`` > 0 an activation quantized statically whose expected relative RMS
+error on the calibration histogram exceeds that bound is quantized per token instead: static
+where calibration shows it holds quality, dynamic only where a layer needs it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lowbit.ir.graph import Graph, Location, Node, Value
+from lowbit.passes.base import Pass, PassContext, register
+from lowbit.quant.calibrate import calibrate
+from lowbit.quant.observers import EPS, TensorStats, scale_zero_point
+from lowbit.quant.spec import QSpec, parse_qspec
+
+
+def quantize_weight(w: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """(q, scale, zero_point or None, dequantize attrs) for a [out, in] weight."""
+    qmin, qmax = spec.qrange
+    if spec.granularity == "group":
+        g = spec.group_size
+        if w.shape[1] % g:
+            raise ValueError(f"in features {w.shape[1]} are not a multiple of group size {g}")
+        view = w.reshape(w.shape[0], -1, g)
+        lo, hi = view.amin(-1).clamp_max(0), view.amax(-1).clamp_min(0)
+        attrs = {"axis": 1, "group_size": g}
+    elif spec.granularity == "channel":
+        lo, hi = w.amin(1).clamp_max(0), w.amax(1).clamp_min(0)
+        attrs = {"axis": 0}
+    else:
+        lo, hi = w.min().clamp_max(0), w.max().clamp_min(0)
+        attrs = {}
+    if spec.symmetric:
+        scale = (torch.maximum(-lo, hi) / qmax).clamp_min(EPS)
+        zp = None
+    else:
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+        zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    from lowbit.ir.dialects.quant import expand_scale
+
+    s = expand_scale(scale, w, attrs.get("axis"), attrs.get("group_size"))
+    q = torch.round(w / s)
+    if zp is not None:
+        q = q + expand_scale(zp, w, attrs.get("axis"), attrs.get("group_size"))
+    q = q.clamp(qmin, qmax).to(spec.dtype.storage)
+    return q, scale.float(), None if zp is None else zp.to(spec.dtype.storage), attrs
+
+
+def static_rel_error(stats: TensorStats, spec: QSpec) -> float:
+    """Expected relative RMS error of quantizing with the calibrated range (from the histogram)."""
+    qmin, qmax = spec.qrange
+    lo, hi = stats.range(spec.observer, qmax - qmin + 1, spec.symmetric)
+    step = max(hi - lo, EPS) / (qmax - qmin)
+    c, n = stats.bin_centers(), stats.hist
+    clipped = c.clamp(lo, hi)
+    err = (n * ((c - clipped) ** 2 + (step ** 2 / 12) * (c == clipped))).sum()
+    return math.sqrt(err.item() / max((n * c ** 2).sum().item(), 1e-30))
+
+
+def _matches(loc: str, patterns: str) -> bool:
+    return any(fnmatch.fnmatchcase(loc, p.strip()) for p in patterns.split(";") if p.strip())
+
+
+@register
+@dataclass(frozen=True)
+class InsertQdq(Pass):
+    name: ClassVar[str] = "insert-qdq"
+    lossless: ClassVar[bool] = False
+    idempotent: ClassVar[bool] = False
+    summary: ClassVar[str] = "quantize linear weights and activations (QDQ)"
+    weights: str = "int8/channel"
+    acts: str = "none"
+    skip: str = ""           # ';'-separated module-path patterns left in float
+    dynamic: str = ""        # ';'-separated module-path patterns whose inputs are quantized per token
+    auto_dynamic: float = 0.0
+
+    def __post_init__(self) -> None:
+        parse_qspec(self.weights, f"{self.name}.weights")
+        if self.acts != "none":
+            parse_qspec(self.acts, f"{self.name}.acts")
+
+    def _targets(self, graph: Graph) -> list[Node]:
+        return [n for n in graph.nodes if n.op == "core.linear" and graph.is_constant(n.operands[1])
+                and not _matches(n.loc.module, self.skip)]
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
+        linears = self._targets(graph)
+        if self.acts != "none":
+            self._quantize_activations(graph, ctx, linears)
+        wspec = parse_qspec(self.weights, f"{self.name}.weights")
+        for node in linears:
+            self._quantize_weight(graph, node, wspec)
+        return bool(linears)
+
+    def _quantize_weight(self, graph: Graph, node: Node, spec: QSpec) -> None:
+        w = node.operand(1)
+        name = str(w.producer.attrs["name"])
+        q, scale, zp, attrs = quantize_weight(graph.tensor(w).float(), spec)
+        loc = Location(node.loc.module)
+        qv = graph.constant(q, f"{name}.q", loc)
+        sv = graph.constant(scale, f"{name}.scale", loc)
+        zv = graph.constant(zp, f"{name}.zero_point", loc) if zp is not None else None
+        dq = graph.append("quant.dequantize", [qv, sv, zv], {**attrs, "out_dtype": w.tensor_type.dtype},
+                          loc=loc, before=node, name=f"{node.results[0].name}_w")
+        dq.touch(self.name)
+        node.set_operand(1, dq.result)
+        node.touch(self.name)
+
+    def _quantize_activations(self, graph: Graph, ctx: PassContext, linears: list[Node]) -> None:
+        spec = parse_qspec(self.acts, f"{self.name}.acts")
+        groups: dict[int, tuple[Value, list[Node]]] = {}
+        for node in linears:
+            x = node.operand(0)
+            groups.setdefault(id(x), (x, []))[1].append(node)
+        static = [x for x, users in groups.values()
+                  if not spec.dynamic and not any(_matches(u.loc.module, self.dynamic) for u in users)]
+        stats = calibrate(graph, ctx.require_calibration(self.name), static,
+                          progress=ctx.progress, desc=self.name) if static else {}
+        for x, users in groups.values():
+            st = stats.get(x.name)
+            dynamic = st is None or (self.auto_dynamic > 0 and static_rel_error(st, spec) > self.auto_dynamic)
+            dq = self._insert_dynamic(graph, x, users, spec) if dynamic else self._insert_static(graph, x, users, spec, st)
+            for u in users:
+                u.set_operand(0, dq)
+
+    def _insert_static(self, graph: Graph, x: Value, users: list[Node], spec: QSpec, st: TensorStats) -> Value:
+        qmin, qmax = spec.qrange
+        lo, hi = st.range(spec.observer, qmax - qmin + 1, spec.symmetric)
+        scale, zp = scale_zero_point(lo, hi, qmin, qmax, spec.symmetric)
+        loc = Location(users[0].loc.module)
+        sv = graph.constant(torch.tensor(scale), f"{x.name}.act_scale", loc)
+        zv = None if spec.symmetric else graph.constant(torch.tensor(zp, dtype=spec.dtype.storage), f"{x.name}.act_zero_point", loc)
+        first = users[0]
+        q = graph.append("quant.quantize", [x, sv, zv], {"dtype": spec.dtype}, loc=loc, before=first)
+        dq = graph.append("quant.dequantize", [q.result, sv, zv], {"out_dtype": x.tensor_type.dtype},
+                          loc=loc, before=first)
+        q.touch(self.name), dq.touch(self.name)
+        return dq.result
+
+    def _insert_dynamic(self, graph: Graph, x: Value, users: list[Node], spec: QSpec) -> Value:
+        loc = Location(users[0].loc.module)
+        first = users[0]
+        q = graph.append("quant.dynamic_quantize", [x], {"dtype": spec.dtype, "symmetric": spec.symmetric},
+                         loc=loc, before=first)
+        q_val, scale, zp = q.results
+        dq = graph.append("quant.dequantize", [q_val, scale, None if spec.symmetric else zp],
+                          {"out_dtype": x.tensor_type.dtype}, loc=loc, before=first)
+        q.touch(self.name), dq.touch(self.name)
+        return dq.result

@@ -1,0 +1,154 @@
+"""Scale folding: ``smooth-quant`` and the region discovery it rests on.
+
+For a value X read only by linears (as their input), with per-channel scales s:
+    X' = X · diag(s)⁻¹,   W' = W · diag(s)   for every consumer (columns of W [out, in])
+and diag(s)⁻¹ is absorbed by X's producer:
+    LayerNorm / RMSNorm:  γ' = γ / s,  β' = β / s
+    a linear through attention heads (v_proj → sdpa → o_proj): rows of W_v and b_v divided by s,
+    since attention mixes tokens, never channels, the per-channel scale passes through.
+SmoothQuant picks  s_j = max|X_j|^α / max|W_·j|^(1−α)  from calibration statistics.
+
+Regions come from the graph: a value qualifies only if *every* consumer is a linear reading it
+as input (a post-LN model's norm output also feeds the residual add, so it is skipped), and
+the producer can absorb the inverse scale. The pass is lossless; the pass manager checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lowbit.ir.graph import Graph, Node, Value
+from lowbit.passes.base import Pass, PassContext, register
+from lowbit.passes.rewriter import single_user
+from lowbit.quant.calibrate import calibrate
+
+_HEAD_RESHAPES = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
+                  "aten.transpose.int", "aten.clone.default")
+
+
+@dataclass
+class Region:
+    x: Value
+    producer: Node
+    consumers: list[Node]
+
+
+def _keeps_channels(node: Node) -> bool:
+    """A reshape/transpose that splits or merges heads but never moves the last dim's data."""
+    if node.op != "aten.transpose.int":
+        return node.op in _HEAD_RESHAPES
+    rank = node.operand(0).tensor_type.rank
+    dims = [d % rank for d in node.attrs["args"].args[1:3]]  # type: ignore[union-attr]
+    return rank - 1 not in dims
+
+
+def _through_heads(value: Value, graph: Graph) -> Value | None:
+    """Walk back from ``value`` through head reshapes; the value they start from, if each
+    step has a single user."""
+    while value.producer is not None and _keeps_channels(value.producer):
+        if single_user(value, graph) is None:
+            return None
+        value = value.producer.operand(0)
+    return value
+
+
+def _attention_producer(x: Value, graph: Graph) -> Node | None:
+    out = _through_heads(x, graph)
+    sdpa = out.producer if out is not None else None
+    if sdpa is None or sdpa.op != "core.sdpa" or single_user(out, graph) is None:
+        return None
+    v = _through_heads(sdpa.operand(2), graph)
+    if v is None or v.producer is None or v.producer.op != "core.linear":
+        return None
+    if single_user(v, graph) is None or not _own_constant(v.producer.operands[1], graph):
+        return None
+    if v.tensor_type.shape[-1] != x.tensor_type.shape[-1]:
+        return None  # grouped-query attention repeats value heads: channels do not map 1:1
+    return v.producer
+
+
+def _own_constant(v: Value | None, graph: Graph) -> bool:
+    """A constant used by one node only, so rescaling it changes nothing else."""
+    return v is not None and graph.is_constant(v) and len(v.users) == 1
+
+
+def _flattened_norm(x: Value, graph: Graph) -> Node | None:
+    """The norm producing x, possibly through views that keep the last dim (GPT-2 flattens
+    tokens to 2-D before its projections)."""
+    while x.producer is not None and x.producer.op in ("aten.view.default", "aten._unsafe_view.default",
+                                                       "aten.reshape.default"):
+        src = x.producer.operand(0)
+        if src.tensor_type.shape[-1] != x.tensor_type.shape[-1] or single_user(src, graph) is None:
+            return None
+        x = src
+    p = x.producer
+    if p is None or p.op not in ("core.layer_norm", "core.rms_norm") or not _own_constant(p.operands[1], graph):
+        return None
+    if p.op == "core.layer_norm" and p.operands[2] is not None and not _own_constant(p.operands[2], graph):
+        return None
+    return p if single_user(x, graph) is not None or all(u.op == "core.linear" for u in x.users) else None
+
+
+def find_regions(graph: Graph) -> list[Region]:
+    regions = []
+    outputs = {id(v) for v in graph.outputs}
+    for node in graph.nodes:
+        for x in node.results:
+            users = x.users
+            if not users or id(x) in outputs:
+                continue
+            if not all(u.op == "core.linear" and u.operands[0] is x and _own_constant(u.operands[1], graph)
+                       for u in users):
+                continue  # some consumer is not a linear, or shares its weight (tied embeddings)
+            producer = _flattened_norm(x, graph)
+            if producer is None:
+                producer = _attention_producer(x, graph)
+                if producer is None:
+                    continue
+            regions.append(Region(x, producer, users))
+    return regions
+
+
+def _scale_columns(graph: Graph, w: Value, s: torch.Tensor) -> None:
+    graph.set_tensor(w, graph.tensor(w) * s.to(graph.tensor(w).dtype))
+
+
+@register
+@dataclass(frozen=True)
+class SmoothQuant(Pass):
+    name: ClassVar[str] = "smooth-quant"
+    idempotent: ClassVar[bool] = False  # a second run rescales by the new statistics
+    summary: ClassVar[str] = "move activation outliers into weights: X·diag(s)⁻¹, diag(s)·W"
+    alpha: float = 0.5
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
+        regions = find_regions(graph)
+        if not regions:
+            return False
+        stats = calibrate(graph, ctx.require_calibration(self.name), [r.x for r in regions],
+                          progress=ctx.progress, desc=self.name)
+        for r in regions:
+            self._fold(graph, r, stats[r.x.name].channel_absmax)
+        return True
+
+    def _fold(self, graph: Graph, r: Region, x_absmax: torch.Tensor) -> None:
+        w_absmax = torch.stack([graph.tensor(u.operand(1)).abs().amax(0) for u in r.consumers]).amax(0)
+        s = (x_absmax.clamp_min(1e-5) ** self.alpha / w_absmax.clamp_min(1e-5) ** (1 - self.alpha))
+        s = s.clamp(1e-4, 1e4)
+        for u in r.consumers:
+            _scale_columns(graph, u.operand(1), s)
+            u.touch(self.name)
+        p = r.producer
+        if p.op in ("core.layer_norm", "core.rms_norm"):
+            for v in p.operands[1:]:
+                if v is not None:
+                    graph.set_tensor(v, graph.tensor(v) / s)
+        else:  # v_proj: output rows
+            w = p.operand(1)
+            graph.set_tensor(w, graph.tensor(w) / s[:, None])
+            if p.operands[2] is not None:
+                graph.set_tensor(p.operand(2), graph.tensor(p.operand(2)) / s)
+        p.touch(self.name)

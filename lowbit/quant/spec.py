@@ -1,0 +1,83 @@
+"""Quantization specs, written ``dtype/granularity[/sym|asym][/static|dynamic][/observer]``.
+
+    int8/channel            int8, one scale per output channel, symmetric (weights)
+    uint8/tensor/asym       uint8 with a zero point, one scale for the tensor (static acts)
+    int8/token/dynamic      int8, one scale per token computed at run time
+    int4/group128/asym      int4 with zero points, one scale per 128 inputs (weights)
+    uint8/tensor/asym/mse   range chosen by MSE search over a calibration histogram
+
+Errors name the field and list the allowed values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lowbit.ir.types import DType
+
+DTYPES = {"int8": DType.i8, "uint8": DType.u8, "int4": DType.i4, "uint4": DType.u4,
+          "fp8": DType.f8e4m3, "fp8e4m3": DType.f8e4m3, "fp8e5m2": DType.f8e5m2}
+GRANULARITIES = ("tensor", "channel", "token", "group<N>")
+OBSERVERS = ("minmax", "percentile", "mse", "kl")
+
+
+class QSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class QSpec:
+    dtype: DType
+    granularity: str = "tensor"  # tensor | channel | token | group
+    group_size: int | None = None
+    symmetric: bool = True
+    dynamic: bool = False
+    observer: str = "minmax"
+
+    def __str__(self) -> str:
+        name = next(k for k, v in DTYPES.items() if v == self.dtype)
+        gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        parts = [name, gran, "sym" if self.symmetric else "asym"]
+        if self.dynamic:
+            parts.append("dynamic")
+        if self.observer != "minmax":
+            parts.append(self.observer)
+        return "/".join(parts)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return self.dtype.int_range
+
+
+def parse_qspec(text: str, where: str = "spec") -> QSpec:
+    """Parse a spec string; ``where`` names the recipe key or option for error messages."""
+    parts = [p.strip().lower() for p in text.split("/") if p.strip()]
+    if not parts:
+        raise QSpecError(f"{where}: empty quantization spec")
+    if parts[0] not in DTYPES:
+        raise QSpecError(f"{where}: unknown dtype {parts[0]!r}; allowed: {', '.join(DTYPES)}")
+    fields: dict = {"dtype": DTYPES[parts[0]]}
+    for part in parts[1:]:
+        group = re.fullmatch(r"group(\d+)", part)
+        if part in ("tensor", "channel", "token"):
+            fields["granularity"] = part
+        elif group:
+            fields["granularity"], fields["group_size"] = "group", int(group.group(1))
+        elif part in ("sym", "asym"):
+            fields["symmetric"] = part == "sym"
+        elif part in ("static", "dynamic"):
+            fields["dynamic"] = part == "dynamic"
+        elif part in OBSERVERS:
+            fields["observer"] = part
+        else:
+            raise QSpecError(
+                f"{where}: unknown field {part!r} in {text!r}; allowed granularities: "
+                f"{', '.join(GRANULARITIES)}; symmetry: sym, asym; mode: static, dynamic; "
+                f"observers: {', '.join(OBSERVERS)}")
+    spec = QSpec(**fields)
+    if spec.dtype.is_float and not spec.symmetric:
+        raise QSpecError(f"{where}: fp8 is symmetric only")
+    if spec.granularity == "token" and not spec.dynamic:
+        spec = QSpec(**{**fields, "dynamic": True})  # per-token scales exist only at run time
+    return spec

@@ -1,0 +1,120 @@
+"""Quantization core: specs, recipes, calibration errors, weight quantization, smooth-quant
+(lossless), and MiniLM w8a8 quality."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.api import build
+from lowbit.errors import PipelineError
+from lowbit.ir import DType, Graph, TensorType, parse_graph, verify
+from lowbit.passes import PassContext, parse_pipeline
+from lowbit.passes.quantize import quantize_weight
+from lowbit.passes.smooth import find_regions
+from lowbit.quant.calibrate import CalibrationError, calibrate
+from lowbit.quant.spec import QSpecError, parse_qspec
+from lowbit.recipes import builtin_recipes, recipe_pipeline
+from lowbit import zoo
+
+
+def test_qspec_parsing_and_errors():
+    s = parse_qspec("uint8/tensor/asym/mse")
+    assert (s.dtype, s.granularity, s.symmetric, s.observer) == (DType.u8, "tensor", False, "mse")
+    assert parse_qspec("int4/group128").group_size == 128
+    assert parse_qspec("int8/token").dynamic  # per-token scales exist only at run time
+    with pytest.raises(QSpecError, match=r"acts: unknown dtype 'int9'; allowed: int8, uint8, int4"):
+        parse_qspec("int9/tensor", "acts")
+    with pytest.raises(QSpecError, match="unknown field 'row'.*allowed granularities: tensor, channel, token, group<N>"):
+        parse_qspec("int8/row", "weights")
+
+
+def test_recipes_expand_and_bad_recipe_names_key(tmp_path):
+    assert {"w8a8", "w8a8-dynamic", "w4a16"} <= set(builtin_recipes())
+    assert recipe_pipeline("w8a8").startswith("smooth-quant")
+    bad = tmp_path / "r.yaml"
+    bad.write_text("pipeline:\n  - insert-qdq: {weights: int8/channel, acts: int3/tensor}\n")
+    with pytest.raises(PipelineError, match=r"insert-qdq.acts: unknown dtype 'int3'; allowed: int8"):
+        recipe_pipeline(str(bad))
+    bad.write_text("pipeline:\n  - insert-qdq: {weights: int8/chanel}\n")
+    with pytest.raises(PipelineError, match=r"insert-qdq.weights: unknown field 'chanel'"):
+        recipe_pipeline(str(bad))
+    bad.write_text("passes: []\n")
+    with pytest.raises(PipelineError, match=r"unknown key\(s\) \['passes'\]; allowed: description, pipeline"):
+        recipe_pipeline(str(bad))
+    good = tmp_path / "r.toml"
+    good.write_text('pipeline = [{ "insert-qdq" = { weights = "int4/group32" } }]\n')
+    assert recipe_pipeline(str(good)) == "insert-qdq{weights=int4/group32}"
+    with pytest.raises(PipelineError, match="unknown recipe 'w9a9'"):
+        recipe_pipeline("w9a9")
+
+
+def _linear_graph(act: str = "aten.relu.default"):
+    return parse_graph(f"""graph @main(%x: f32[batch,8]) {{
+  %w = core.constant() {{name="fc.weight"}} : f32[4,8]  @fc
+  %h = core.linear(%x, %w, none) : f32[batch,4]  @fc
+  %y = {act}(%h) : f32[batch,4]  @act
+  return %y
+}}""")
+
+
+def test_calibration_nan_names_batch_and_node():
+    g = _linear_graph()
+    good = [torch.rand(2, 8)]
+    with pytest.raises(CalibrationError, match=r"calibration batch 1: input %x holds NaN"):
+        calibrate(g, [good, [torch.full((2, 8), float("nan"))]], [g.outputs[0]], progress=False)
+    g = _linear_graph("aten.log.default")
+    y = g.outputs[0]
+    g.set_tensor(next(g.nodes).result, -torch.ones(4, 8))  # log of negatives: NaN inside the graph
+    with pytest.raises(CalibrationError, match=r"batch 0: %y \(aten.log.default at act\) holds NaN"):
+        calibrate(g, [good], [y], progress=False)
+
+
+def test_zero_range_channel_has_no_division_by_zero():
+    w = torch.randn(4, 8)
+    w[2] = 0.0
+    for spec in ("int8/channel", "int4/group4/asym", "uint8/channel/asym"):
+        q, scale, zp, _ = quantize_weight(w, parse_qspec(spec))
+        assert torch.isfinite(scale).all() and (scale > 0).all()
+    g = _linear_graph()
+    x = torch.zeros(3, 8)  # a zero-range activation
+    ctx = PassContext(calibration=[[x]], progress=False)
+    parse_pipeline("insert-qdq{acts=uint8/tensor/asym}")[0].run(g, ctx)
+    verify(g)
+    from lowbit.ir import run_graph
+    assert not torch.isnan(run_graph(g, [torch.rand(3, 8)])[0]).any()
+
+
+def test_int4_weights_are_int4_constants():
+    g = _linear_graph()
+    parse_pipeline("insert-qdq{weights=int4/group4/asym}")[0].run(g, PassContext())
+    verify(g)
+    q = next(n for n in g.nodes if n.op == "core.constant" and str(n.attrs["name"]).endswith(".q"))
+    t = g.tensors[str(q.attrs["name"])]
+    assert t.min() >= -8 and t.max() <= 7
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-vit", "minilm"])
+def test_smooth_quant_is_lossless(name):
+    spec = zoo.ZOO[name]()
+    calib = [spec.example_inputs]
+    traced, records = build(spec.model, spec.example_inputs, pipeline="smooth-quant",
+                            calibration=calib, dynamic_shapes=spec.dynamic_shapes, progress=False)
+    smooth = records[-1]
+    assert smooth.name == "smooth-quant"
+    if name == "minilm":  # post-LN: norm outputs feed residual adds, only v_proj → o_proj folds
+        regions = find_regions(traced.graph)
+        assert regions and all(r.producer.op == "core.linear" for r in regions)
+    assert smooth.changed and smooth.drift < 1e-4
+
+
+def test_minilm_w8a8_quality():
+    from lowbit.evaluate import minilm_batches, minilm_cosine
+
+    spec = zoo.minilm()
+    q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                       recipe="w8a8", calibration=minilm_batches("calibration"), progress=False)
+    ops = [n.op for n in q.graph.nodes]
+    assert ops.count("quant.quantize") > ops.count("quant.dynamic_quantize")  # mostly static
+    r = minilm_cosine(q, spec.model)
+    assert r["n"] >= 200
+    assert r["mean"] >= 0.995 and r["min"] >= 0.98, r
