@@ -18,6 +18,10 @@ def _where(node: Node) -> str:
 
 def verify(graph: Graph) -> None:
     defined: set[int] = {id(v) for v in graph.inputs}
+    for v in graph.inputs:
+        for use in v.uses:
+            if use.node.graph is not graph or use.node.operands[use.index] is not v:
+                raise VerifyError(f"graph input %{v.name} has a stale use in {use.node}")
     for node in graph.nodes:
         try:
             _verify_node(graph, node, defined)
