@@ -26,38 +26,13 @@ from lowbit.passes.base import Pass, PassContext, register
 from lowbit.quant.calibrate import calibrate
 from lowbit.quant.observers import EPS, TensorStats, scale_zero_point
 from lowbit.quant.spec import QSpec, parse_qspec
+from lowbit.quant.weights import apply_qparams, weight_qparams
 
 
 def quantize_weight(w: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
-    """(q, scale, zero_point or None, dequantize attrs) for a [out, in] weight."""
-    qmin, qmax = spec.qrange
-    if spec.granularity == "group":
-        g = spec.group_size
-        if w.shape[1] % g:
-            raise ValueError(f"in features {w.shape[1]} are not a multiple of group size {g}")
-        view = w.reshape(w.shape[0], -1, g)
-        lo, hi = view.amin(-1).clamp_max(0), view.amax(-1).clamp_min(0)
-        attrs = {"axis": 1, "group_size": g}
-    elif spec.granularity == "channel":
-        lo, hi = w.amin(1).clamp_max(0), w.amax(1).clamp_min(0)
-        attrs = {"axis": 0}
-    else:
-        lo, hi = w.min().clamp_max(0), w.max().clamp_min(0)
-        attrs = {}
-    if spec.symmetric:
-        scale = (torch.maximum(-lo, hi) / qmax).clamp_min(EPS)
-        zp = None
-    else:
-        scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
-        zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
-    from lowbit.ir.dialects.quant import expand_scale
-
-    s = expand_scale(scale, w, attrs.get("axis"), attrs.get("group_size"))
-    q = torch.round(w / s)
-    if zp is not None:
-        q = q + expand_scale(zp, w, attrs.get("axis"), attrs.get("group_size"))
-    q = q.clamp(qmin, qmax).to(spec.dtype.storage)
-    return q, scale.float(), None if zp is None else zp.to(spec.dtype.storage), attrs
+    """Round to nearest: (q, scale, zero_point or None, dequantize attrs) for a [out, in] weight."""
+    scale, zp, attrs = weight_qparams(w, spec)
+    return apply_qparams(w, scale, zp, spec, attrs), scale, zp, attrs
 
 
 def static_rel_error(stats: TensorStats, spec: QSpec) -> float:

@@ -5,7 +5,8 @@ For a value X read only by linears (as their input), with per-channel scales s:
 and diag(s)⁻¹ is absorbed by X's producer:
     LayerNorm / RMSNorm:  γ' = γ / s,  β' = β / s
     a linear through attention heads (v_proj → sdpa → o_proj): rows of W_v and b_v divided by s,
-    since attention mixes tokens, never channels, the per-channel scale passes through.
+    since attention mixes tokens, never channels, the per-channel scale passes through;
+    a gated MLP's up projection (x = silu(gate) ⊙ up → down): rows of W_up divided by s.
 SmoothQuant picks  s_j = max|X_j|^α / max|W_·j|^(1−α)  from calibration statistics.
 
 Regions come from the graph: a value qualifies only if *every* consumer is a linear reading it
@@ -92,6 +93,19 @@ def _flattened_norm(x: Value, graph: Graph) -> Node | None:
     return p if single_user(x, graph) is not None or all(u.op == "core.linear" for u in x.users) else None
 
 
+def _gated_producer(x: Value, graph: Graph) -> Node | None:
+    """The up projection u in x = a ⊙ u (Llama's MLP: silu(gate) ⊙ up): x / s = a ⊙ (u / s)."""
+    p = x.producer
+    if p is None or p.op != "core.mul":
+        return None
+    for v in p.operands:
+        q = v.producer if v is not None else None
+        if (q is not None and q.op == "core.linear" and single_user(v, graph) is p
+                and _own_constant(q.operands[1], graph) and v.type == x.type):
+            return q
+    return None
+
+
 def find_regions(graph: Graph) -> list[Region]:
     regions = []
     outputs = {id(v) for v in graph.outputs}
@@ -103,17 +117,12 @@ def find_regions(graph: Graph) -> list[Region]:
             if not all(u.op == "core.linear" and u.operands[0] is x and _own_constant(u.operands[1], graph)
                        for u in users):
                 continue  # some consumer is not a linear, or shares its weight (tied embeddings)
-            producer = _flattened_norm(x, graph)
+            producer = (_flattened_norm(x, graph) or _attention_producer(x, graph)
+                        or _gated_producer(x, graph))
             if producer is None:
-                producer = _attention_producer(x, graph)
-                if producer is None:
-                    continue
+                continue
             regions.append(Region(x, producer, users))
     return regions
-
-
-def _scale_columns(graph: Graph, w: Value, s: torch.Tensor) -> None:
-    graph.set_tensor(w, graph.tensor(w) * s.to(graph.tensor(w).dtype))
 
 
 @register
@@ -137,18 +146,23 @@ class SmoothQuant(Pass):
     def _fold(self, graph: Graph, r: Region, x_absmax: torch.Tensor) -> None:
         w_absmax = torch.stack([graph.tensor(u.operand(1)).abs().amax(0) for u in r.consumers]).amax(0)
         s = (x_absmax.clamp_min(1e-5) ** self.alpha / w_absmax.clamp_min(1e-5) ** (1 - self.alpha))
-        s = s.clamp(1e-4, 1e4)
-        for u in r.consumers:
-            _scale_columns(graph, u.operand(1), s)
-            u.touch(self.name)
-        p = r.producer
-        if p.op in ("core.layer_norm", "core.rms_norm"):
-            for v in p.operands[1:]:
-                if v is not None:
-                    graph.set_tensor(v, graph.tensor(v) / s)
-        else:  # v_proj: output rows
-            w = p.operand(1)
-            graph.set_tensor(w, graph.tensor(w) / s[:, None])
-            if p.operands[2] is not None:
-                graph.set_tensor(p.operand(2), graph.tensor(p.operand(2)) / s)
-        p.touch(self.name)
+        apply_scales(graph, r, s.clamp(1e-4, 1e4), self.name)
+
+
+def apply_scales(graph: Graph, r: Region, s: torch.Tensor, pass_name: str) -> None:
+    """X → X·diag(s)⁻¹ absorbed by the producer, W → W·diag(s) for every consumer."""
+    for u in r.consumers:
+        w = u.operand(1)
+        graph.set_tensor(w, graph.tensor(w) * s.to(graph.tensor(w).dtype))
+        u.touch(pass_name)
+    p = r.producer
+    if p.op in ("core.layer_norm", "core.rms_norm"):
+        for v in p.operands[1:]:
+            if v is not None:
+                graph.set_tensor(v, graph.tensor(v) / s)
+    else:  # a linear producer: its output rows
+        w = p.operand(1)
+        graph.set_tensor(w, graph.tensor(w) / s[:, None])
+        if p.operands[2] is not None:
+            graph.set_tensor(p.operand(2), graph.tensor(p.operand(2)) / s)
+    p.touch(pass_name)
