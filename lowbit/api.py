@@ -41,7 +41,9 @@ def build(model: torch.nn.Module, example_inputs: tuple, *, pipeline: str | None
     batches = None if calibration is None else [traced.flatten_inputs(tuple(b)) for b in calibration]
     ctx = PassContext(example_inputs=samples, calibration=batches, progress=progress)
     manager = PassManager(passes, verify_each=verify, dump_dir=dump_dir, sample_inputs=samples, ctx=ctx)
-    return traced, manager.run(traced.graph)
+    records = manager.run(traced.graph)
+    traced.notes = ctx.notes
+    return traced, records
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple, *, recipe: str | None = None,

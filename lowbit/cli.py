@@ -52,6 +52,8 @@ def _inspect(args: argparse.Namespace) -> int:
                             kwargs=spec.kwargs or None, dynamic_shapes=spec.dynamic_shapes,
                             dump_dir=args.dump_dir, measure_drift=not args.no_drift)
     print(format_records(records))
+    for note in traced.notes:
+        print(f"note: {note}")
     print(f"\n{len(records) - 1} passes in {time.perf_counter() - start:.1f} s (tracing included)")
     if args.dump_dir:
         print(f"graphs after each pass: {args.dump_dir}/NN-<pass>.ir")

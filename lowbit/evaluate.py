@@ -4,6 +4,10 @@ MiniLM: cosine similarity of mean-pooled sentence embeddings on the evaluation s
 package ships (``lowbit/data/sentences_eval.txt``), calibrated on a disjoint set
 (``sentences_calibration.txt``).
 
+byte-llama: perplexity (per byte) on held-out Python source (``byte_llama_val.txt``, from
+files the model was not trained on), calibrated on a disjoint slice of its training text
+(``byte_llama_calib.txt``).
+
     q = lowbit.compile(model, example, recipe="w8a8", calibration=minilm_batches("calibration"))
     print(minilm_cosine(q, model))     # {'mean': 0.99.., 'min': 0.98..}
 """
@@ -54,3 +58,25 @@ def minilm_cosine(candidate: torch.nn.Module, reference: torch.nn.Module,
             cos.append(torch.nn.functional.cosine_similarity(a, b, dim=-1))
     c = torch.cat(cos)
     return {"mean": c.mean().item(), "min": c.min().item(), "n": float(c.numel())}
+
+
+def byte_windows(split: str, window: int = 256, batch_size: int = 16) -> list[tuple]:
+    """Non-overlapping byte windows of ``byte_llama_<split>.txt`` as (ids,) batches."""
+    data = (DATA / f"byte_llama_{split}.txt").read_bytes()
+    n = len(data) // window
+    ids = torch.tensor(list(data[: n * window]), dtype=torch.long).reshape(n, window)
+    return [(ids[i:i + batch_size],) for i in range(0, n, batch_size)]
+
+
+def perplexity(model: torch.nn.Module, batches: list[tuple] | None = None) -> float:
+    """exp(mean next-byte cross-entropy) over the evaluation windows."""
+    batches = batches if batches is not None else byte_windows("val")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for (ids,) in batches:
+            logits = model(ids).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1), reduction="sum")
+            total += loss.item()
+            count += ids[:, 1:].numel()
+    return float(torch.exp(torch.tensor(total / count)))

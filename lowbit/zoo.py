@@ -138,12 +138,28 @@ def minilm() -> ModelSpec:
                      description="all-MiniLM-L6-v2 sentence encoder (BERT, 22.7M params, trained)")
 
 
+BYTE_LLAMA_DIR = Path(__file__).parent / "data" / "byte_llama"
+
+
+def byte_llama() -> ModelSpec:
+    """A byte-level Llama (~1M params) trained by scripts/train_byte_llama.py on Python's stdlib."""
+    import transformers as tf
+
+    model = tf.LlamaForCausalLM.from_pretrained(BYTE_LLAMA_DIR).eval()
+    text = (Path(__file__).parent / "data" / "byte_llama_val.txt").read_bytes()[:64]
+    ids = torch.tensor(list(text), dtype=torch.long).reshape(2, 32)
+    seq = Dim("seq", max=model.config.max_position_embeddings)
+    return ModelSpec(model, (ids,), ({0: "batch", 1: seq},),
+                     description="byte-level Llama, ~1M params, trained on the Python standard library")
+
+
 ZOO: dict[str, Callable[[], ModelSpec]] = {
     "tiny-llama": tiny_llama,
     "tiny-gpt2": tiny_gpt2,
     "minilm": minilm,
     "tiny-vit": tiny_vit,
     "tiny-cnn": tiny_cnn,
+    "byte-llama": byte_llama,
 }
 
 

@@ -13,7 +13,7 @@ import inspect
 import os
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.export import Dim, ExportedProgram, export
@@ -32,6 +32,7 @@ class TracedModel:
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     example_inputs: tuple
+    notes: list[str] = field(default_factory=list)  # what passes chose to tell the user
 
     def flatten_inputs(self, args: tuple, kwargs: dict | None = None) -> list:
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))

@@ -23,7 +23,11 @@ import torch
 
 from lowbit.ir.graph import Graph, Location, Node, Value
 from lowbit.passes.base import Pass, PassContext, register
-from lowbit.quant.calibrate import calibrate
+from lowbit.passes.cleanup import remove_dead_nodes
+from tqdm.auto import tqdm
+
+from lowbit.quant.calibrate import HessianStats, calibrate
+from lowbit.quant.gptq import gptq_quantize
 from lowbit.quant.observers import EPS, TensorStats, scale_zero_point
 from lowbit.quant.spec import QSpec, parse_qspec
 from lowbit.quant.weights import apply_qparams, weight_qparams
@@ -62,11 +66,16 @@ class InsertQdq(Pass):
     skip: str = ""           # ';'-separated module-path patterns left in float
     dynamic: str = ""        # ';'-separated module-path patterns whose inputs are quantized per token
     auto_dynamic: float = 0.0
+    rounding: str = "rtn"    # rtn | gptq
+    damp: float = 0.01       # GPTQ: damping, as a fraction of mean(diag H)
+    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
 
     def __post_init__(self) -> None:
         parse_qspec(self.weights, f"{self.name}.weights")
         if self.acts != "none":
             parse_qspec(self.acts, f"{self.name}.acts")
+        if self.rounding not in ("rtn", "gptq"):
+            raise ValueError(f"{self.name}.rounding: {self.rounding!r} is not one of rtn, gptq")
 
     def _targets(self, graph: Graph) -> list[Node]:
         return [n for n in graph.nodes if n.op == "core.linear" and graph.is_constant(n.operands[1])
@@ -74,21 +83,44 @@ class InsertQdq(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         linears = self._targets(graph)
+        hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" else {}
         if self.acts != "none":
             self._quantize_activations(graph, ctx, linears)
         wspec = parse_qspec(self.weights, f"{self.name}.weights")
-        for node in linears:
-            self._quantize_weight(graph, node, wspec)
+        for node in tqdm(linears, desc=f"{self.name} weights", disable=not ctx.progress or not hessians,
+                         leave=False):
+            spec = self._layer_spec(node, wspec, graph, ctx)
+            self._quantize_weight(graph, node, spec, hessians.get(node.operand(0).name))
+        remove_dead_nodes(graph)  # the float weights
         return bool(linears)
 
-    def _quantize_weight(self, graph: Graph, node: Node, spec: QSpec) -> None:
+    def _layer_spec(self, node: Node, spec: QSpec, graph: Graph, ctx: PassContext) -> QSpec:
+        """The spec for one layer: per channel where the in features do not split into groups."""
+        cols = graph.tensor(node.operand(1)).shape[1]
+        if spec.granularity == "group" and cols % spec.group_size:
+            ctx.note(f"{self.name}: {node.loc.module or node.results[0].name} has {cols} in features, "
+                     f"not a multiple of group {spec.group_size}: quantized per channel")
+            return QSpec(spec.dtype, "channel", None, spec.symmetric)
+        return spec
+
+    def _hessians(self, graph: Graph, ctx: PassContext, linears: list[Node]) -> dict[str, torch.Tensor]:
+        """GPTQ's H = Σ xᵀx per distinct linear input, from the float model's activations."""
+        inputs = list({id(n.operand(0)): n.operand(0) for n in linears}.values())
+        stats = calibrate(graph, ctx.require_calibration(f"{self.name}{{rounding=gptq}}"), inputs,
+                          progress=ctx.progress, desc=f"{self.name} hessians", observer=HessianStats)
+        return {name: st.h for name, st in stats.items()}
+
+    def _quantize_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None) -> None:
         w = node.operand(1)
         name = str(w.producer.attrs["name"])
-        q, scale, zp, attrs = quantize_weight(graph.tensor(w).float(), spec)
+        if hessian is not None:
+            q, scale, zp, attrs = gptq_quantize(graph.tensor(w).float(), hessian, spec, self.damp, self.act_order)
+        else:
+            q, scale, zp, attrs = quantize_weight(graph.tensor(w).float(), spec)
         loc = Location(node.loc.module)
-        qv = graph.constant(q, f"{name}.q", loc)
+        qv = graph.constant(q, f"{name}.q", loc, dtype=spec.dtype)
         sv = graph.constant(scale, f"{name}.scale", loc)
-        zv = graph.constant(zp, f"{name}.zero_point", loc) if zp is not None else None
+        zv = graph.constant(zp, f"{name}.zero_point", loc, dtype=spec.dtype) if zp is not None else None
         dq = graph.append("quant.dequantize", [qv, sv, zv], {**attrs, "out_dtype": w.tensor_type.dtype},
                           loc=loc, before=node, name=f"{node.results[0].name}_w")
         dq.touch(self.name)

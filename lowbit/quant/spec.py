@@ -46,7 +46,13 @@ class QSpec:
         return "/".join(parts)
 
     @property
-    def qrange(self) -> tuple[int, int]:
+    def qrange(self) -> tuple[float, float]:
+        """The representable range: integer bounds, or ±max for fp8."""
+        if self.dtype.is_float:
+            import torch
+
+            m = float(torch.finfo(self.dtype.storage).max)
+            return -m, m
         return self.dtype.int_range
 
 

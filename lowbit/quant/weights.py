@@ -1,5 +1,6 @@
 """Weight quantization parameters and rounding for [out, in] weights.
 
+fp8 (e4m3/e5m2) is symmetric: s = max|w| / fp8_max, the cast does the rounding.
 Per channel: one scale (and zero point) per output row (``axis=0``). Per group of G: one per
 row and block of G inputs (``axis=1, group_size=G``); scale shape [out, in/G]. Per tensor: one.
 Symmetric: s = max|w| / qmax.  Asymmetric: s = (max − min) / (qmax − qmin),
@@ -47,6 +48,8 @@ def apply_qparams(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
     """Integer codes of ``w`` under the given parameters (round to nearest, clamped)."""
     qmin, qmax = spec.qrange
     axis, group = attrs.get("axis"), attrs.get("group_size")
+    if spec.dtype.is_float:  # fp8: scale, saturate, cast (the cast rounds)
+        return (w / expand_scale(scale, w, axis, group)).clamp(qmin, qmax).to(spec.dtype.storage)
     q = torch.round(w / expand_scale(scale, w, axis, group))
     if zp is not None:
         q = q + expand_scale(zp, w, axis, group).to(q.dtype)
