@@ -76,26 +76,20 @@ def _why_not(graph, rule_name: str, where: str | None) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import lowbit
-    from lowbit.evaluate import minilm_batches, minilm_cosine
-    from lowbit.zoo import load_model
+    from lowbit.evaluate import quality_table
 
-    if args.model != "minilm":
-        raise LowbitError(f"lowbit eval measures minilm (embedding cosine vs fp32); "
-                          f"no quality metric is defined for {args.model!r} yet")
-    spec = load_model(args.model)
-    calib = minilm_batches("calibration", batch_size=args.batch_size)
-    evals = minilm_batches("eval")
-    print(f"{'recipe':16s} {'mean cos':>9s} {'min cos':>9s}  static/dynamic act quantizers")
-    for recipe in args.recipe:
-        q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
-                           recipe=recipe, calibration=calib)
-        r = minilm_cosine(q, spec.model, evals)
-        ops = [n.op for n in q.graph.nodes]
-        print(f"{recipe:16s} {r['mean']:9.4f} {r['min']:9.4f}  "
-              f"{ops.count('quant.quantize')}/{ops.count('quant.dynamic_quantize')}", flush=True)
-    print(f"\n{int(r['n'])} evaluation sentences; calibrated on {sum(len(b[0]) for b in calib)} others")
+    rows = quality_table(args.model, args.recipe, batch_size=args.batch_size)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_cell(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
     return 0
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _passes(args: argparse.Namespace) -> int:
@@ -130,7 +124,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", metavar="MODULE", help="with --why-not: only nodes under this module path")
     p.set_defaults(fn=_inspect)
     e = sub.add_parser("eval", help="quality of quantization recipes vs fp32")
-    e.add_argument("model", help="minilm (cosine of mean-pooled sentence embeddings)")
+    e.add_argument("model", help="minilm (cosine of mean-pooled sentence embeddings) or "
+                                 "byte-llama (perplexity on held-out text)")
     e.add_argument("--recipe", action="append", required=True,
                    help="built-in recipe name or a .yaml/.toml file; repeat to compare")
     e.add_argument("--batch-size", type=int, default=32, help="calibration batch size")

@@ -80,3 +80,36 @@ def perplexity(model: torch.nn.Module, batches: list[tuple] | None = None) -> fl
             total += loss.item()
             count += ids[:, 1:].numel()
     return float(torch.exp(torch.tensor(total / count)))
+
+
+def quality_table(name: str, recipes: list[str], batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """Compile zoo model ``name`` with each recipe and measure quality vs fp32, one row each
+    (minilm: embedding cosine; byte-llama: perplexity)."""
+    import lowbit
+    from lowbit.zoo import load_model
+
+    if name not in ("minilm", "byte-llama"):
+        from lowbit.errors import LowbitError
+
+        raise LowbitError(f"no quality metric for {name!r}: lowbit eval knows minilm (embedding "
+                          "cosine vs fp32) and byte-llama (perplexity on held-out text)")
+    spec = load_model(name)
+    if name == "minilm":
+        calib, evals = minilm_batches("calibration", batch_size=batch_size), minilm_batches("eval")
+        rows = [{"recipe": "fp32", "mean cos": 1.0, "min cos": 1.0}]
+    else:
+        calib, evals = byte_windows("calib", batch_size=batch_size), byte_windows("val")
+        rows = [{"recipe": "fp32", "perplexity": perplexity(spec.model, evals), "vs fp32": "+0.00%"}]
+    for recipe in recipes:
+        q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                           recipe=recipe, calibration=calib, progress=progress)
+        ops = [n.op for n in q.graph.nodes]
+        acts = f"{ops.count('quant.quantize')}/{ops.count('quant.dynamic_quantize')}"
+        if name == "minilm":
+            r = minilm_cosine(q, spec.model, evals)
+            rows.append({"recipe": recipe, "mean cos": r["mean"], "min cos": r["min"], "static/dynamic acts": acts})
+        else:
+            p = perplexity(q, evals)
+            rows.append({"recipe": recipe, "perplexity": p, "vs fp32": f"{100 * (p / rows[0]['perplexity'] - 1):+.2f}%",
+                         "static/dynamic acts": acts})
+    return rows

@@ -116,6 +116,13 @@ def utf8_prefix(data: bytes) -> bytes:
         return data[: e.start]
 
 
+def calibration_text(train_bytes: bytes, chunks: int = 16, size: int = 2048) -> bytes:
+    """Calibration bytes for quantization: ``chunks`` slices of the *training* text spread
+    evenly over it (so they never overlap the validation files)."""
+    step = len(train_bytes) // chunks
+    return b"".join(utf8_prefix(train_bytes[i * step: i * step + size]) for i in range(chunks))
+
+
 @torch.no_grad()
 def eval_nats_per_byte(model, data: bytes, seq_len: int = SEQ_LEN) -> float:
     """Mean next-byte cross entropy (nats/byte) over non-overlapping windows.
@@ -228,6 +235,7 @@ def main(argv=None) -> int:
     # Write the validation text first, then evaluate on exactly the bytes written.
     val_path.parent.mkdir(parents=True, exist_ok=True)
     val_path.write_bytes(val_text_bytes)
+    val_path.with_name(val_path.name.replace("_val", "_calib")).write_bytes(calibration_text(train_bytes))
     val_nats = eval_nats_per_byte(model, val_path.read_bytes())
     print(
         f"validation: {val_nats:.4f} nats/byte ({val_nats / math.log(2):.4f} bits/byte, "

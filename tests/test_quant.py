@@ -118,3 +118,66 @@ def test_minilm_w8a8_quality():
     r = minilm_cosine(q, spec.model)
     assert r["n"] >= 200
     assert r["mean"] >= 0.995 and r["min"] >= 0.98, r
+
+
+def test_observers_choose_sensible_ranges():
+    from lowbit.quant.observers import TensorStats
+
+    st = TensorStats()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(4):  # the histogram range doubles as batches grow
+        x = torch.randn(4096, generator=gen) * (1 + i)
+        if i == 3:
+            x[0] = 160.0  # one outlier in 16384 values: below the percentile observer's 1e-4 tail
+        st.update(x)
+    lo_mm, hi_mm = st.range("minmax", 256, False)
+    assert hi_mm == pytest.approx(160.0)
+    for observer, levels in (("percentile", 256), ("kl", 256), ("mse", 16)):
+        lo, hi = st.range(observer, levels, observer == "kl")
+        assert lo < 0 < hi and hi < 0.5 * hi_mm, observer  # the outlier is clipped
+    # with 256 levels the rounding noise is small: MSE keeps the outlier rather than clip it
+    assert st.range("mse", 256, False)[1] > 0.9 * hi_mm
+    assert st.hist.sum().item() == 4 * 4096
+
+
+def test_kv_quantization_and_weight_overrides():
+    spec = zoo.tiny_llama()
+    traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                            pipeline="insert-qdq{weights=int4/group32,kv=int8/tensor/asym,"
+                                     "weights_override=*.down_proj>int8/channel}",
+                            calibration=[spec.example_inputs], progress=False)
+    g = traced.graph
+    for sdpa in (n for n in g.nodes if n.op == "core.sdpa"):
+        for v in sdpa.operands[1:3]:
+            assert v.producer.op == "quant.dequantize"
+            assert v.producer.operand(0).producer.op == "quant.quantize"
+    for lin in (n for n in g.nodes if n.op == "core.linear"):
+        dtype = lin.operand(1).producer.operand(0).tensor_type.dtype
+        assert dtype == (DType.i8 if lin.loc.module.endswith("down_proj") else DType.i4)
+    with pytest.raises(PipelineError, match="is not 'pattern>spec'"):
+        parse_pipeline("insert-qdq{weights_override=*.down_proj}")
+
+
+FOLDING = ["smooth-quant", "repq-reparam", "equalize-cross-layer", "fold-batchnorm",
+           "awq{clip=false,weights=int4/channel}"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "minilm", "tiny-vit", "tiny-cnn"])
+def test_every_folding_pass_is_lossless(name):
+    spec = zoo.ZOO[name]()
+    traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                            pipeline=",".join(FOLDING), calibration=[spec.example_inputs], progress=False)
+    folds = records[-len(FOLDING):]
+    assert [r.name.split("{")[0] for r in folds] == [f.split("{")[0] for f in FOLDING]
+    assert all(r.drift < 1e-4 for r in folds), [(r.name, r.drift) for r in folds]
+    assert any(r.changed for r in folds)
+
+
+def test_byte_llama_perplexity_table():
+    from lowbit.evaluate import quality_table
+
+    rows = {r["recipe"]: r["perplexity"] for r in quality_table(
+        "byte-llama", ["w8a8", "w4a16-rtn", "w4a16", "w4a16-gptq"], progress=False)}
+    assert rows["fp32"] < 5.5  # the shipped model is trained (≈ 1.61 nats/byte)
+    assert rows["w8a8"] <= 1.02 * rows["fp32"]
+    assert rows["w4a16"] < rows["w4a16-rtn"] and rows["w4a16-gptq"] < rows["w4a16-rtn"]

@@ -63,6 +63,8 @@ class InsertQdq(Pass):
     summary: ClassVar[str] = "quantize linear weights and activations (QDQ)"
     weights: str = "int8/channel"
     acts: str = "none"
+    kv: str = "none"         # the key and value inputs of attention
+    weights_override: str = ""  # ';'-separated 'pattern>spec': another weight spec for matching layers
     skip: str = ""           # ';'-separated module-path patterns left in float
     dynamic: str = ""        # ';'-separated module-path patterns whose inputs are quantized per token
     auto_dynamic: float = 0.0
@@ -72,8 +74,11 @@ class InsertQdq(Pass):
 
     def __post_init__(self) -> None:
         parse_qspec(self.weights, f"{self.name}.weights")
-        if self.acts != "none":
-            parse_qspec(self.acts, f"{self.name}.acts")
+        for key in ("acts", "kv"):
+            if getattr(self, key) != "none":
+                parse_qspec(getattr(self, key), f"{self.name}.{key}")
+        for pattern, spec in self._overrides():
+            parse_qspec(spec, f"{self.name}.weights_override[{pattern}]")
         if self.rounding not in ("rtn", "gptq"):
             raise ValueError(f"{self.name}.rounding: {self.rounding!r} is not one of rtn, gptq")
 
@@ -85,7 +90,12 @@ class InsertQdq(Pass):
         linears = self._targets(graph)
         hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" else {}
         if self.acts != "none":
-            self._quantize_activations(graph, ctx, linears)
+            self._quantize_activations(graph, ctx, [(n, 0) for n in linears],
+                                       parse_qspec(self.acts, f"{self.name}.acts"), self.dynamic)
+        if self.kv != "none":
+            attention = [n for n in graph.nodes if n.op == "core.sdpa" and not _matches(n.loc.module, self.skip)]
+            self._quantize_activations(graph, ctx, [(n, i) for n in attention for i in (1, 2)],
+                                       parse_qspec(self.kv, f"{self.name}.kv"), "")
         wspec = parse_qspec(self.weights, f"{self.name}.weights")
         for node in tqdm(linears, desc=f"{self.name} weights", disable=not ctx.progress or not hessians,
                          leave=False):
@@ -94,8 +104,22 @@ class InsertQdq(Pass):
         remove_dead_nodes(graph)  # the float weights
         return bool(linears)
 
+    def _overrides(self) -> list[tuple[str, str]]:
+        out = []
+        for item in filter(None, (p.strip() for p in self.weights_override.split(";"))):
+            if ">" not in item:
+                raise ValueError(f"{self.name}.weights_override: {item!r} is not 'pattern>spec'")
+            pattern, spec = item.split(">", 1)
+            out.append((pattern.strip(), spec.strip()))
+        return out
+
     def _layer_spec(self, node: Node, spec: QSpec, graph: Graph, ctx: PassContext) -> QSpec:
-        """The spec for one layer: per channel where the in features do not split into groups."""
+        """The spec for one layer: an override's if its pattern matches; per channel where the
+        in features do not split into groups."""
+        for pattern, text in self._overrides():
+            if _matches(node.loc.module, pattern):
+                spec = parse_qspec(text, f"{self.name}.weights_override[{pattern}]")
+                break
         cols = graph.tensor(node.operand(1)).shape[1]
         if spec.granularity == "group" and cols % spec.group_size:
             ctx.note(f"{self.name}: {node.loc.module or node.results[0].name} has {cols} in features, "
@@ -127,40 +151,41 @@ class InsertQdq(Pass):
         node.set_operand(1, dq.result)
         node.touch(self.name)
 
-    def _quantize_activations(self, graph: Graph, ctx: PassContext, linears: list[Node]) -> None:
-        spec = parse_qspec(self.acts, f"{self.name}.acts")
-        groups: dict[int, tuple[Value, list[Node]]] = {}
-        for node in linears:
-            x = node.operand(0)
-            groups.setdefault(id(x), (x, []))[1].append(node)
+    def _quantize_activations(self, graph: Graph, ctx: PassContext, uses: list[tuple[Node, int]],
+                              spec: QSpec, force_dynamic: str) -> None:
+        """QDQ on operand ``index`` of each listed node; one pair per distinct value."""
+        groups: dict[int, tuple[Value, list[tuple[Node, int]]]] = {}
+        for node, index in uses:
+            x = node.operand(index)
+            groups.setdefault(id(x), (x, []))[1].append((node, index))
         static = [x for x, users in groups.values()
-                  if not spec.dynamic and not any(_matches(u.loc.module, self.dynamic) for u in users)]
+                  if not spec.dynamic and not any(_matches(u.loc.module, force_dynamic) for u, _ in users)]
         stats = calibrate(graph, ctx.require_calibration(self.name), static,
                           progress=ctx.progress, desc=self.name) if static else {}
         for x, users in groups.values():
             st = stats.get(x.name)
             dynamic = st is None or (self.auto_dynamic > 0 and static_rel_error(st, spec) > self.auto_dynamic)
-            dq = self._insert_dynamic(graph, x, users, spec) if dynamic else self._insert_static(graph, x, users, spec, st)
-            for u in users:
-                u.set_operand(0, dq)
+            first = users[0][0]
+            dq = self._insert_dynamic(graph, x, first, spec) if dynamic else self._insert_static(graph, x, first, spec, st)
+            for u, index in users:
+                u.set_operand(index, dq)
 
-    def _insert_static(self, graph: Graph, x: Value, users: list[Node], spec: QSpec, st: TensorStats) -> Value:
+    def _insert_static(self, graph: Graph, x: Value, first: Node, spec: QSpec, st: TensorStats) -> Value:
         qmin, qmax = spec.qrange
-        lo, hi = st.range(spec.observer, qmax - qmin + 1, spec.symmetric)
+        lo, hi = st.range(spec.observer, int(qmax - qmin) + 1, spec.symmetric)
         scale, zp = scale_zero_point(lo, hi, qmin, qmax, spec.symmetric)
-        loc = Location(users[0].loc.module)
+        loc = Location(first.loc.module)
         sv = graph.constant(torch.tensor(scale), f"{x.name}.act_scale", loc)
-        zv = None if spec.symmetric else graph.constant(torch.tensor(zp, dtype=spec.dtype.storage), f"{x.name}.act_zero_point", loc)
-        first = users[0]
+        zv = None if spec.symmetric else graph.constant(
+            torch.tensor(zp, dtype=spec.dtype.storage), f"{x.name}.act_zero_point", loc, dtype=spec.dtype)
         q = graph.append("quant.quantize", [x, sv, zv], {"dtype": spec.dtype}, loc=loc, before=first)
         dq = graph.append("quant.dequantize", [q.result, sv, zv], {"out_dtype": x.tensor_type.dtype},
                           loc=loc, before=first)
         q.touch(self.name), dq.touch(self.name)
         return dq.result
 
-    def _insert_dynamic(self, graph: Graph, x: Value, users: list[Node], spec: QSpec) -> Value:
-        loc = Location(users[0].loc.module)
-        first = users[0]
+    def _insert_dynamic(self, graph: Graph, x: Value, first: Node, spec: QSpec) -> Value:
+        loc = Location(first.loc.module)
         q = graph.append("quant.dynamic_quantize", [x], {"dtype": spec.dtype, "symmetric": spec.symmetric},
                          loc=loc, before=first)
         q_val, scale, zp = q.results
