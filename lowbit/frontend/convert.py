@@ -200,6 +200,15 @@ def _clean_path(path: str) -> str:
     return path.replace("'", "").strip(".")
 
 
-def convert_program(ep: ExportedProgram, axis_names: list[dict[int, str]]) -> Graph:
-    """Convert ``ep``; ``axis_names[i]`` names the dynamic axes of the i-th user input."""
-    return _Converter(ep, axis_names).run()
+def convert_program(ep: ExportedProgram, axis_names: list[dict[int, str]]
+                    ) -> tuple[Graph, dict[str, tuple[int, int | None]]]:
+    """Convert ``ep``; ``axis_names[i]`` names the dynamic axes of the i-th user input.
+    Also returns each named dim's range (min, max or None) as torch.export inferred it."""
+    converter = _Converter(ep, axis_names)
+    graph = converter.run()
+    ranges = {}
+    for sym, vr in ep.range_constraints.items():
+        name = str(sym.xreplace(converter.symbols))
+        upper = int(vr.upper) if vr.upper.is_Integer else None  # int_oo: unbounded
+        ranges[name] = (int(vr.lower) if vr.lower.is_Integer else 0, upper)
+    return graph, ranges

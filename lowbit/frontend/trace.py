@@ -33,6 +33,15 @@ class TracedModel:
     out_spec: pytree.TreeSpec
     example_inputs: tuple
     notes: list[str] = field(default_factory=list)  # what passes chose to tell the user
+    dim_ranges: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # named dim → (min, max)
+
+    def output_names(self) -> list[str]:
+        """Names for the flat outputs: the output structure's keys where it has them."""
+        keys = self.out_spec.context if isinstance(self.out_spec.context, (list, tuple)) else None
+        n = self.out_spec.num_leaves
+        if keys and len(keys) == n and all(isinstance(k, str) for k in keys):
+            return list(keys)
+        return [f"output_{i}" for i in range(n)]
 
     def flatten_inputs(self, args: tuple, kwargs: dict | None = None) -> list:
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
@@ -151,8 +160,9 @@ def trace(model: torch.nn.Module, example_inputs: tuple, *, kwargs: dict | None 
     finally:
         model.train(was_training)
     names = _axis_names(model, example_inputs, kwargs or {}, dynamic_shapes)
-    graph = convert_program(ep, names)
-    traced = TracedModel(graph, ep.call_spec.in_spec, ep.call_spec.out_spec, tuple(example_inputs))
+    graph, ranges = convert_program(ep, names)
+    traced = TracedModel(graph, ep.call_spec.in_spec, ep.call_spec.out_spec, tuple(example_inputs),
+                         dim_ranges=ranges)
     if canonicalize:
         from lowbit.passes import run_pipeline
 

@@ -38,10 +38,13 @@ class ExecutionError(LowbitError):
 
 class Executor:
     """A graph compiled for repeated runs. ``constants`` overrides the graph's tensors by name
-    (the torch backend passes its registered buffers so that ``.to(device)`` works)."""
+    (the torch backend passes its registered buffers so that ``.to(device)`` works);
+    ``override`` may give, per node, another function to call instead of the op's reference."""
 
-    def __init__(self, graph: Graph, constants: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, graph: Graph, constants: Mapping[str, torch.Tensor] | None = None,
+                 override: Callable[[Node], tuple[Callable[..., object], dict] | None] | None = None):
         self.graph = graph
+        self.override = override  # a backend's own function for some nodes (export, kernels)
         self.version = graph.version
         slot: dict[int, int] = {id(v): i for i, v in enumerate(graph.inputs)}
         self.n_inputs = len(graph.inputs)
@@ -72,7 +75,7 @@ class Executor:
         for i, node in enumerate(nodes):
             if node.op == "core.constant":
                 continue
-            fn, kwargs = node_callable(node)
+            fn, kwargs = (self.override(node) if self.override else None) or node_callable(node)
             steps.append(_Step(node, fn, tuple(-1 if v is None else slot[id(v)] for v in node.operands),
                                kwargs, tuple(slot[id(r)] for r in node.results),
                                tuple(frees.get(i, ()))))

@@ -102,3 +102,33 @@ def dynamic_quantize(input, *, dtype, symmetric):
         zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     q = (torch.round(x / scale) + zp).clamp(qmin, qmax)
     return q.to(dtype.storage), scale, zp.to(dtype.storage)
+
+
+def dequantize_weight(weight_q, scale, zero_point, axis, group_size, dtype):
+    w = weight_q.to(torch.float32)
+    if zero_point is not None:
+        w = w - expand_scale(zero_point, w, axis, group_size).to(torch.float32)
+    return (w * expand_scale(scale, w, axis, group_size)).to(dtype)
+
+
+def _qlinear_infer(types, attrs):
+    x, w = tensor(types[0], "input"), tensor(types[1], "weight_q")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
+
+
+@define("quant.linear", operands=["input", "weight_q", "scale", "zero_point?", "bias?"],
+        infer=_qlinear_infer, attrs=_GRANULARITY)
+def linear(input, weight_q, scale, zero_point, bias, *, axis, group_size):
+    """y = x · dequantize(W_q)ᵀ + b, W_q [out, in] an integer constant (a fused DQ → linear)."""
+    w = dequantize_weight(weight_q, scale, zero_point, axis, group_size, input.dtype)
+    return torch.nn.functional.linear(input, w, bias)
+
+
+@define("quant.dynamic_linear", operands=["input", "weight_q", "scale", "zero_point?", "bias?"],
+        infer=_qlinear_infer, attrs=[AttrDef("act_dtype", AttrKind.DTYPE),
+                                     AttrDef("symmetric", AttrKind.BOOL, True), *_GRANULARITY])
+def dynamic_linear(input, weight_q, scale, zero_point, bias, *, act_dtype, symmetric, axis, group_size):
+    """quant.linear on the input quantized per token at run time (a fused dynamic QDQ)."""
+    q, s, z = dynamic_quantize(input, dtype=act_dtype, symmetric=symmetric)
+    x = dequantize(q, s, None if symmetric else z, axis=None, group_size=None, out_dtype=DType.from_torch(input.dtype))
+    return linear(x, weight_q, scale, zero_point, bias, axis=axis, group_size=group_size)

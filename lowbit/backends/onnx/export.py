@@ -1,0 +1,202 @@
+"""IR → ONNX, through ``torch.onnx.export(dynamo=True)`` so that every ATen op reuses the
+existing torch/onnxscript translations, while lowbit's quantized ops become the QDQ and
+integer patterns ONNX Runtime fuses (see ``ops.py``).
+
+    path = export_onnx(compiled.traced, "out/model.onnx")
+
+Steps: fuse quantized linears in a copy of the graph; store their weights [in, out]; trace a
+module that runs that graph with the quantized ops as custom ops; translate; store int4
+weights as INT4 initializers; save atomically (external data past 2 GB).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+
+from lowbit.backends.onnx import ops
+from lowbit.frontend import Dim
+from lowbit.frontend.trace import TracedModel
+from lowbit.ir.graph import Graph, Node
+from lowbit.ir.interpreter import Executor
+from lowbit.ir.parser import clone_graph
+from lowbit.ir.types import DType
+from lowbit.passes.lower import FuseQuantizedLinear
+from lowbit.passes.base import PassContext
+
+TWO_GB = 2**31
+
+
+@dataclass
+class ExportedWeights:
+    """Which ONNX initializers hold quantized weights, and the layer each belongs to."""
+
+    layers: dict[str, str]      # initializer name → module path of its linear
+    int4: dict[str, DType]      # initializer name → i4/u4 (stored as int8 until written)
+
+
+def _buffer_name(i: int, name: str) -> str:
+    return f"c{i}_" + "".join(ch if ch.isalnum() else "_" for ch in name)[-60:]
+
+
+class _ExportModule(torch.nn.Module):
+    """Runs a lowered graph with quantized ops as custom ops; inputs/outputs flat."""
+
+    def __init__(self, graph: Graph):
+        super().__init__()
+        self.graph = graph
+        self.names: dict[str, str] = {}
+        for i, (name, tensor) in enumerate(graph.tensors.items()):
+            self.names[name] = _buffer_name(i, name)
+            self.register_buffer(self.names[name], tensor)
+        self.colsums: dict[int, str] = {}  # dynamic linear → buffer holding colsum(W_q)
+        for node in graph.nodes:
+            if node.op == "quant.dynamic_linear":
+                w = graph.tensor(node.operand(1))
+                self.colsums[id(node)] = f"colsum_{len(self.colsums)}"
+                self.register_buffer(self.colsums[id(node)], w.to(torch.int32).sum(0))
+
+    def forward(self, *inputs):
+        constants = {name: getattr(self, buf) for name, buf in self.names.items()}
+        return tuple(Executor(self.graph, constants, self._override).run(list(inputs)))
+
+    def _override(self, node: Node):
+        if node.op == "quant.quantize" and node.attrs.get("axis") is None:
+            q = node.attrs["dtype"].short
+            return (lambda x, s, z: ops.quantize(x, s, z, q)), {}
+        if node.op == "quant.dequantize" and node.attrs.get("axis") is None and \
+                node.operands[0].producer.op == "quant.quantize":
+            q = node.operand(0).tensor_type.dtype.short
+            return (lambda x, s, z: ops.dequantize(x, s, z, q)), {}
+        if node.op == "quant.linear":
+            block = node.attrs.get("group_size") or 0
+            q = node.operand(1).tensor_type.dtype.short
+            return (lambda x, w, s, z, b: _as_3d(x, lambda x3: ops.qlinear(x3, w, s, z, b, block, q))), {}
+        if node.op == "quant.dynamic_linear" and node.attrs.get("group_size") is None \
+                and node.operand(1).tensor_type.dtype == DType.i8 and node.operands[3] is None:
+            sym = bool(node.attrs.get("symmetric", True))
+            colsum = getattr(self, self.colsums[id(node)])
+            return (lambda x, w, s, z, b: ops.dynamic_qlinear(x, w, s, colsum, b, sym)), {}
+        return None
+
+
+def _as_3d(x: torch.Tensor, fn) -> torch.Tensor:
+    """Run ``fn`` on x with a leading unit dim if x is 2-D: ONNX Runtime turns a 2-D MatMul + Add
+    into Gemm before its QDQ fusion, and leaves a quantized Gemm in float."""
+    return fn(x.unsqueeze(0)).squeeze(0) if x.dim() == 2 else fn(x)
+
+
+def _to_kn(graph: Graph, node: Node) -> None:
+    """Store a quantized linear's weight (and scale, zero point) as [in, out] for MatMul."""
+    for i in (1, 2, 3):
+        v = node.operands[i]
+        if v is None or graph.tensor(v).dim() != 2 and i > 1:
+            continue
+        t = graph.tensor(v)
+        if t.dim() == 2:
+            graph.tensors[str(v.producer.attrs["name"])] = t.t().contiguous()
+
+
+def lower_for_export(traced: TracedModel) -> tuple[Graph, ExportedWeights]:
+    graph = clone_graph(traced.graph)
+    FuseQuantizedLinear().run(graph, PassContext())
+    layers, int4 = {}, {}
+    names = {name: _buffer_name(i, name) for i, name in enumerate(graph.tensors)}
+    for node in graph.nodes:
+        if node.op in ("quant.linear", "quant.dynamic_linear"):
+            _to_kn(graph, node)
+            w = node.operand(1)
+            name = names[str(w.producer.attrs["name"])]
+            layers[name] = node.loc.module or node.results[0].name
+            dtype = w.tensor_type.dtype
+            if dtype in (DType.i4, DType.u4):
+                int4[name] = dtype
+                if node.operands[3] is not None:
+                    int4[names[str(node.operand(3).producer.attrs["name"])]] = dtype
+    return graph, ExportedWeights(layers, int4)
+
+
+def _dynamic_shapes(traced: TracedModel) -> tuple:
+    dims: dict[str, Dim] = {}
+    shapes = []
+    for v in traced.graph.inputs:
+        spec = {}
+        for axis, d in enumerate(v.tensor_type.shape):
+            if isinstance(d, str) and d.isidentifier():
+                lo, hi = traced.dim_ranges.get(d, (0, None))
+                if d not in dims:
+                    dims[d] = Dim(d, min=max(lo, 1), max=hi) if hi else Dim(d, min=max(lo, 1))
+                spec[axis] = dims[d]
+        shapes.append(spec or None)
+    return tuple(shapes)
+
+
+def _int4_initializers(model: onnx.ModelProto, int4: dict[str, DType]) -> None:
+    kinds = {DType.i4: (ml_dtypes.int4, onnx.TensorProto.INT4), DType.u4: (ml_dtypes.uint4, onnx.TensorProto.UINT4)}
+    for init in model.graph.initializer:
+        if init.name in int4:
+            np_type, proto_type = kinds[int4[init.name]]
+            array = onnx.numpy_helper.to_array(init).astype(np_type)
+            init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+    for vi in list(model.graph.value_info) + list(model.graph.input):
+        if vi.name in int4:
+            vi.type.tensor_type.elem_type = kinds[int4[vi.name]][1]
+
+
+def build_onnx(traced: TracedModel, opset: int | None = None) -> tuple[onnx.ModelProto, ExportedWeights]:
+    graph, weights = lower_for_export(traced)
+    module = _ExportModule(graph).eval()
+    example = tuple(traced.flatten_inputs(traced.example_inputs))
+    uses_int4 = bool(weights.int4) or any(
+        n.op.startswith("quant.") and n.results[0].tensor_type.dtype in (DType.i4, DType.u4) for n in graph.nodes)
+    program = torch.onnx.export(
+        module, example, dynamo=True, dynamic_shapes=(_dynamic_shapes(traced),),  # forward(*inputs)
+        input_names=[v.name for v in traced.graph.inputs], output_names=traced.output_names(),
+        custom_translation_table=ops.TRANSLATIONS, opset_version=opset or (21 if uses_int4 else 21),
+        optimize=True, verbose=False)
+    model = program.model_proto
+    _int4_initializers(model, weights.int4)
+    return model, weights
+
+
+def save_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` (external data beside it past 2 GB) via a temporary folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > TWO_GB if _serializable(model) else True
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        target = tmp / path.name
+        if large:
+            onnx.save_model(model, target, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data", size_threshold=1024)
+        else:
+            onnx.save_model(model, target)
+        for f in sorted(tmp.iterdir(), key=lambda p: p.suffix != ".data"):  # data before the model
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _serializable(model: onnx.ModelProto) -> bool:
+    try:
+        return model.ByteSize() < TWO_GB
+    except ValueError:
+        return False
+
+
+def export_onnx(traced: TracedModel, path: str | os.PathLike, opset: int | None = None) -> tuple[Path, ExportedWeights]:
+    model, weights = build_onnx(traced, opset)
+    return save_atomically(model, path), weights
+
+
+__all__ = ["ExportedWeights", "build_onnx", "export_onnx", "lower_for_export", "save_atomically", "np"]

@@ -1,0 +1,150 @@
+"""Torch custom ops that stand for lowbit's quantized ops while exporting, and their ONNX
+translations (onnxscript, used by ``torch.onnx.export(dynamo=True)``).
+
+Layouts at export: a quantized linear's weight is stored [in, out] (what ONNX MatMul reads),
+with per-channel scales along axis 1, or int4 groups of G along axis 0 (block_size=G), the
+pattern ONNX Runtime turns into MatMulNBits. A per-token dynamic linear becomes
+MatMulInteger on uint8 × int8 with the per-row zero point corrected exactly:
+    x·W ≈ s_x (q_x − z_x) · s_w q_w = s_x s_w (q_x·q_w − z_x ⊗ colsum(q_w)).
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnxscript import opset21 as op
+
+from lowbit.ir.types import DType
+
+_ONNX_TYPES = {"i8": onnx.TensorProto.INT8, "u8": onnx.TensorProto.UINT8, "i4": onnx.TensorProto.INT4,
+               "u4": onnx.TensorProto.UINT4, "f8e4m3": onnx.TensorProto.FLOAT8E4M3FN,
+               "f8e5m2": onnx.TensorProto.FLOAT8E5M2}
+
+
+# ---- torch custom ops (reference math; the fake versions give shapes) ----------------------
+
+@torch.library.custom_op("lowbit::quantize", mutates_args=())
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str) -> torch.Tensor:
+    from lowbit.ir.dialects.quant import quantize as ref
+
+    return ref(x, scale, zero_point, dtype=DType[qdtype], axis=None, group_size=None)
+
+
+@quantize.register_fake
+def _(x, scale, zero_point, qdtype):
+    return torch.empty_like(x, dtype=DType[qdtype].storage)
+
+
+@torch.library.custom_op("lowbit::dequantize", mutates_args=())
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qdtype: str) -> torch.Tensor:
+    from lowbit.ir.dialects.quant import dequantize as ref
+
+    return ref(q, scale, zero_point, axis=None, group_size=None, out_dtype=DType.f32)
+
+
+@dequantize.register_fake
+def _(q, scale, zero_point, qdtype):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+def _dequantize_kn(w_kn, scale, zero_point, block):
+    """[in, out] codes → float, scales per out column or per (block of in, out column)."""
+    w = w_kn.float()
+    if block > 0:
+        s = scale.repeat_interleave(block, 0)
+        z = zero_point.repeat_interleave(block, 0).float() if zero_point is not None else None
+    else:
+        s, z = scale, (zero_point.float() if zero_point is not None else None)
+    return (w - z if z is not None else w) * s
+
+
+@torch.library.custom_op("lowbit::qlinear", mutates_args=())
+def qlinear(x: torch.Tensor, w_kn: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+            bias: torch.Tensor | None, block: int, qdtype: str) -> torch.Tensor:
+    y = x @ _dequantize_kn(w_kn, scale, zero_point, block)
+    return y + bias if bias is not None else y
+
+
+@qlinear.register_fake
+def _(x, w_kn, scale, zero_point, bias, block, qdtype):
+    return x.new_empty((*x.shape[:-1], w_kn.shape[1]))
+
+
+@torch.library.custom_op("lowbit::dynamic_qlinear", mutates_args=())
+def dynamic_qlinear(x: torch.Tensor, w_kn: torch.Tensor, scale: torch.Tensor, colsum: torch.Tensor,
+                    bias: torch.Tensor | None, symmetric: bool) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if symmetric:  # int8 codes q in [-127, 127], carried as uint8 q + 128 with zero point 128
+        s = (x2.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
+        z = torch.full_like(s, 128.0)
+    else:
+        lo = x2.amin(-1, keepdim=True).clamp_max(0)
+        hi = x2.amax(-1, keepdim=True).clamp_min(0)
+        s = ((hi - lo) / 255).clamp_min(1e-8)
+        z = torch.round(-lo / s).clamp(0, 255)
+    q = (torch.round(x2 / s) + z).clamp(0, 255)
+    acc = q @ w_kn.float() - z * colsum.float()
+    y = (acc * s * scale).reshape(*x.shape[:-1], w_kn.shape[1])
+    return y + bias if bias is not None else y
+
+
+@dynamic_qlinear.register_fake
+def _(x, w_kn, scale, colsum, bias, symmetric):
+    return x.new_empty((*x.shape[:-1], w_kn.shape[1]))
+
+
+# ---- ONNX translations ---------------------------------------------------------------------
+
+def _zero(qdtype: str):
+    return op.Constant(value=onnx.helper.make_tensor("zero", _ONNX_TYPES[qdtype], [], [0]))
+
+
+def onnx_quantize(x, scale, zero_point, qdtype: str):
+    return op.QuantizeLinear(x, scale, zero_point if zero_point is not None else _zero(qdtype))
+
+
+def onnx_dequantize(q, scale, zero_point, qdtype: str):
+    return op.DequantizeLinear(q, scale, zero_point if zero_point is not None else _zero(qdtype))
+
+
+def onnx_qlinear(x, w_kn, scale, zero_point, bias, block: int, qdtype: str):
+    if block > 0:
+        w = op.DequantizeLinear(w_kn, scale, zero_point, axis=0, block_size=block) if zero_point is not None \
+            else op.DequantizeLinear(w_kn, scale, axis=0, block_size=block)
+    else:  # without a zero point DequantizeLinear takes 0 of the weight's own type
+        w = op.DequantizeLinear(w_kn, scale, zero_point, axis=1) if zero_point is not None \
+            else op.DequantizeLinear(w_kn, scale, axis=1)
+    y = op.MatMul(x, w)
+    return op.Add(y, bias) if bias is not None else y
+
+
+def onnx_dynamic_qlinear(x, w_kn, scale, colsum, bias, symmetric: bool):
+    k = op.Shape(x, start=-1)
+    x2 = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0))
+    zero = op.Constant(value_float=0.0)
+    axes = op.Constant(value_ints=[1])
+    eps = op.Constant(value_float=1e-8)
+    if symmetric:
+        s = op.Max(op.Div(op.ReduceMax(op.Abs(x2), axes, keepdims=1), op.Constant(value_float=127.0)), eps)
+        z = op.Constant(value_float=128.0)
+    else:
+        lo = op.Min(op.ReduceMin(x2, axes, keepdims=1), zero)
+        hi = op.Max(op.ReduceMax(x2, axes, keepdims=1), zero)
+        s = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=255.0)), eps)
+        z = op.Clip(op.Round(op.Div(op.Neg(lo), s)), zero, op.Constant(value_float=255.0))
+    q = op.Cast(op.Clip(op.Add(op.Round(op.Div(x2, s)), z), zero, op.Constant(value_float=255.0)),
+                to=onnx.TensorProto.UINT8)
+    acc = op.Cast(op.MatMulInteger(q, w_kn), to=onnx.TensorProto.FLOAT)
+    acc = op.Sub(acc, op.Mul(z, op.Cast(colsum, to=onnx.TensorProto.FLOAT)))
+    y2 = op.Mul(op.Mul(acc, s), scale)
+    out_shape = op.Concat(op.Shape(x, end=-1), op.Shape(w_kn, start=1), axis=0)
+    y = op.Reshape(y2, out_shape)
+    return op.Add(y, bias) if bias is not None else y
+
+
+TRANSLATIONS = {
+    torch.ops.lowbit.quantize.default: onnx_quantize,
+    torch.ops.lowbit.dequantize.default: onnx_dequantize,
+    torch.ops.lowbit.qlinear.default: onnx_qlinear,
+    torch.ops.lowbit.dynamic_qlinear.default: onnx_dynamic_qlinear,
+}
