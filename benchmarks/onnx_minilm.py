@@ -54,6 +54,15 @@ class _Reader:
         return next(self.items, None)
 
 
+def export_fp32(spec, path: Path) -> Path:
+    """The fp32 baseline as a user gets it without lowbit: torch.onnx.export of the model."""
+    program = torch.onnx.export(spec.model, spec.example_inputs, dynamo=True,
+                                dynamic_shapes=spec.dynamic_shapes, input_names=["input_ids", "attention_mask"],
+                                output_names=["last_hidden_state", "pooler_output"], opset_version=21)
+    program.save(str(path))
+    return path
+
+
 def ort_baselines(fp32: Path, folder: Path, calib) -> dict[str, Path]:
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
@@ -96,8 +105,7 @@ def main() -> None:
     spec = minilm()
     calib, evals = minilm_batches("calibration"), minilm_batches("eval")
 
-    fp32_traced = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
-    paths = {"fp32": export_onnx(fp32_traced.traced, folder / "fp32.onnx")[0]}
+    paths = {"fp32": export_fp32(spec, folder / "fp32.onnx")}
     q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
                        recipe=args.recipe, calibration=calib)
     paths[f"lowbit {args.recipe}"], weights = export_onnx(q.traced, folder / f"{args.recipe}.onnx")

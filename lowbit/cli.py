@@ -2,6 +2,7 @@
 
     lowbit inspect tiny-llama --dump-dir out/
     lowbit inspect minilm --pipeline "canonicalize" --why-not fuse-attention
+    lowbit export minilm --recipe w8a8 -o out/
     lowbit eval minilm --recipe w8a8 --recipe w8a8-dynamic
     lowbit passes
     lowbit zoo
@@ -75,6 +76,36 @@ def _why_not(graph, rule_name: str, where: str | None) -> None:
         print(f"  %{m.node.results[0].name} ({m.node.op}) at {loc}: {m.reason}")
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import lowbit
+    from lowbit.backends.onnx import compare_with_torch, export_onnx, fusion_report
+    from lowbit.backends.onnx.validate import check
+    from lowbit.evaluate import default_calibration
+    from lowbit.zoo import load_model
+
+    spec = load_model(args.model)
+    calibration, where = default_calibration(args.model, spec)
+    print(f"compiling {args.model} with {args.recipe or 'no recipe'} (calibration: {where}) ...", file=sys.stderr)
+    compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                              recipe=args.recipe, calibration=calibration)
+    for note in compiled.traced.notes:
+        print(f"note: {note}")
+    out = Path(args.output) / "model.onnx"
+    path, weights = export_onnx(compiled.traced, out, args.opset, not args.no_attention_op)
+    check(path)
+    print(f"wrote {path} ({sum(f.stat().st_size for f in path.parent.glob(path.name + '*')) / 2**20:.1f} MB); "
+          "ONNX checker (full): passed")
+    inputs = compiled.traced.flatten_inputs(spec.example_inputs)
+    diff = compare_with_torch(path, compiled, [v.name for v in compiled.graph.inputs], inputs)
+    print(f"ONNX Runtime vs lowbit torch backend on the example inputs: max |diff| {diff['max_abs']:.2e}, "
+          f"cosine {diff['cosine']:.6f}")
+    if weights.layers:
+        print(fusion_report(path, weights.layers).text())
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from lowbit.evaluate import quality_table
 
@@ -123,6 +154,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--why-not", metavar="RULE", help="explain where a pattern rule did not match")
     p.add_argument("--where", metavar="MODULE", help="with --why-not: only nodes under this module path")
     p.set_defaults(fn=_inspect)
+    x = sub.add_parser("export", help="compile a model and write ONNX that ONNX Runtime runs fast")
+    x.add_argument("model", help="zoo name, file.py:factory, package.module:factory, or a transformers dir")
+    x.add_argument("--recipe", help="built-in recipe name or a .yaml/.toml file (default: fp32)")
+    x.add_argument("-o", "--output", required=True, help="output folder (model.onnx is written there)")
+    x.add_argument("--opset", type=int, help="ONNX opset (default 21)")
+    x.add_argument("--no-attention-op", action="store_true",
+                   help="keep attention as standard ONNX ops instead of com.microsoft.MultiHeadAttention")
+    x.set_defaults(fn=_export)
     e = sub.add_parser("eval", help="quality of quantization recipes vs fp32")
     e.add_argument("model", help="minilm (cosine of mean-pooled sentence embeddings) or "
                                  "byte-llama (perplexity on held-out text)")

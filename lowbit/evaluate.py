@@ -113,3 +113,12 @@ def quality_table(name: str, recipes: list[str], batch_size: int = 32, progress:
             rows.append({"recipe": recipe, "perplexity": p, "vs fp32": f"{100 * (p / rows[0]['perplexity'] - 1):+.2f}%",
                          "static/dynamic acts": acts})
     return rows
+
+
+def default_calibration(name: str, spec) -> tuple[list[tuple], str]:
+    """The calibration set a CLI command uses for zoo model ``name``, and a description."""
+    if name == "minilm":
+        return minilm_batches("calibration"), "256 shipped calibration sentences"
+    if name == "byte-llama":
+        return byte_windows("calib"), "32 KB of byte-llama's training text"
+    return [spec.example_inputs], "the example inputs only (random: fine for structure, not for accuracy)"

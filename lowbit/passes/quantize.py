@@ -68,13 +68,14 @@ class InsertQdq(Pass):
     skip: str = ""           # ';'-separated module-path patterns left in float
     dynamic: str = ""        # ';'-separated module-path patterns whose inputs are quantized per token
     auto_dynamic: float = 0.0
+    dynamic_acts: str = "none"  # the spec of activations quantized per token (default: acts' dtype)
     rounding: str = "rtn"    # rtn | gptq
     damp: float = 0.01       # GPTQ: damping, as a fraction of mean(diag H)
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
 
     def __post_init__(self) -> None:
         parse_qspec(self.weights, f"{self.name}.weights")
-        for key in ("acts", "kv"):
+        for key in ("acts", "kv", "dynamic_acts"):
             if getattr(self, key) != "none":
                 parse_qspec(getattr(self, key), f"{self.name}.{key}")
         for pattern, spec in self._overrides():
@@ -166,7 +167,11 @@ class InsertQdq(Pass):
             st = stats.get(x.name)
             dynamic = st is None or (self.auto_dynamic > 0 and static_rel_error(st, spec) > self.auto_dynamic)
             first = users[0][0]
-            dq = self._insert_dynamic(graph, x, first, spec) if dynamic else self._insert_static(graph, x, first, spec, st)
+            if dynamic:
+                dyn = parse_qspec(self.dynamic_acts, f"{self.name}.dynamic_acts") if self.dynamic_acts != "none" else spec
+                dq = self._insert_dynamic(graph, x, first, dyn)
+            else:
+                dq = self._insert_static(graph, x, first, spec, st)
             for u, index in users:
                 u.set_operand(index, dq)
 

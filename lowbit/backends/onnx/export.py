@@ -50,9 +50,10 @@ def _buffer_name(i: int, name: str) -> str:
 class _ExportModule(torch.nn.Module):
     """Runs a lowered graph with quantized ops as custom ops; inputs/outputs flat."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, attention_op: bool = True):
         super().__init__()
         self.graph = graph
+        self.attention_op = attention_op  # sdpa → com.microsoft.MultiHeadAttention
         self.names: dict[str, str] = {}
         for i, (name, tensor) in enumerate(graph.tensors.items()):
             self.names[name] = _buffer_name(i, name)
@@ -85,7 +86,29 @@ class _ExportModule(torch.nn.Module):
             sym = bool(node.attrs.get("symmetric", True))
             colsum = getattr(self, self.colsums[id(node)])
             return (lambda x, w, s, z, b: ops.dynamic_qlinear(x, w, s, colsum, b, sym)), {}
+        if node.op == "core.sdpa" and self.attention_op:
+            return self._attention(node)
         return None
+
+    def _attention(self, node: Node):
+        """sdpa as MultiHeadAttention where it fits: 4-D, static head count, not causal,
+        no grouped heads; a boolean mask becomes an additive bias."""
+        q, k = node.operand(0).tensor_type, node.operand(1).tensor_type
+        if (q.rank != 4 or not isinstance(q.shape[1], int) or node.attrs.get("causal")
+                or node.attrs.get("gqa") or k.shape[1] != q.shape[1]):
+            return None
+        d = q.shape[3]
+        scale = node.attrs.get("scale")
+        scale = float(scale) if scale is not None else 1.0 / float(d) ** 0.5 if isinstance(d, int) else None
+        if scale is None:
+            return None
+
+        def attention(q, k, v, mask):
+            if mask is not None and mask.dtype == torch.bool:
+                mask = torch.where(mask, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+            return ops.mha(q, k, v, mask, scale)
+
+        return attention, {}
 
 
 def _as_3d(x: torch.Tensor, fn) -> torch.Tensor:
@@ -151,9 +174,12 @@ def _int4_initializers(model: onnx.ModelProto, int4: dict[str, DType]) -> None:
             vi.type.tensor_type.elem_type = kinds[int4[vi.name]][1]
 
 
-def build_onnx(traced: TracedModel, opset: int | None = None) -> tuple[onnx.ModelProto, ExportedWeights]:
+def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool = True
+               ) -> tuple[onnx.ModelProto, ExportedWeights]:
+    """The ONNX model for ``traced``. ``attention_op`` lowers attention to ONNX Runtime's
+    MultiHeadAttention contrib op where it fits (else the standard decomposition)."""
     graph, weights = lower_for_export(traced)
-    module = _ExportModule(graph).eval()
+    module = _ExportModule(graph, attention_op).eval()
     example = tuple(traced.flatten_inputs(traced.example_inputs))
     uses_int4 = bool(weights.int4) or any(
         n.op.startswith("quant.") and n.results[0].tensor_type.dtype in (DType.i4, DType.u4) for n in graph.nodes)
@@ -194,8 +220,9 @@ def _serializable(model: onnx.ModelProto) -> bool:
         return False
 
 
-def export_onnx(traced: TracedModel, path: str | os.PathLike, opset: int | None = None) -> tuple[Path, ExportedWeights]:
-    model, weights = build_onnx(traced, opset)
+def export_onnx(traced: TracedModel, path: str | os.PathLike, opset: int | None = None,
+                attention_op: bool = True) -> tuple[Path, ExportedWeights]:
+    model, weights = build_onnx(traced, opset, attention_op)
     return save_atomically(model, path), weights
 
 

@@ -119,23 +119,30 @@ def onnx_qlinear(x, w_kn, scale, zero_point, bias, block: int, qdtype: str):
 
 
 def onnx_dynamic_qlinear(x, w_kn, scale, colsum, bias, symmetric: bool):
+    """Per-token uint8 codes by one per-axis QuantizeLinear, then uint8 × int8 MatMulInteger
+    (the fast pair on ONNX Runtime CPU). Symmetric codes use the zero point 128 inside the
+    kernel; asymmetric ones subtract z ⊗ colsum(W_q) afterwards."""
     k = op.Shape(x, start=-1)
     x2 = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0))
-    zero = op.Constant(value_float=0.0)
     axes = op.Constant(value_ints=[1])
     eps = op.Constant(value_float=1e-8)
+    flat = op.Constant(value_ints=[-1])
+    rows = op.Shape(x2, end=1)
     if symmetric:
         s = op.Max(op.Div(op.ReduceMax(op.Abs(x2), axes, keepdims=1), op.Constant(value_float=127.0)), eps)
-        z = op.Constant(value_float=128.0)
+        z8 = op.Expand(op.Constant(value=onnx.helper.make_tensor("z", onnx.TensorProto.UINT8, [1], [128])), rows)
+        q = op.QuantizeLinear(x2, op.Reshape(s, flat), z8, axis=0)
+        acc = op.MatMulInteger(q, w_kn, op.Constant(value=onnx.helper.make_tensor("a_zp", onnx.TensorProto.UINT8, [], [128])))
+        acc = op.Cast(acc, to=onnx.TensorProto.FLOAT)
     else:
+        zero = op.Constant(value_float=0.0)
         lo = op.Min(op.ReduceMin(x2, axes, keepdims=1), zero)
         hi = op.Max(op.ReduceMax(x2, axes, keepdims=1), zero)
         s = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=255.0)), eps)
         z = op.Clip(op.Round(op.Div(op.Neg(lo), s)), zero, op.Constant(value_float=255.0))
-    q = op.Cast(op.Clip(op.Add(op.Round(op.Div(x2, s)), z), zero, op.Constant(value_float=255.0)),
-                to=onnx.TensorProto.UINT8)
-    acc = op.Cast(op.MatMulInteger(q, w_kn), to=onnx.TensorProto.FLOAT)
-    acc = op.Sub(acc, op.Mul(z, op.Cast(colsum, to=onnx.TensorProto.FLOAT)))
+        q = op.QuantizeLinear(x2, op.Reshape(s, flat), op.Reshape(op.Cast(z, to=onnx.TensorProto.UINT8), flat), axis=0)
+        acc = op.Cast(op.MatMulInteger(q, w_kn), to=onnx.TensorProto.FLOAT)
+        acc = op.Sub(acc, op.Mul(z, op.Cast(colsum, to=onnx.TensorProto.FLOAT)))
     y2 = op.Mul(op.Mul(acc, s), scale)
     out_shape = op.Concat(op.Shape(x, end=-1), op.Shape(w_kn, start=1), axis=0)
     y = op.Reshape(y2, out_shape)
@@ -148,3 +155,57 @@ TRANSLATIONS = {
     torch.ops.lowbit.qlinear.default: onnx_qlinear,
     torch.ops.lowbit.dynamic_qlinear.default: onnx_dynamic_qlinear,
 }
+
+
+# ---- attention: com.microsoft.MultiHeadAttention on the CPU ---------------------------------
+
+@torch.library.custom_op("lowbit::mha", mutates_args=())
+def mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """sdpa on [batch, heads, seq, head_dim] with an additive float bias [batch|1, heads|1, S, L].
+    The result is laid out [batch, seq, heads, dim] in memory, as torch's sdpa lays it out (the
+    model's following transpose + view relies on it)."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@mha.register_fake
+def _(q, k, v, bias, scale):
+    b, n, s, _ = q.shape
+    return q.new_empty((b, s, n, v.shape[-1])).transpose(1, 2)
+
+
+def _register_mha_schema() -> None:
+    """ONNX's schema registry does not know ONNX Runtime's contrib ops; onnxscript needs one to
+    emit a node. Declare com.microsoft::MultiHeadAttention (the inputs lowbit uses)."""
+    try:
+        onnx.defs.get_schema("MultiHeadAttention", 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    P = onnx.defs.OpSchema.FormalParameter
+    opt = onnx.defs.OpSchema.FormalParameterOption.Optional
+    names = ["query", "key", "value", "bias", "key_padding_mask", "attention_bias"]
+    inputs = [P(n, "T" if n != "key_padding_mask" else "M", param_option=opt if i > 0 else
+                onnx.defs.OpSchema.FormalParameterOption.Single) for i, n in enumerate(names)]
+    schema = onnx.defs.OpSchema(
+        "MultiHeadAttention", "com.microsoft", 1, inputs=inputs, outputs=[P("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[onnx.defs.OpSchema.Attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
+                    onnx.defs.OpSchema.Attribute("scale", onnx.defs.OpSchema.AttrType.FLOAT, "")])
+    onnx.defs.register_schema(schema)
+
+
+def onnx_mha(q, k, v, bias, scale: float):
+    from onnxscript.values import Opset
+
+    _register_mha_schema()
+    msft = Opset("com.microsoft", 1)
+    heads = q.shape[1]
+    # query as [batch, seq, heads·dim]; key/value stay [batch, heads, seq, dim]
+    bsd = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    out = msft.MultiHeadAttention(bsd, k, v, None, None, bias, num_heads=heads, scale=scale)
+    shape = op.Concat(op.Shape(out, end=2), op.Constant(value_ints=[heads, -1]), axis=0)
+    return op.Transpose(op.Reshape(out, shape), perm=[0, 2, 1, 3])
+
+
+TRANSLATIONS[torch.ops.lowbit.mha.default] = onnx_mha

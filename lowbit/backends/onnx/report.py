@@ -58,7 +58,7 @@ def fusion_report(path: str | Path, layers: dict[str, str], provider: str = "CPU
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         for name in node.input:
-            layer = layers.get(name) or layers.get(_through_dq(name, producers))
+            layer = _layer_of(name, layers) or _layer_of(_through_dq(name, producers), layers)
             if layer is None:
                 continue
             if node.op_type in INTEGER_KERNELS:
@@ -72,6 +72,17 @@ def fusion_report(path: str | Path, layers: dict[str, str], provider: str = "CPU
     for layer in report.fused:
         report.unfused.pop(layer, None)
     return report
+
+
+def _layer_of(name: str | None, layers: dict[str, str]) -> str | None:
+    """The layer an initializer belongs to; ONNX Runtime renames what it repacks
+    (``<name>_T`` for MatMulNBits), so a name that extends a known one counts too."""
+    if not name:
+        return None
+    if name in layers:
+        return layers[name]
+    matches = [k for k in layers if name.startswith(k + "_")]
+    return layers[max(matches, key=len)] if matches else None
 
 
 def _through_dq(name: str, producers: dict) -> str | None:
