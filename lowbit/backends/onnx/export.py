@@ -197,7 +197,7 @@ def save_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` (external data beside it past 2 GB) via a temporary folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > TWO_GB if _serializable(model) else True
+    large = _tensor_bytes(model) > TWO_GB
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         target = tmp / path.name
@@ -213,11 +213,9 @@ def save_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
-def _serializable(model: onnx.ModelProto) -> bool:
-    try:
-        return model.ByteSize() < TWO_GB
-    except ValueError:
-        return False
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers (a protobuf cannot even measure itself past 2 GB)."""
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
 
 
 def export_onnx(traced: TracedModel, path: str | os.PathLike, opset: int | None = None,

@@ -1,0 +1,116 @@
+"""The ONNX backend: export, checker, ONNX Runtime vs the torch backend at two shapes, the
+fusion report, int4 initializers, determinism, external data, atomic writes."""
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import lowbit
+from lowbit import zoo
+from lowbit.backends.onnx import compare_with_torch, export_onnx, fusion_report
+from lowbit.backends.onnx import export as export_module
+from lowbit.backends.onnx.validate import check
+
+
+def _other_inputs(name, spec):
+    gen = torch.Generator().manual_seed(3)
+    if name == "minilm":
+        ids = torch.randint(1000, 2000, (3, 9), generator=gen)
+        return ids, torch.ones_like(ids)
+    x = spec.example_inputs[0]
+    if x.dtype == torch.long:
+        return (torch.randint(0, 256, (1, 5), generator=gen),)
+    return (torch.randn((3,) + tuple(x.shape[1:]), generator=gen),)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "minilm", "tiny-vit"])
+@pytest.mark.parametrize("recipe", [None, "w8a8"])
+def test_export_runs_in_onnxruntime_at_two_shapes(name, recipe, tmp_path):
+    spec = zoo.ZOO[name]()
+    compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                              recipe=recipe, calibration=[spec.example_inputs], progress=False)
+    path, weights = compiled.export_onnx(tmp_path / "model.onnx")
+    check(path)
+    names = [v.name for v in compiled.graph.inputs]
+    for inputs in (spec.example_inputs, _other_inputs(name, spec)):
+        diff = compare_with_torch(path, compiled, names, compiled.traced.flatten_inputs(inputs))
+        if recipe is None:
+            assert diff["max_abs"] < 1e-3, diff
+        else:
+            assert diff["cosine"] > 0.99, diff
+    if recipe:
+        report = fusion_report(path, weights.layers)
+        assert report.total == len(weights.layers) > 0
+        assert not report.unfused, report.text()
+
+
+def _minilm(recipe, tmp_path):
+    from lowbit.evaluate import minilm_batches
+
+    spec = zoo.minilm()
+    compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                              recipe=recipe, calibration=minilm_batches("calibration")[:2], progress=False)
+    return spec, compiled, *compiled.export_onnx(tmp_path / f"{recipe}.onnx")
+
+
+def test_minilm_w8a8_fully_fused_and_agrees_with_torch(tmp_path):
+    from lowbit.evaluate import mean_pool, minilm_batches
+
+    spec, compiled, path, weights = _minilm("w8a8", tmp_path)
+    report = fusion_report(path, weights.layers)
+    assert report.total == 37 and len(report.fused) == 37, report.text()
+    assert set(report.fused.values()) <= {"MatMulIntegerToFloat", "MatMulInteger"}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, mask = minilm_batches("eval")[0]
+    got = torch.from_numpy(sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+    want = compiled(ids, mask).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(mean_pool(got, mask), mean_pool(want, mask))
+    assert cos.mean() >= 0.999 and cos.min() >= 0.99, cos
+
+
+def test_minilm_w4a16_int4_initializers_become_matmulnbits(tmp_path):
+    spec, compiled, path, weights = _minilm("w4a16-rtn", tmp_path)
+    model = onnx.load(str(path))
+    int4 = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)]
+    assert len(int4) >= 2 * 37  # codes and zero points
+    assert min(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    report = fusion_report(path, weights.layers)
+    assert set(report.fused.values()) == {"MatMulNBits"} and len(report.fused) == 37
+
+
+def test_export_is_deterministic(tmp_path):
+    spec = zoo.tiny_llama()
+    digests = []
+    for i in range(2):
+        compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                                  recipe="w8a8", calibration=[spec.example_inputs], progress=False)
+        path, _ = compiled.export_onnx(tmp_path / f"m{i}.onnx")
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_external_data_past_the_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "TWO_GB", 1 << 10)  # any model is "large" now
+    spec = zoo.tiny_cnn()
+    compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    path, _ = compiled.export_onnx(tmp_path / "cnn.onnx")
+    assert (tmp_path / "cnn.onnx.data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "cnn.onnx.data"]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = spec.example_inputs[0]
+    out = sess.run(None, {"x": x.numpy()})[0]
+    assert np.allclose(out, spec.model(x).detach().numpy(), atol=1e-4)
+
+
+def test_unwritable_output_leaves_nothing(tmp_path):
+    spec = zoo.tiny_cnn()
+    compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError):
+        compiled.export_onnx(blocker / "model.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
