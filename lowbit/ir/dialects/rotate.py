@@ -1,8 +1,8 @@
 """The ``rotate`` dialect: orthogonal transforms applied online.
 
-``rotate.hadamard`` multiplies the last dim by the normalized Walsh–Hadamard matrix H/√n
-(n a power of two), with the O(n log n) butterfly: y = x · (H/√n). H is symmetric and
-(H/√n)² = I, so applying it twice gives back x.
+``rotate.hadamard`` multiplies the last dim by the normalized Hadamard matrix: y = x·H_nᵀ/√n
+for n = m·2^k (see ``hadamard``), with the O(n log n) butterfly for the power-of-two part.
+For n = 2^k, H is symmetric and (H/√n)² = I, so applying it twice gives back x.
 """
 
 from __future__ import annotations
@@ -41,11 +41,18 @@ def sylvester_hadamard(n: int) -> torch.Tensor:
 
 
 def _hadamard_verify(node):
+    from lowbit.ir.dialects.hadamard import factor
+
     n = tensor(node.operands[0].type, "input").shape[-1]
-    if isinstance(n, int) and n & (n - 1):
-        raise VerifyError(f"rotate.hadamard needs a power-of-two last dim, got {n}")
+    if isinstance(n, int):
+        try:
+            factor(n)
+        except ValueError as e:
+            raise VerifyError(f"rotate.hadamard: {e}") from None
 
 
 @define("rotate.hadamard", operands=["input"], infer=same_as_input, verify=_hadamard_verify)
 def hadamard(input):
-    return fast_hadamard(input)
+    from lowbit.ir.dialects.hadamard import hadamard_transform
+
+    return hadamard_transform(input)
