@@ -11,9 +11,7 @@ over one token is negligible here, so no KV cache is needed to measure it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +22,7 @@ import lowbit
 from lowbit.backends.onnx import export_onnx, fusion_report
 from lowbit.zoo import minilm, tiny_llama
 
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def timed(sessions: dict, feed: dict, runs: int) -> dict[str, float]:
-    for s in sessions.values():
-        for _ in range(5):
-            s.run(None, feed)
-    times = {k: [] for k in sessions}
-    for _ in range(runs):
-        for k, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feed)
-            times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+from _ort import latencies, session
 
 
 def measure(name: str, spec, feed: dict, folder: Path, threads: int, runs: int, recipe: str) -> None:
@@ -52,7 +33,7 @@ def measure(name: str, spec, feed: dict, folder: Path, threads: int, runs: int, 
     p4, weights = export_onnx(q.traced, folder / f"{name}-{recipe}.onnx")
     print(fusion_report(p4, weights.layers).text())
     sessions = {"fp32": session(p32, threads), recipe: session(p4, threads)}
-    med = timed(sessions, feed, runs)
+    med = latencies(sessions, feed, 5, runs)
     size = {k: sum(f.stat().st_size for f in p.parent.glob(p.name + "*")) / 2**20 for k, p in (("fp32", p32), (recipe, p4))}
     for k in sessions:
         print(f"  {name:12s} {k:10s} {med[k] * 1000:8.2f} ms  {med[k] / med['fp32']:5.2f}x  {size[k]:8.1f} MB")

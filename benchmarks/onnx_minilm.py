@@ -12,12 +12,9 @@ mean-pooled embeddings against fp32 PyTorch on the 256 shipped evaluation senten
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -27,13 +24,7 @@ from lowbit.backends.onnx.report import fusion_report
 from lowbit.evaluate import mean_pool, minilm_batches, sentences
 from lowbit.zoo import minilm, minilm_tokenizer
 
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+from _ort import latencies, session
 
 
 def embeddings(sess: ort.InferenceSession, batches) -> torch.Tensor:
@@ -77,19 +68,6 @@ def ort_baselines(fp32: Path, folder: Path, calib) -> dict[str, Path]:
                     weight_type=QuantType.QInt8)
     quantize_dynamic(str(pre), str(dynamic), per_channel=True, weight_type=QuantType.QInt8)
     return {"ort quantize_static": static, "ort quantize_dynamic": dynamic}
-
-
-def latencies(sessions: dict[str, ort.InferenceSession], feed: dict, warmup: int, runs: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(warmup):
-        for s in sessions.values():
-            s.run(None, feed)
-    for _ in range(runs):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feed)
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import torch
 
 import lowbit
 from lowbit import zoo
-from lowbit.backends.onnx import compare_with_torch, export_onnx, fusion_report
+from lowbit.backends.onnx import compare_with_torch, fusion_report
 from lowbit.backends.onnx import export as export_module
 from lowbit.backends.onnx.validate import check
 

@@ -7,7 +7,7 @@ import torch
 import lowbit
 from lowbit.api import build
 from lowbit.errors import PipelineError
-from lowbit.ir import DType, Graph, TensorType, parse_graph, verify
+from lowbit.ir import DType, parse_graph, verify
 from lowbit.passes import PassContext, parse_pipeline
 from lowbit.passes.quantize import quantize_weight
 from lowbit.passes.smooth import find_regions

@@ -14,15 +14,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from lowbit.ir.attrs import CallArgs
 from lowbit.ir.graph import Graph, Node, Value
-from lowbit.ir.types import TensorType
 from lowbit.passes.base import Pass, PassContext, register
-from lowbit.passes.rewriter import Bindings, Rule, apply_rules, single_user
+from lowbit.passes.rewriter import Bindings, Rule, apply_rules, replace_with, single_user
 
 
 def _call(node: Node) -> CallArgs:
@@ -42,15 +40,6 @@ def _constant_scalar(value: Value | None, graph: Graph) -> float | None:
     if value is None or not graph.is_constant(value) or graph.tensor(value).numel() != 1:
         return None
     return float(graph.tensor(value).item())
-
-
-def _replace(graph: Graph, old: Node, op: str, operands: list, attrs: dict, pass_name: str) -> Node:
-    """Insert ``op`` before ``old``, typed like ``old``'s result, and route old's uses to it."""
-    new = graph.create_node(op, operands, attrs, [old.result.type], old.loc.copy())
-    graph.insert(new, before=old)
-    new.touch(pass_name)
-    graph.replace_value(old.result, new.result)
-    return new
 
 
 # ---- addmm → linear ----------------------------------------------------------------------
@@ -76,7 +65,7 @@ def _rewrite_addmm(b: Bindings, graph: Graph) -> None:
         new_w = graph.constant(w_t, f"{weight.producer.attrs['name']}.T", weight.producer.loc.copy())
     x = node.operands[1] if node.op == "aten.addmm.default" else node.operands[0]
     bias = node.operands[0] if node.op == "aten.addmm.default" else None
-    _replace(graph, node, "core.linear", [x, new_w, bias], {}, "addmm-to-linear")
+    replace_with(graph, node, "core.linear", [x, new_w, bias], {}, "addmm-to-linear")
     graph.erase(node)
 
 
@@ -132,7 +121,7 @@ def _match_rms_norm(rsqrt: Node, graph: Graph) -> Bindings | str:
 def _rewrite_rms_norm(b: Bindings, graph: Graph) -> None:
     end = b["end"]
     assert isinstance(end, Node)
-    _replace(graph, end, "core.rms_norm", [b["x"], b["weight"]], {"eps": b["eps"]}, "fuse-rms-norm")
+    replace_with(graph, end, "core.rms_norm", [b["x"], b["weight"]], {"eps": b["eps"]}, "fuse-rms-norm")
 
 
 FUSE_RMS_NORM = Rule("fuse-rms-norm", ("aten.rsqrt.default",), _match_rms_norm, _rewrite_rms_norm)
@@ -194,7 +183,7 @@ def _rewrite_attention(b: Bindings, graph: Graph) -> None:
     end = b["end"]
     assert isinstance(end, Node)
     attrs = {"scale": float(b["scale"]), "causal": False, "gqa": False}
-    _replace(graph, end, "core.sdpa", [b["q"], b["k"], b["v"], b["mask"]], attrs, "fuse-attention")
+    replace_with(graph, end, "core.sdpa", [b["q"], b["k"], b["v"], b["mask"]], attrs, "fuse-attention")
 
 
 FUSE_ATTENTION = Rule("fuse-attention", ("core.softmax",), _match_attention, _rewrite_attention)

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from lowbit.ir.graph import Graph, Node
 from lowbit.passes.base import Pass, PassContext, register
-from lowbit.passes.rewriter import Bindings, Rule, apply_rules, single_user
+from lowbit.passes.rewriter import Bindings, Rule, apply_rules, replace_with, single_user
 
 
 def _match_qlinear(node: Node, graph: Graph) -> Bindings | str:
@@ -33,11 +33,8 @@ def _rewrite_qlinear(b: Bindings, graph: Graph) -> None:
     node, dq = b["linear"], b["dq"]
     assert isinstance(node, Node) and isinstance(dq, Node)
     attrs = {k: dq.attrs[k] for k in ("axis", "group_size") if k in dq.attrs}
-    new = graph.create_node("quant.linear", [node.operands[0], *dq.operands, node.operands[2]], attrs,
-                            [node.result.type], node.loc.copy())
-    graph.insert(new, before=node)
-    new.touch("fuse-quantized-linear")
-    graph.replace_value(node.result, new.result)
+    replace_with(graph, node, "quant.linear", [node.operands[0], *dq.operands, node.operands[2]], attrs,
+                 "fuse-quantized-linear")
     graph.erase(node)
 
 
@@ -55,13 +52,9 @@ def _match_dynamic(node: Node, graph: Graph) -> Bindings | str:
 def _rewrite_dynamic(b: Bindings, graph: Graph) -> None:
     node, dyn = b["linear"], b["source"]
     assert isinstance(node, Node) and isinstance(dyn, Node)
-    attrs = {"act_dtype": dyn.attrs["dtype"], "symmetric": dyn.attrs.get("symmetric", True),
-             **{k: v for k, v in node.attrs.items()}}
-    new = graph.create_node("quant.dynamic_linear", [dyn.operand(0), *node.operands[1:]], attrs,
-                            [node.result.type], node.loc.copy())
-    graph.insert(new, before=node)
-    new.touch("fuse-quantized-linear")
-    graph.replace_value(node.result, new.result)
+    attrs = {"act_dtype": dyn.attrs["dtype"], "symmetric": dyn.attrs.get("symmetric", True), **node.attrs}
+    replace_with(graph, node, "quant.dynamic_linear", [dyn.operand(0), *node.operands[1:]], attrs,
+                 "fuse-quantized-linear")
     graph.erase(node)
 
 

@@ -81,6 +81,16 @@ def why_not(graph: Graph, rule: Rule, module: str | None = None) -> list[Miss]:
     return misses
 
 
+def replace_with(graph: Graph, old: Node, op: str, operands: list, attrs: dict, pass_name: str) -> Node:
+    """Insert ``op`` before ``old``, typed like ``old``'s result, and route old's uses to it
+    (``old`` stays until erased or swept as dead)."""
+    new = graph.create_node(op, operands, attrs, [old.result.type], old.loc.copy())
+    graph.insert(new, before=old)
+    new.touch(pass_name)
+    graph.replace_value(old.result, new.result)
+    return new
+
+
 def single_user(value, graph: Graph) -> Node | None:
     """The one node using ``value``, if exactly one does and it is not a graph output."""
     users = value.users

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
-import numpy as np
 import onnx
 import torch
 
@@ -224,4 +223,4 @@ def export_onnx(traced: TracedModel, path: str | os.PathLike, opset: int | None 
     return save_atomically(model, path), weights
 
 
-__all__ = ["ExportedWeights", "build_onnx", "export_onnx", "lower_for_export", "save_atomically", "np"]
+__all__ = ["ExportedWeights", "build_onnx", "export_onnx", "lower_for_export", "save_atomically"]

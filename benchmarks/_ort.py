@@ -1,0 +1,31 @@
+"""Shared by the ONNX Runtime benchmarks: a CPU session and interleaved median latencies."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def latencies(sessions: dict[str, ort.InferenceSession], feed: dict, warmup: int, runs: int) -> dict[str, float]:
+    """Median seconds per run; the sessions take turns so machine noise hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(warmup):
+        for s in sessions.values():
+            s.run(None, feed)
+    for _ in range(runs):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
