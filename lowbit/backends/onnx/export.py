@@ -32,6 +32,7 @@ from lowbit.passes.lower import FuseQuantizedLinear
 from lowbit.passes.base import PassContext
 
 TWO_GB = 2**31
+DEFAULT_OPSET = 21  # the translations use opset-21 ops (blocked int4 DequantizeLinear needs it)
 
 
 @dataclass
@@ -118,13 +119,9 @@ def _as_3d(x: torch.Tensor, fn) -> torch.Tensor:
 
 def _to_kn(graph: Graph, node: Node) -> None:
     """Store a quantized linear's weight (and scale, zero point) as [in, out] for MatMul."""
-    for i in (1, 2, 3):
-        v = node.operands[i]
-        if v is None or graph.tensor(v).dim() != 2 and i > 1:
-            continue
-        t = graph.tensor(v)
-        if t.dim() == 2:
-            graph.tensors[str(v.producer.attrs["name"])] = t.t().contiguous()
+    for v in node.operands[1:4]:
+        if v is not None and graph.tensor(v).dim() == 2:  # per-channel scales are 1-D: unchanged
+            graph.tensors[str(v.producer.attrs["name"])] = graph.tensor(v).t().contiguous()
 
 
 def lower_for_export(traced: TracedModel) -> tuple[Graph, ExportedWeights]:
@@ -180,12 +177,10 @@ def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool
     graph, weights = lower_for_export(traced)
     module = _ExportModule(graph, attention_op).eval()
     example = tuple(traced.flatten_inputs(traced.example_inputs))
-    uses_int4 = bool(weights.int4) or any(
-        n.op.startswith("quant.") and n.results[0].tensor_type.dtype in (DType.i4, DType.u4) for n in graph.nodes)
     program = torch.onnx.export(
         module, example, dynamo=True, dynamic_shapes=(_dynamic_shapes(traced),),  # forward(*inputs)
         input_names=[v.name for v in traced.graph.inputs], output_names=traced.output_names(),
-        custom_translation_table=ops.TRANSLATIONS, opset_version=opset or (21 if uses_int4 else 21),
+        custom_translation_table=ops.TRANSLATIONS, opset_version=opset or DEFAULT_OPSET,
         optimize=True, verbose=False)
     model = program.model_proto
     _int4_initializers(model, weights.int4)
