@@ -12,6 +12,7 @@ mean-pooled embeddings against fp32 PyTorch on the 256 shipped evaluation senten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def ort_baselines(fp32: Path, folder: Path, calib) -> dict[str, Path]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = folder / "fp32-pre.onnx"
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    with contextlib.chdir(folder):  # it leaves scratch files in the working directory
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib)
     static, dynamic = folder / "ort-static.onnx", folder / "ort-dynamic.onnx"
     quantize_static(str(pre), str(static), reader, quant_format=QuantFormat.QDQ, per_channel=True,
@@ -79,7 +81,8 @@ def main() -> None:
     ap.add_argument("--out", help="keep the ONNX files here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    folder = Path(args.out or tempfile.mkdtemp(prefix="lowbit-onnx-"))
+    folder = Path(args.out or tempfile.mkdtemp(prefix="lowbit-onnx-")).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
     spec = minilm()
     calib, evals = minilm_batches("calibration"), minilm_batches("eval")
 

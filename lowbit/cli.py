@@ -158,7 +158,8 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("model", help="zoo name, file.py:factory, package.module:factory, or a transformers dir")
     x.add_argument("--recipe", help="built-in recipe name or a .yaml/.toml file (default: fp32)")
     x.add_argument("-o", "--output", required=True, help="output folder (model.onnx is written there)")
-    x.add_argument("--opset", type=int, help="ONNX opset (default 21)")
+    x.add_argument("--opset", type=int, help="ONNX opset (default: the lowest that holds the model's "
+                   "types: 18; 19 with float8; 21 with int4)")
     x.add_argument("--no-attention-op", action="store_true",
                    help="keep attention as standard ONNX ops instead of com.microsoft.MultiHeadAttention")
     x.set_defaults(fn=_export)

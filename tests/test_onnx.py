@@ -77,9 +77,23 @@ def test_minilm_w4a16_int4_initializers_become_matmulnbits(tmp_path):
     model = onnx.load(str(path))
     int4 = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)]
     assert len(int4) >= 2 * 37  # codes and zero points
-    assert min(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [21]
     report = fusion_report(path, weights.layers)
     assert set(report.fused.values()) == {"MatMulNBits"} and len(report.fused) == 37
+
+
+def test_export_uses_the_lowest_opset_that_holds_the_types(tmp_path):
+    spec = zoo.tiny_llama()
+    for recipe, want in (("w8a8", 18), ("w4a16-rtn", 21)):
+        compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                                  recipe=recipe, calibration=[spec.example_inputs], progress=False)
+        path, _ = compiled.export_onnx(tmp_path / f"{recipe}.onnx")
+        model = onnx.load(str(path))
+        assert [o.version for o in model.opset_import if o.domain == ""] == [want], recipe
+        onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(ValueError, match="opset 18 cannot hold .* needs opset 21"):
+        compiled.export_onnx(tmp_path / "old.onnx", opset=18)
+    assert not list(tmp_path.glob("old*"))
 
 
 def test_export_is_deterministic(tmp_path):

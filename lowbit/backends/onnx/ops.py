@@ -10,7 +10,10 @@ MatMulInteger on uint8 × int8 with the per-row zero point corrected exactly:
 
 from __future__ import annotations
 
+import contextlib
+
 import onnx
+import onnxscript
 import torch
 from onnxscript import opset21 as op
 
@@ -94,6 +97,18 @@ def _(x, w_kn, scale, colsum, bias, symmetric):
 
 
 # ---- ONNX translations ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def target_opset(version: int):
+    """Emit the translations below with the ops of ONNX opset ``version`` (18 or later)."""
+    global op
+    saved = op
+    op = getattr(onnxscript, f"opset{version}")
+    try:
+        yield
+    finally:
+        op = saved
+
 
 def _zero(qdtype: str):
     return op.Constant(value=onnx.helper.make_tensor("zero", _ONNX_TYPES[qdtype], [], [0]))
