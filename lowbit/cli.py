@@ -93,7 +93,7 @@ def _export(args: argparse.Namespace) -> int:
     for note in compiled.traced.notes:
         print(f"note: {note}")
     out = Path(args.output) / "model.onnx"
-    path, weights = export_onnx(compiled.traced, out, args.opset, not args.no_attention_op)
+    path, weights = export_onnx(compiled.traced, out, args.opset, not args.no_attention_op, args.hadamard)
     check(path)
     print(f"wrote {path} ({sum(f.stat().st_size for f in path.parent.glob(path.name + '*')) / 2**20:.1f} MB); "
           "ONNX checker (full): passed")
@@ -162,6 +162,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "types: 18; 19 with float8; 21 with int4)")
     x.add_argument("--no-attention-op", action="store_true",
                    help="keep attention as standard ONNX ops instead of com.microsoft.MultiHeadAttention")
+    x.add_argument("--hadamard", choices=["matmul", "staged"], default="matmul",
+                   help="online Hadamard as two MatMuls with the small factors (default) or as "
+                        "butterfly stages of reshape/add/sub")
     x.set_defaults(fn=_export)
     e = sub.add_parser("eval", help="quality of quantization recipes vs fp32")
     e.add_argument("model", help="minilm (cosine of mean-pooled sentence embeddings) or "

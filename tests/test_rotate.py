@@ -32,16 +32,45 @@ def test_fast_transform_equals_dense_for_every_size_up_to_16384():
         factor(156)
 
 
+ROTATION = "fuse-norms,rotate-residual{seed=3},online-hadamard"
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "byte-llama"])
 def test_rotation_passes_are_lossless_on_llama(name):
     spec = zoo.ZOO[name]()  # both use grouped-query attention (4 query, 2 key/value heads)
     traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
-                            pipeline="fuse-norms,rotate-residual{seed=3},online-hadamard", progress=False)
+                            pipeline=ROTATION, progress=False)
     rot = records[-3:]
     assert [r.name.split("{")[0] for r in rot] == ["fuse-norms", "rotate-residual", "online-hadamard"]
     assert all(r.changed and r.drift < 1e-4 for r in rot), rot
+    hadamards = [n.loc.module for n in traced.graph.nodes if n.op == "rotate.hadamard"]
+    # online only where the residual rotation does not reach: o_proj and down_proj inputs
+    assert len(hadamards) == 2 * spec.model.config.num_hidden_layers
+    assert all(m.endswith(("o_proj", "down_proj")) for m in hadamards), hadamards
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-vit"])
+def test_rotation_passes_are_lossless_on_pre_layernorm_models(name):
+    spec = zoo.ZOO[name]()
+    traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                            pipeline=ROTATION, progress=False)
+    assert all(r.changed and r.drift < 1e-4 for r in records[-3:]), records[-3:]
     ops = [n.op for n in traced.graph.nodes]
-    assert ops.count("rotate.hadamard") == spec.model.config.num_hidden_layers
+    assert "core.layer_norm" not in ops  # centered stream: every LayerNorm is a weightless RMSNorm
+    assert all(n.operands[1] is None for n in traced.graph.nodes if n.op == "core.rms_norm")
+
+
+def test_rotation_of_a_post_norm_model_is_online_only():
+    spec = zoo.minilm()
+    traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                            pipeline=ROTATION, progress=False)
+    fuse, rotate, online = records[-3:]
+    assert not fuse.changed and not rotate.changed and any("post-norm" in n for n in traced.notes)
+    assert online.changed and online.drift < 1e-4
+    linears = [n for n in traced.graph.nodes if n.op == "core.linear"]
+    hadamards = [n for n in traced.graph.nodes if n.op == "rotate.hadamard"]
+    assert all(n.operand(0).producer.op == "rotate.hadamard" for n in linears)
+    assert len(hadamards) == 4 * 6 + 1  # q/k/v share one; attention output, FFN up, FFN down; pooler
 
 
 def test_residual_stream_found_from_the_graph():
@@ -51,9 +80,26 @@ def test_residual_stream_found_from_the_graph():
     stream = find_residual_stream(traced.graph)
     assert not isinstance(stream, str), stream
     assert len(stream.norms) == 2 * 3 + 1  # two per block and the final norm
-    assert sorted(n.op for n in stream.sources).count("core.embedding") == 1
-    assert len(stream.sources) == 1 + 2 * 3  # embedding, o_proj and down_proj per block
+    assert [e.producer.op for e in stream.entries].count("core.embedding") == 1
+    assert len(stream.entries) == 1 + 2 * 3  # embedding, o_proj and down_proj per block
     assert any(n.loc.module == "lm_head" for n in stream.readers)
+    spec = zoo.tiny_gpt2()  # token and position embeddings; linears read through reshapes
+    traced, _ = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                      progress=False, measure_drift=False)
+    stream = find_residual_stream(traced.graph)
+    assert not isinstance(stream, str), stream
+    assert {n.op for n in stream.norms} == {"core.layer_norm"} and len(stream.norms) == 2 * 2 + 1
+    assert sorted(e.producer.op for e in stream.entries).count("core.embedding") == 2
+
+
+def test_tied_embedding_gets_its_own_copy():
+    spec = zoo.tiny_gpt2()  # lm_head shares wte's weight
+    traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                            pipeline="fuse-norms,rotate-residual", progress=False)
+    emb = next(n for n in traced.graph.nodes if n.op == "core.embedding" and n.loc.module.endswith("wte"))
+    head = next(n for n in traced.graph.nodes if n.op == "core.linear" and n.loc.module == "lm_head")
+    assert emb.operands[0] is not head.operands[1]
+    assert records[-1].drift < 1e-4
 
 
 def test_rotation_explains_why_not():
@@ -61,10 +107,6 @@ def test_rotation_explains_why_not():
     traced, _ = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
                       pipeline="rotate-residual", progress=False, measure_drift=False)
     assert any("run fuse-norms first" in n for n in traced.notes)
-    spec = zoo.tiny_gpt2()
-    traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
-                            pipeline="rotate-residual", progress=False, measure_drift=False)
-    assert not records[-1].changed and any("RMSNorm" in n for n in traced.notes)
 
 
 def test_rotation_halves_the_w4a4_perplexity_gap():

@@ -103,3 +103,18 @@ def test_recipes_run_on_llama(recipe):
     assert 0 < records[-1].drift < 0.3
     if recipe.startswith("w4"):  # hidden 64 does not split into groups of 128: said, not hidden
         assert any("not a multiple of group 128" in n for n in traced.notes)
+
+
+def test_gptq_runs_when_activations_are_quantized_too():
+    """The Hessians are keyed to each linear before QDQ is inserted on its input."""
+    spec = zoo.tiny_llama()
+    weights = {}
+    for rounding in ("rtn", "gptq"):
+        traced, _ = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                          pipeline=f"insert-qdq{{weights=int4/channel,acts=int8/token/dynamic,rounding={rounding}}}",
+                          calibration=[spec.example_inputs], progress=False, measure_drift=False)
+        g = traced.graph
+        weights[rounding] = [g.tensors[str(n.operand(0).producer.attrs["name"])] for n in g.nodes
+                             if n.op == "quant.dequantize" and g.is_constant(n.operand(0))]
+    assert len(weights["gptq"]) == len(weights["rtn"]) > 0
+    assert sum(not torch.equal(a, b) for a, b in zip(weights["rtn"], weights["gptq"])) == len(weights["rtn"])

@@ -90,6 +90,7 @@ class InsertQdq(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         linears = self._targets(graph)
         hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" else {}
+        hessians = {id(n): hessians[n.operand(0).name] for n in linears if n.operand(0).name in hessians}
         if self.acts != "none":
             self._quantize_activations(graph, ctx, [(n, 0) for n in linears],
                                        parse_qspec(self.acts, f"{self.name}.acts"), self.dynamic)
@@ -101,7 +102,7 @@ class InsertQdq(Pass):
         for node in tqdm(linears, desc=f"{self.name} weights", disable=not ctx.progress or not hessians,
                          leave=False):
             spec = self._layer_spec(node, wspec, graph, ctx)
-            self._quantize_weight(graph, node, spec, hessians.get(node.operand(0).name))
+            self._quantize_weight(graph, node, spec, hessians.get(id(node)))  # keyed before QDQ on inputs
         remove_dead_nodes(graph)  # the float weights
         return bool(linears)
 

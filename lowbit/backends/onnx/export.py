@@ -11,6 +11,7 @@ weights as INT4 initializers; save atomically (external data past 2 GB).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -73,10 +74,13 @@ def _buffer_name(i: int, name: str) -> str:
 class _ExportModule(torch.nn.Module):
     """Runs a lowered graph with quantized ops as custom ops; inputs/outputs flat."""
 
-    def __init__(self, graph: Graph, attention_op: bool = True):
+    def __init__(self, graph: Graph, attention_op: bool = True, hadamard: str = "matmul"):
         super().__init__()
+        if hadamard not in HADAMARD_LOWERINGS:
+            raise ValueError(f"hadamard lowering {hadamard!r}: choose one of {', '.join(HADAMARD_LOWERINGS)}")
         self.graph = graph
         self.attention_op = attention_op  # sdpa → com.microsoft.MultiHeadAttention
+        self.hadamard = hadamard
         self.names: dict[str, str] = {}
         for i, (name, tensor) in enumerate(graph.tensors.items()):
             self.names[name] = _buffer_name(i, name)
@@ -111,7 +115,9 @@ class _ExportModule(torch.nn.Module):
             return (lambda x, w, s, z, b: ops.dynamic_qlinear(x, w, s, colsum, b, sym)), {}
         if node.op == "core.sdpa" and self.attention_op:
             return self._attention(node)
-        return None
+        if node.op == "rotate.hadamard" and self.hadamard == "matmul":
+            return _hadamard_matmul, {}
+        return None  # "staged": the op's own butterfly, traced as reshape/slice/add/sub
 
     def _attention(self, node: Node):
         """sdpa as MultiHeadAttention where it fits: 4-D, static head count, not causal,
@@ -134,6 +140,22 @@ class _ExportModule(torch.nn.Module):
             return ops.mha(q, k, v, mask, scale)
 
         return attention, {}
+
+
+HADAMARD_LOWERINGS = ("matmul", "staged")
+
+
+def _hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
+    """x·H_nᵀ/√n as two MatMuls with the small factors (H_n = H_m ⊗ H_{2^k}): the m × 2^k
+    reshape of each row times H_{2^k}/√2^k on the right and H_m/√m on the left."""
+    from lowbit.ir.dialects.hadamard import factor, hadamard_matrix
+
+    n = x.shape[-1]
+    m, p = factor(n)
+    y = x.reshape(-1, m, p) @ (hadamard_matrix(p) / math.sqrt(p)).to(x.dtype).T
+    if m > 1:
+        y = (hadamard_matrix(m) / math.sqrt(m)).to(x.dtype) @ y
+    return y.reshape(x.shape)
 
 
 def _as_3d(x: torch.Tensor, fn) -> torch.Tensor:
@@ -195,15 +217,15 @@ def _int4_initializers(model: onnx.ModelProto, int4: dict[str, DType]) -> None:
             vi.type.tensor_type.elem_type = kinds[int4[vi.name]][1]
 
 
-def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool = True
-               ) -> tuple[onnx.ModelProto, ExportedWeights]:
+def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool = True,
+               hadamard: str = "matmul") -> tuple[onnx.ModelProto, ExportedWeights]:
     """The ONNX model for ``traced``. ``attention_op`` lowers attention to ONNX Runtime's
     MultiHeadAttention contrib op where it fits (else the standard decomposition)."""
     graph, weights = lower_for_export(traced)
     need = lowest_opset(graph)
     if opset is not None and opset < need:
         raise ValueError(f"opset {opset} cannot hold this model's types: it needs opset {need} or later")
-    module = _ExportModule(graph, attention_op).eval()
+    module = _ExportModule(graph, attention_op, hadamard).eval()
     example = tuple(traced.flatten_inputs(traced.example_inputs))
     with ops.target_opset(opset or need):
         program = torch.onnx.export(
@@ -242,8 +264,8 @@ def _tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def export_onnx(traced: TracedModel, path: str | os.PathLike, opset: int | None = None,
-                attention_op: bool = True) -> tuple[Path, ExportedWeights]:
-    model, weights = build_onnx(traced, opset, attention_op)
+                attention_op: bool = True, hadamard: str = "matmul") -> tuple[Path, ExportedWeights]:
+    model, weights = build_onnx(traced, opset, attention_op, hadamard)
     return save_atomically(model, path), weights
 
 
