@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,3 +35,18 @@ def latencies(sessions: dict[str, ort.InferenceSession], feed: dict, warmup: int
             s.run(None, feed)
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """The options every ONNX Runtime latency benchmark takes."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", help="keep the ONNX files here")
+
+
+def output_folder(out: str | None, prefix: str) -> Path:
+    """``out`` (created), or a fresh temporary folder."""
+    folder = Path(out or tempfile.mkdtemp(prefix=prefix)).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

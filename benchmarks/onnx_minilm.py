@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
@@ -25,7 +24,7 @@ from lowbit.backends.onnx.report import fusion_report
 from lowbit.evaluate import mean_pool, minilm_batches, sentences
 from lowbit.zoo import minilm, minilm_tokenizer
 
-from _ort import latencies, session
+from _ort import add_run_options, latencies, output_folder, session
 
 
 def embeddings(sess: ort.InferenceSession, batches) -> torch.Tensor:
@@ -75,14 +74,10 @@ def ort_baselines(fp32: Path, folder: Path, calib) -> dict[str, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="w8a8")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--out", help="keep the ONNX files here")
+    add_run_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    folder = Path(args.out or tempfile.mkdtemp(prefix="lowbit-onnx-")).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(args.out, "lowbit-onnx-")
     spec = minilm()
     calib, evals = minilm_batches("calibration"), minilm_batches("eval")
 

@@ -12,8 +12,6 @@ sentences, and ONNX Runtime vs lowbit's torch backend on the same model.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -21,20 +19,16 @@ import lowbit
 from lowbit.evaluate import mean_pool, minilm_batches, sentences
 from lowbit.zoo import minilm, minilm_tokenizer
 
-from _ort import latencies, session
+from _ort import add_run_options, latencies, output_folder, session
 from onnx_minilm import embeddings
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--out", help="keep the ONNX files here")
+    add_run_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    folder = Path(args.out or tempfile.mkdtemp(prefix="lowbit-rot-")).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(args.out, "lowbit-rot-")
     spec = minilm()
     calib, evals = minilm_batches("calibration"), minilm_batches("eval")
 

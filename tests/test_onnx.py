@@ -48,6 +48,26 @@ def test_export_runs_in_onnxruntime_at_two_shapes(name, recipe, tmp_path):
         assert not report.unfused, report.text()
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "minilm", "tiny-vit"])
+def test_rotated_export_matches_torch_with_both_hadamard_lowerings(name, tmp_path):
+    spec = zoo.ZOO[name]()
+    compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                              recipe="w8a8-rot", calibration=[spec.example_inputs], progress=False)
+    assert any(n.op == "rotate.hadamard" for n in compiled.graph.nodes)
+    names = [v.name for v in compiled.graph.inputs]
+    ops = {}
+    for lowering in ("matmul", "staged"):
+        path, weights = compiled.export_onnx(tmp_path / f"{lowering}.onnx", hadamard=lowering)
+        check(path)
+        ops[lowering] = [n.op_type for n in onnx.load(str(path)).graph.node]
+        for inputs in (spec.example_inputs, _other_inputs(name, spec)):
+            diff = compare_with_torch(path, compiled, names, compiled.traced.flatten_inputs(inputs))
+            assert diff["cosine"] > 0.999, (lowering, diff)
+        assert not fusion_report(path, weights.layers).unfused
+    assert ops["matmul"].count("MatMul") > ops["staged"].count("MatMul")
+    assert len(ops["staged"]) > len(ops["matmul"])
+
+
 def _minilm(recipe, tmp_path):
     from lowbit.evaluate import minilm_batches
 

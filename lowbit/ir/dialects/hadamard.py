@@ -29,60 +29,62 @@ def _field(q: int) -> tuple[int, int]:
     raise ValueError(f"{q} is not a prime or the square of one")
 
 
-def _jacobsthal(q: int) -> torch.Tensor:
-    """Q[i, j] = χ(a_j − a_i) over GF(q), χ the quadratic character. Elements of GF(p²) are
+def _jacobsthal(q: int) -> list[list[int]]:
+    """Q[i][j] = χ(a_j − a_i) over GF(q), χ the quadratic character. Elements of GF(p²) are
     a + b·t with t² = r, r a non-residue mod p, numbered a + p·b."""
     p, e = _field(q)
-    if e == 1:
-        elems = [(a, 0) for a in range(p)]
-        mul = lambda x, y: ((x[0] * y[0]) % p, 0)  # noqa: E731
-    else:
-        r = next(r for r in range(2, p) if pow(r, (p - 1) // 2, p) == p - 1)
-        elems = [(i % p, i // p) for i in range(q)]
-        mul = lambda x, y: ((x[0] * y[0] + r * x[1] * y[1]) % p, (x[0] * y[1] + x[1] * y[0]) % p)  # noqa: E731
+    r = next((r for r in range(2, p) if pow(r, (p - 1) // 2, p) == p - 1), 0) if e == 2 else 0
+    elems = [(i % p, i // p) for i in range(q)]
+
+    def mul(x, y):
+        return (x[0] * y[0] + r * x[1] * y[1]) % p, (x[0] * y[1] + x[1] * y[0]) % p
+
     squares = {mul(x, x) for x in elems if x != (0, 0)}
-    index = {x: i for i, x in enumerate(elems)}
-    chi = [0.0 if x == (0, 0) else 1.0 if x in squares else -1.0 for x in elems]
-    out = torch.empty(q, q, dtype=torch.float64)
-    for i, x in enumerate(elems):
-        for j, y in enumerate(elems):
-            out[i, j] = chi[index[((y[0] - x[0]) % p, (y[1] - x[1]) % p)]]
-    return out
+    chi = {x: 0 if x == (0, 0) else 1 if x in squares else -1 for x in elems}
+    return [[chi[((y[0] - x[0]) % p, (y[1] - x[1]) % p)] for y in elems] for x in elems]
 
 
-def _paley1(q: int) -> torch.Tensor:
-    """Order q + 1, q prime ≡ 3 mod 4."""
-    qm = _jacobsthal(q)
-    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    s[0, 1:] = 1
-    s[1:, 0] = -1
-    s[1:, 1:] = qm
-    return s + torch.eye(q + 1, dtype=torch.float64)
+def _kron(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    return [[x * y for x in ra for y in rb] for ra in a for rb in b]
 
 
-def _paley2(q: int) -> torch.Tensor:
-    """Order 2(q + 1), q a prime or prime square ≡ 1 mod 4."""
-    qm = _jacobsthal(q)
-    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    c[0, 1:] = 1
-    c[1:, 0] = 1
-    c[1:, 1:] = qm
-    a = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-    b = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    return torch.kron(c, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
+def _paley1(q: int) -> list[list[int]]:
+    """Order q + 1, q prime ≡ 3 mod 4: [[0, 1ᵀ], [−1, Q]] + I."""
+    jq = _jacobsthal(q)
+    s = [[0] + [1] * q] + [[-1] + row for row in jq]
+    return [[v + (i == j) for j, v in enumerate(row)] for i, row in enumerate(s)]
+
+
+def _paley2(q: int) -> list[list[int]]:
+    """Order 2(q + 1), q a prime or prime square ≡ 1 mod 4: C ⊗ A + I ⊗ B."""
+    jq = _jacobsthal(q)
+    c = [[0] + [1] * q] + [[1] + row for row in jq]
+    eye = [[int(i == j) for j in range(q + 1)] for i in range(q + 1)]
+    ca, ib = _kron(c, [[1, -1], [-1, -1]]), _kron(eye, [[1, 1], [1, -1]])
+    return [[x + y for x, y in zip(ra, rb)] for ra, rb in zip(ca, ib)]
+
+
+def base_matrix(m: int) -> torch.Tensor:
+    """The ±1 Hadamard matrix of base order m (one of ``BASES``), a fresh tensor each call."""
+    return torch.tensor(_base_rows(m), dtype=torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
-def base_matrix(m: int) -> torch.Tensor:
-    """The ±1 Hadamard matrix of base order m (one of ``BASES``)."""
+def _base_rows(m: int) -> tuple[tuple[int, ...], ...]:
+    # built and cached in plain Python: tensors made while torch.export traces are fake ones
     if m == 1:
-        return torch.ones(1, 1, dtype=torch.float64)
-    if (m - 1) % 4 == 3 and _is_prime(m - 1):
-        return _paley1(m - 1)
-    q = m // 2 - 1
-    if m % 2 == 0 and q % 4 == 1 and (_is_prime(q) or _is_prime(math.isqrt(q)) and math.isqrt(q) ** 2 == q):
-        return _paley2(q)
-    raise ValueError(f"no Hadamard construction for base {m}")
+        h = [[1]]
+    elif (m - 1) % 4 == 3 and _is_prime(m - 1):
+        h = _paley1(m - 1)
+    elif m % 2 == 0 and (m // 2 - 1) % 4 == 1 and _prime_or_square(m // 2 - 1):
+        h = _paley2(m // 2 - 1)
+    else:
+        raise ValueError(f"no Hadamard construction for base {m}")
+    return tuple(tuple(row) for row in h)
+
+
+def _prime_or_square(q: int) -> bool:
+    return _is_prime(q) or math.isqrt(q) ** 2 == q and _is_prime(math.isqrt(q))
 
 
 def _is_prime(n: int) -> bool:
