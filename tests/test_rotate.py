@@ -115,3 +115,21 @@ def test_rotation_halves_the_w4a4_perplexity_gap():
     rows = {r["recipe"]: r["perplexity"] for r in quality_table("byte-llama", ["w4a4", "w4a4-rot"],
                                                                  progress=False)}
     assert (rows["w4a4-rot"] - rows["fp32"]) <= 0.5 * (rows["w4a4"] - rows["fp32"]), rows
+
+
+def test_query_and_key_rotated_after_rope_for_kv_quantization():
+    spec = zoo.tiny_llama()
+    traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                            pipeline="online-hadamard{where=none,qk=true}", progress=False)
+    assert records[-1].changed and records[-1].drift < 1e-4
+    attention = [n for n in traced.graph.nodes if n.op == "core.sdpa"]
+    assert attention and all(n.operand(i).producer.op == "rotate.hadamard" for n in attention for i in (0, 1))
+    assert all(n.operand(2).producer.op != "rotate.hadamard" for n in attention)
+    # and a quantized K/V cache goes on the rotated query and key
+    kv = "insert-qdq{weights=int8/channel,acts=none,kv=int8/token/dynamic}"
+    traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                            pipeline="online-hadamard{where=none,qk=true}," + kv,
+                            calibration=[spec.example_inputs], progress=False)
+    assert 0 < records[-1].drift < 0.1
+    for n in (n for n in traced.graph.nodes if n.op == "core.sdpa"):
+        assert n.operand(1).producer.op.startswith("quant.") and n.operand(0).producer.op == "rotate.hadamard"

@@ -18,7 +18,10 @@ copied first, so each side gets its own transform.
 follows a nonlinearity, or any linear of a post-norm model, whose stream passes through
 LayerNorms), insert ``rotate.hadamard`` (x' = x·Hᵀ/√n) and fold its inverse into the
 consumers, W' = W·Hᵀ/√n. ``auto`` picks every linear whose input is not already rotated;
-otherwise ``where`` is a module-path pattern. Linears sharing an input share one transform.
+otherwise ``where`` is a module-path pattern (``none``: no linears). Linears sharing an input
+share one transform. ``qk=true`` also rotates each head's query and key where they enter
+attention (after the rotary embedding), which leaves Q·Kᵀ unchanged and spreads the key's
+outliers for a quantized K.
 
 Preconditions are checked; a pass that cannot apply says why and leaves the graph as is.
 """
@@ -304,10 +307,11 @@ class OnlineHadamard(Pass):
     name: ClassVar[str] = "online-hadamard"
     summary: ClassVar[str] = "insert rotate.hadamard before linears whose input is not rotated, fold its inverse into them"
     idempotent: ClassVar[bool] = False
-    where: str = "auto"  # 'auto', or a module-path pattern of the linears whose input is rotated
+    where: str = "auto"  # 'auto', 'none', or a module-path pattern of the linears whose input is rotated
+    qk: bool = False     # also rotate each head's query and key (after the rotary embedding): for K quantization
 
     def _selected(self, node: Node, graph: Graph) -> bool:
-        if node.op != "core.linear":
+        if node.op != "core.linear" or self.where == "none":
             return False
         if self.where != "auto":
             return fnmatch.fnmatchcase(node.loc.module, self.where)
@@ -339,5 +343,28 @@ class OnlineHadamard(Pass):
                 node.set_operand(0, h.result)
                 _transform(graph, node, 1, hadamard_transform)
                 node.touch(self.name)
+            changed = True
+        if self.qk:
+            changed |= self._rotate_qk(graph, ctx)
+        return changed
+
+    def _rotate_qk(self, graph: Graph, ctx: PassContext) -> bool:
+        """softmax(Q·Kᵀ) is unchanged by Q' = Q·H, K' = K·H (H orthogonal, over head_dim)."""
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "core.sdpa":
+                continue
+            try:
+                factor(int(node.operand(0).tensor_type.shape[-1]))
+            except (ValueError, TypeError) as e:
+                ctx.note(f"{self.name}: {node.loc.module}: query/key not rotated: {e}")
+                continue
+            for i in (0, 1):
+                if node.operand(i).producer is not None and node.operand(i).producer.op == "rotate.hadamard":
+                    continue
+                h = graph.append("rotate.hadamard", [node.operand(i)], loc=node.loc.copy(), before=node)
+                h.touch(self.name)
+                node.set_operand(i, h.result)
+            node.touch(self.name)
             changed = True
         return changed

@@ -55,4 +55,8 @@ def _hadamard_verify(node):
 def hadamard(input):
     from lowbit.ir.dialects.hadamard import hadamard_transform
 
-    return hadamard_transform(input)
+    y = hadamard_transform(input)
+    if input.is_contiguous():
+        return y
+    # keep the input's memory layout (a transposed query/key): what follows may view it
+    return torch.empty_like(input).copy_(y)
