@@ -90,7 +90,6 @@ class InsertQdq(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         linears = self._targets(graph)
         hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" else {}
-        hessians = {id(n): hessians[n.operand(0).name] for n in linears if n.operand(0).name in hessians}
         if self.acts != "none":
             self._quantize_activations(graph, ctx, [(n, 0) for n in linears],
                                        parse_qspec(self.acts, f"{self.name}.acts"), self.dynamic)
@@ -102,7 +101,7 @@ class InsertQdq(Pass):
         for node in tqdm(linears, desc=f"{self.name} weights", disable=not ctx.progress or not hessians,
                          leave=False):
             spec = self._layer_spec(node, wspec, graph, ctx)
-            self._quantize_weight(graph, node, spec, hessians.get(id(node)))  # keyed before QDQ on inputs
+            self._quantize_weight(graph, node, spec, hessians.get(id(node)))
         remove_dead_nodes(graph)  # the float weights
         return bool(linears)
 
@@ -129,12 +128,13 @@ class InsertQdq(Pass):
             return QSpec(spec.dtype, "channel", None, spec.symmetric)
         return spec
 
-    def _hessians(self, graph: Graph, ctx: PassContext, linears: list[Node]) -> dict[str, torch.Tensor]:
-        """GPTQ's H = Σ xᵀx per distinct linear input, from the float model's activations."""
+    def _hessians(self, graph: Graph, ctx: PassContext, linears: list[Node]) -> dict[int, torch.Tensor]:
+        """GPTQ's H = Σ xᵀx per linear (keyed by id(node): QDQ inserted on an input later renames
+        it), one per distinct input, from the float model's activations."""
         inputs = list({id(n.operand(0)): n.operand(0) for n in linears}.values())
         stats = calibrate(graph, ctx.require_calibration(f"{self.name}{{rounding=gptq}}"), inputs,
                           progress=ctx.progress, desc=f"{self.name} hessians", observer=HessianStats)
-        return {name: st.h for name, st in stats.items()}
+        return {id(n): stats[n.operand(0).name].h for n in linears if n.operand(0).name in stats}
 
     def _quantize_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None) -> None:
         w = node.operand(1)

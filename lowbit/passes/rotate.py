@@ -162,18 +162,24 @@ def _fold_plan(graph: Graph, v: Value, d: int, top: bool = True) -> list[Node] |
     return None
 
 
+def _linear_after(graph: Graph, v: Value, weight: torch.Tensor, bias: torch.Tensor | None, pass_name: str) -> None:
+    """Put ``linear(v, weight, bias)`` after ``v`` and point every other use of ``v`` at it."""
+    dtype = v.tensor_type.dtype.storage
+    w = graph.constant(weight.contiguous().to(dtype), f"{pass_name}_weight")
+    b = graph.constant(bias.to(dtype), f"{pass_name}_bias") if bias is not None else None
+    node = graph.create_node("core.linear", [v, w, b], loc=v.producer.loc.copy() if v.producer else None)
+    graph.insert(node, after=v.producer) if v.producer else graph.insert(node, before=v.users[0])
+    graph.replace_value(v, node.result)
+    node.set_operand(0, v)
+    node.touch(pass_name)
+
+
 def right_multiply(graph: Graph, v: Value, t: torch.Tensor, pass_name: str) -> None:
     """Make ``v`` become v·T (T: d×d, float64) by folding T into the constants that produce it,
     or, where they cannot absorb it, by one explicit linear after ``v``."""
-    d = t.shape[0]
-    plan = _fold_plan(graph, v, d)
+    plan = _fold_plan(graph, v, t.shape[0])
     if plan is None:
-        w = graph.constant(t.T.contiguous().to(v.tensor_type.dtype.storage), f"{pass_name}_weight")
-        node = graph.create_node("core.linear", [v, w, None], loc=v.producer.loc.copy() if v.producer else None)
-        graph.insert(node, after=v.producer) if v.producer else graph.insert(node, before=v.users[0])
-        graph.replace_value(v, node.result)
-        node.set_operand(0, v)
-        node.touch(pass_name)
+        _linear_after(graph, v, t.T, None, pass_name)
         return
     for node in plan:
         if node.op == "core.constant":
@@ -230,15 +236,8 @@ class FuseNorms(Pass):
         users = linear_readers(norm.result)
         if users is None or not all(_constant_weights(u, graph) for u in users) or norm.result in graph.outputs:
             d = int(norm.result.tensor_type.shape[-1])
-            w = torch.diag(g) if g is not None else torch.eye(d, dtype=torch.float64)
-            dtype = norm.result.tensor_type.dtype.storage
-            lin = graph.create_node("core.linear", [norm.result, graph.constant(w.to(dtype), f"{self.name}_gamma"),
-                                                    graph.constant(b.to(dtype), f"{self.name}_beta")
-                                                    if b is not None else None], loc=norm.loc.copy())
-            graph.insert(lin, after=norm)
-            graph.replace_value(norm.result, lin.result)
-            lin.set_operand(0, norm.result)
-            lin.touch(self.name)
+            _linear_after(graph, norm.result, torch.diag(g) if g is not None else torch.eye(d, dtype=torch.float64),
+                          b, self.name)
             return True
         for u in users:
             w0 = graph.tensor(u.operand(1)).double()

@@ -19,14 +19,12 @@ import torch
 BASES = (1, 12, 20, 28, 36, 52, 60, 108, 140)
 
 
-def _field(q: int) -> tuple[int, int]:
-    """(p, e) with q = p^e for e in (1, 2), p prime; ValueError otherwise."""
+def _field(q: int) -> tuple[int, int] | None:
+    """(p, e) with q = p^e for e in (1, 2), p prime; None otherwise."""
     if _is_prime(q):
         return q, 1
     p = math.isqrt(q)
-    if p * p == q and _is_prime(p):
-        return p, 2
-    raise ValueError(f"{q} is not a prime or the square of one")
+    return (p, 2) if p * p == q and _is_prime(p) else None
 
 
 def _jacobsthal(q: int) -> list[list[int]]:
@@ -76,15 +74,11 @@ def _base_rows(m: int) -> tuple[tuple[int, ...], ...]:
         h = [[1]]
     elif (m - 1) % 4 == 3 and _is_prime(m - 1):
         h = _paley1(m - 1)
-    elif m % 2 == 0 and (m // 2 - 1) % 4 == 1 and _prime_or_square(m // 2 - 1):
+    elif m % 2 == 0 and (m // 2 - 1) % 4 == 1 and _field(m // 2 - 1):
         h = _paley2(m // 2 - 1)
     else:
         raise ValueError(f"no Hadamard construction for base {m}")
     return tuple(tuple(row) for row in h)
-
-
-def _prime_or_square(q: int) -> bool:
-    return _is_prime(q) or math.isqrt(q) ** 2 == q and _is_prime(math.isqrt(q))
 
 
 def _is_prime(n: int) -> bool:
