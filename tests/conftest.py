@@ -6,6 +6,10 @@ import torch
 from lowbit.ir import Graph, TensorType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run in Triton's interpreter on CPU tensors when there is no GPU; the flag must
+# be set before any kernel module is imported (Triton reads it when a kernel is defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(2)
 
 
@@ -38,3 +42,16 @@ def sample_inputs(graph: Graph, sizes: dict[str, int] | None = None, seed: int =
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def kernel_devices() -> list:
+    """Devices the Triton kernel tests run on: the CPU under Triton's interpreter (CI) and a CUDA
+    GPU (marked ``gpu``, skipped without one). Use with ``@pytest.mark.parametrize("device", ...)``."""
+    from lowbit.backends.triton.runtime import interpreting, triton_available
+
+    cpu_ok = triton_available() and interpreting()
+    return [
+        pytest.param("cpu", marks=pytest.mark.skipif(not cpu_ok, reason="needs triton and TRITON_INTERPRET=1")),
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not (triton_available() and torch.cuda.is_available()), reason="needs a CUDA GPU")]),
+    ]
