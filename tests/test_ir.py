@@ -165,7 +165,7 @@ def test_block_sparse_full_mask_equals_dense():
     g = Graph()
     ins = [g.add_input(n, TensorType((1, 2, 10, 8), DType.f32)) for n in "qkv"]
     mask = g.constant(torch.ones(1, 2, 3, 3, dtype=torch.bool), "mask")
-    out = g.append("attn.block_sparse_sdpa", [*ins, mask], {"block": 4, "causal": True}).result
+    out = g.append("attn.block_sparse_sdpa", [*ins, mask, None], {"block": 4, "causal": True}).result
     g.set_outputs([out])
     verify(g)
     (o,) = run_graph(g, [q, k, v])

@@ -106,6 +106,9 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """x · H_nᵀ/√n over the last dim (H_n = H_m ⊗ H_{2^k}), fast for the 2^k part."""
     from lowbit.ir.dialects.rotate import fast_hadamard
 
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # the butterflies normalize at the end: half-precision sums of √n-scaled values overflow
+        return hadamard_transform(x.float()).to(x.dtype)
     n = x.shape[-1]
     m, p = factor(n)
     if m == 1:

@@ -126,9 +126,34 @@ def linear(input, weight_q, scale, zero_point, bias, *, axis, group_size):
 
 @define("quant.dynamic_linear", operands=["input", "weight_q", "scale", "zero_point?", "bias?"],
         infer=_qlinear_infer, attrs=[AttrDef("act_dtype", AttrKind.DTYPE),
-                                     AttrDef("symmetric", AttrKind.BOOL, True), *_GRANULARITY])
-def dynamic_linear(input, weight_q, scale, zero_point, bias, *, act_dtype, symmetric, axis, group_size):
-    """quant.linear on the input quantized per token at run time (a fused dynamic QDQ)."""
+                                     AttrDef("symmetric", AttrKind.BOOL, True), *_GRANULARITY,
+                                     AttrDef("hadamard", AttrKind.BOOL, False)])
+def dynamic_linear(input, weight_q, scale, zero_point, bias, *, act_dtype, symmetric, axis, group_size,
+                   hadamard):
+    """quant.linear on the input quantized per token at run time (a fused dynamic QDQ);
+    ``hadamard``: the input is first rotated by H/√n (a fused ``rotate.hadamard``)."""
+    if hadamard:
+        from lowbit.ir.dialects.hadamard import hadamard_transform
+
+        input = hadamard_transform(input)
     q, s, z = dynamic_quantize(input, dtype=act_dtype, symmetric=symmetric)
     x = dequantize(q, s, None if symmetric else z, axis=None, group_size=None, out_dtype=DType.from_torch(input.dtype))
+    return linear(x, weight_q, scale, zero_point, bias, axis=axis, group_size=group_size)
+
+
+def _static_infer(types, attrs):
+    x, w = tensor(types[0], "input"), tensor(types[3], "weight_q")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
+
+
+@define("quant.static_linear",
+        operands=["input", "act_scale", "act_zero?", "weight_q", "scale", "zero_point?", "bias?"],
+        infer=_static_infer, attrs=[AttrDef("act_dtype", AttrKind.DTYPE), *_GRANULARITY])
+def static_linear(input, act_scale, act_zero, weight_q, scale, zero_point, bias, *, act_dtype, axis,
+                  group_size):
+    """quant.linear on the input quantized per tensor with calibrated constants (a fused
+    static QDQ): what an integer kernel computes from x, s_x, z_x and W_q."""
+    q = quantize(input, act_scale, act_zero, dtype=act_dtype, axis=None, group_size=None)
+    x = dequantize(q, act_scale, act_zero, axis=None, group_size=None,
+                   out_dtype=DType.from_torch(input.dtype))
     return linear(x, weight_q, scale, zero_point, bias, axis=axis, group_size=group_size)
