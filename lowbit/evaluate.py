@@ -41,6 +41,21 @@ def minilm_batches(split: str, batch_size: int = 32, max_length: int = 128) -> l
     return out
 
 
+def minilm_passages(sentences_per_passage: int = 12, batch_size: int = 8) -> list[tuple]:
+    """The evaluation sentences joined into passages of about 200 tokens (long enough for
+    several attention blocks), tokenized as (input_ids, attention_mask) batches."""
+    from lowbit.zoo import minilm_tokenizer
+
+    tok = minilm_tokenizer()
+    texts = sentences("eval")
+    passages = [" ".join(texts[i:i + sentences_per_passage]) for i in range(0, len(texts), sentences_per_passage)]
+    out = []
+    for i in range(0, len(passages), batch_size):
+        enc = tok(passages[i:i + batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt")
+        out.append((enc["input_ids"], enc["attention_mask"]))
+    return out
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
