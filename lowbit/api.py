@@ -15,6 +15,9 @@ from lowbit.passes.manager import PassManager, PassRecord
 from lowbit.passes.pipeline import parse_pipeline
 
 
+BACKENDS = ("torch", "triton")  # ONNX is an export target: CompiledModule.export_onnx
+
+
 def full_pipeline(pipeline: str | None, recipe: str | None = None) -> str:
     """Canonicalization always runs first, then the recipe's passes, then the user's pipeline."""
     from lowbit.recipes import recipe_pipeline
@@ -50,9 +53,11 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, recipe: str | None
             calibration: Iterable[tuple] | None = None, pipeline: str | None = None,
             kwargs: dict | None = None, dynamic_shapes: object = None,
             verify: bool = True, dump_dir: str | os.PathLike | None = None,
-            progress: bool = True) -> CompiledModule:
+            progress: bool = True, backend: str = "torch") -> CompiledModule:
     """Trace ``model``, run ``canonicalize`` and then ``pipeline``, and return a module that
-    runs the result on the torch backend.
+    runs the result on ``backend``: "torch" (the reference ops, any device) or "triton"
+    (quantized linears, Hadamard rotations and block-sparse attention as Triton kernels on
+    CUDA, weights packed once here; the kernels' lowering passes run after ``pipeline``).
 
         fast = lowbit.compile(model, (ids,), dynamic_shapes=({0: "batch", 1: "seq"},))
         out = fast(ids)            # same structure as model(ids)
@@ -62,7 +67,15 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, recipe: str | None
     ``example_inputs`` is a tuple of positional arguments, as for ``torch.export``;
     ``calibration`` is an iterable of such tuples (needed by calibrated passes).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        from lowbit.backends.triton import PIPELINE, TritonModule
+
+        pipeline = ",".join(p for p in (pipeline, PIPELINE) if p)
     traced, records = build(model, example_inputs, pipeline=pipeline, recipe=recipe,
                             calibration=calibration, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                             verify=verify, dump_dir=dump_dir, measure_drift=False, progress=progress)
+    if backend == "triton":
+        return TritonModule(traced, records)
     return CompiledModule(traced, records)

@@ -24,14 +24,19 @@ class _Buffers(Mapping):
         self.module = module
         self.names = names
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return getattr(self.module, self.names[key])
+    def __getitem__(self, key: str) -> torch.Tensor | None:
+        name = self.names.get(key)
+        return None if name is None else getattr(self.module, name)  # None: repacked, not read
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def buffer_name(prefix: str, i: int, name: str) -> str:
+    return f"{prefix}{i}_" + "".join(ch if ch.isalnum() else "_" for ch in name)[-48:]
 
 
 class CompiledModule(torch.nn.Module):
@@ -41,10 +46,15 @@ class CompiledModule(torch.nn.Module):
         self.records = records or []
         self._buffer_names: dict[str, str] = {}
         for i, (name, tensor) in enumerate(self.graph.tensors.items()):
-            buffer = f"c{i}_" + "".join(ch if ch.isalnum() else "_" for ch in name)[-48:]
-            self.register_buffer(buffer, tensor)
-            self._buffer_names[name] = buffer
+            if self._keeps_constant(name):
+                self.register_buffer(buffer_name("c", i, name), tensor)
+                self._buffer_names[name] = buffer_name("c", i, name)
         self._executor: Executor | None = None
+
+    def _keeps_constant(self, name: str) -> bool:
+        """Whether the graph's constant ``name`` is held as a buffer (a backend that repacks a
+        weight keeps only its packed form)."""
+        return True
 
     @property
     def graph(self) -> Graph:

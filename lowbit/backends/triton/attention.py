@@ -265,7 +265,7 @@ def _launch(q, k, v, block_mask, counts, indices, block: int, causal: bool, scal
         raise ValueError(f"block_sparse_attention_indexed: counts {tuple(counts.shape)} / indices "
                          f"{tuple(indices.shape)} are not per query tile of {cfg.block_m} rows "
                          f"({n_tiles} tiles); build them with kernel_block_indices")
-    out = q.new_empty(b, hq, lq, dv)
+    out = q.new_empty(b, lq, hq, dv).transpose(1, 2)  # SDPA's layout: a model's transpose + view after it works
     if out.numel() == 0:
         return out
     mask = block_mask.view(torch.uint8).expand(b, hq, -1, -1)
@@ -297,7 +297,8 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     if causal:
         mask = mask & torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril(lk - lq)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.masked_fill(~mask.any(-1, keepdim=True), 0)
+    out = out.masked_fill(~mask.any(-1, keepdim=True), 0)
+    return q.new_empty(q.shape[0], lq, q.shape[1], v.shape[-1]).transpose(1, 2).copy_(out)  # the kernel's layout
 
 
 @torch.library.custom_op("lowbit::block_sparse_attention_indexed", mutates_args=())
@@ -333,7 +334,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 
 def _fake_output(q, k, v, block_mask, block) -> torch.Tensor:
     _check(q, k, v, block_mask, block)  # so that tracing rejects what running would
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    b, h, lq, _ = q.shape
+    return q.new_empty(b, lq, h, v.shape[-1]).transpose(1, 2)
 
 
 @block_sparse_attention.register_fake

@@ -1,0 +1,149 @@
+"""The Triton kernels against torch's fp16 (and bf16) matmul, cuBLAS, in one run.
+
+    python benchmarks/kernels.py --out bench-kernels/            # on a CUDA GPU
+    python benchmarks/kernels.py --smoke --out /tmp/k            # tiny shapes on the CPU (checks the script)
+
+Llama-7B/8B layer shapes (K×N: 4096×4096, 4096×11008, 4096×14336, 11008×4096) and
+M ∈ {1, 16, 128, 512, 2048, 4096}:
+- W8A8: int8 × int8 → fp16 with per-token × per-channel scales (``scaled_mm``), vs fp16 matmul;
+  also the whole linear (per-token quantize + GEMM);
+- W4A16: int4 weights, group 128 (``w4a16_mm``), vs fp16 matmul;
+- FP8 e4m3 with per-row scales vs bf16 matmul (needs sm_89+);
+- fused Hadamard + per-token int8 quantize vs a plain copy of the activation (dim ≤ 8192).
+Writes kernels.csv/.md (time, TFLOP/s or GB/s, ratio) and kernels.svg (speed-up vs M) to --out,
+and prints each acceptance figure with whether it is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from _gpu import bench, device_name, svg_lines, write_table
+
+SHAPES = [(4096, 4096), (4096, 11008), (4096, 14336), (11008, 4096)]  # (K, N)
+MS = [1, 16, 128, 512, 2048, 4096]
+HADAMARD_DIMS = [1024, 2048, 4096, 8192]
+
+
+def _inputs(m: int, k: int, n: int, device: str, dtype: torch.dtype):
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+    return x, w
+
+
+def _int8(m, k, n, device):
+    a = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
+    return a, b, torch.rand(m, device=device) / 100, torch.rand(n, device=device) / 100
+
+
+def gemm_rows(m: int, k: int, n: int, device: str, dtype: torch.dtype, fp8: bool) -> list[dict]:
+    from lowbit.backends.triton.gemm import scaled_mm
+    from lowbit.backends.triton.w4a16 import pack_int4, w4a16_mm
+
+    flops = 2 * m * n * k
+    x, w = _inputs(m, k, n, device, dtype)
+    base = bench(lambda: torch.nn.functional.linear(x, w), device)
+    def row(kernel, t, ratio, weight_bytes, act_bytes):
+        moved = n * k * weight_bytes + m * k * act_bytes + m * n * 2
+        return dict(kernel=kernel, M=m, K=k, N=n, ms=t, tflops=flops / t / 1e9, gbs=moved / t / 1e6, ratio=ratio)
+
+    rows = [row("fp16 matmul (cuBLAS)", base, 1.0, 2, 2)]
+
+    a, b, sa, sb = _int8(m, k, n, device)
+    t = bench(lambda: scaled_mm(a, b, sa, sb, None, None, None, dtype), device)
+    rows.append(row("W8A8 scaled_mm", t, base / t, 1, 1))
+    t = bench(lambda: _w8a8_linear(x, b, sb, dtype), device)
+    rows.append(row("W8A8 linear (quantize + GEMM)", t, base / t, 1, 2))
+
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    packed = pack_int4(q, torch.rand(n, k // 128) / 8, None, 128)
+    packed = [p if p is None else p.to(device) for p in (packed.qweight, packed.scales, packed.zeros)]
+    t = bench(lambda: w4a16_mm(x, *packed, 128, None), device)
+    rows.append(row("W4A16 g128", t, base / t, 0.5, 2))
+
+    if fp8:
+        xb, wb = x.bfloat16(), w.bfloat16()
+        bf = bench(lambda: torch.nn.functional.linear(xb, wb), device)
+        a8, b8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+        t = bench(lambda: scaled_mm(a8, b8, sa, sb, None, None, None, torch.bfloat16), device)
+        rows.append(row("FP8 scaled_mm (vs bf16)", t, bf / t, 1, 1))
+    return rows
+
+
+def _w8a8_linear(x, b, sb, dtype):
+    from lowbit.backends.triton.gemm import scaled_mm
+    from lowbit.backends.triton.quantize import dynamic_quant
+
+    q, s, _ = dynamic_quant(x, 8, True)
+    return scaled_mm(q, b, s, sb, None, None, None, dtype)
+
+
+def hadamard_rows(m: int, dims: list[int], device: str, dtype: torch.dtype) -> list[dict]:
+    from lowbit.backends.triton.quantize import hadamard_quant
+
+    rows = []
+    for d in dims:
+        x = torch.randn(m, d, device=device, dtype=dtype)
+        copy = bench(lambda: x.clone(), device)
+        t = bench(lambda: hadamard_quant(x, 8, True), device)
+        gbs = 2 * x.numel() * x.element_size() / copy / 1e6
+        rows.append(dict(kernel="Hadamard + int8 quantize", M=m, K=d, ms=t, copy_ms=copy,
+                         time_vs_copy=t / copy, copy_gbs=gbs))
+    return rows
+
+
+def acceptance(rows: list[dict], had: list[dict]) -> list[tuple[str, float, float, bool]]:
+    """(figure, measured worst case, goal, met) for each acceptance figure measured."""
+    def worst(kernel, keep, hi=False):
+        vals = [r["ratio"] for r in rows if r["kernel"] == kernel and keep(r)]
+        return (max(vals) if hi else min(vals)) if vals else float("nan")
+
+    big = lambda r: r["M"] >= 512  # noqa: E731
+    out = [("W8A8 vs fp16, M ≥ 512", worst("W8A8 scaled_mm", big), 1.5),
+           ("W4A16 vs fp16, M ≤ 16", worst("W4A16 g128", lambda r: r["M"] <= 16), 3.0),
+           ("W4A16 vs fp16, M ≥ 256", worst("W4A16 g128", lambda r: r["M"] >= 256), 0.8),
+           ("FP8 vs bf16, M ≥ 2048", worst("FP8 scaled_mm (vs bf16)", lambda r: r["M"] >= 2048), 1.5)]
+    res = [(name, v, goal, v >= goal) for name, v, goal in out]
+    if had:
+        v = max(r["time_vs_copy"] for r in had)
+        res.append(("Hadamard+quantize time / copy, dim ≤ 8192 (≤ goal)", v, 1.3, v <= 1.3))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench-kernels", help="folder for the table and the plot")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (no speed figures)")
+    ap.add_argument("--ms", default=None, help="comma-separated M values")
+    args = ap.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU (use --smoke to check the script on a CPU)")
+    dtype = torch.float32 if args.smoke else torch.float16
+    shapes = [(128, 96), (256, 64)] if args.smoke else SHAPES
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16, 48] if args.smoke else MS)
+    fp8 = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    print(f"device: {device_name(device)}")
+    rows = [r for k, n in shapes for m in ms for r in gemm_rows(m, k, n, device, dtype, fp8)]
+    had = hadamard_rows(32 if args.smoke else 8192, [64, 256] if args.smoke else HADAMARD_DIMS, device, dtype)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_table(rows, folder, "kernels")
+    write_table(had, folder, "hadamard")
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["kernel"] != "fp16 matmul (cuBLAS)":
+            series.setdefault(f"{r['kernel']} {r['K']}×{r['N']}", []).append((r["M"], r["ratio"]))
+    svg_lines(series, folder / "kernels.svg", "speed-up over torch fp16 matmul (cuBLAS)", "M (tokens)", "× faster")
+    print((folder / "kernels.md").read_text())
+    print((folder / "hadamard.md").read_text())
+    for name, v, goal, met in acceptance(rows, had):
+        print(f"{name}: {v:.2f} (goal {goal}) {'met' if met else 'NOT met'}" + (" [smoke: not a speed figure]" if args.smoke else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""lowbit.compile(..., backend="triton"): every quantized linear, rotation and block-sparse
+attention dispatched to a kernel, results equal to the torch backend's. On CPU the kernels run in
+Triton's interpreter (conftest sets TRITON_INTERPRET=1); the GPU test runs them compiled."""
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from conftest import kernel_devices, rel_err
+from lowbit import zoo
+
+RECIPES = {  # recipe → the kernels its linears must run on (tiny-llama, hidden 64: 8 linears)
+    "w8a8": {"scaled_mm": 8},
+    "w8a8-dynamic": {"scaled_mm": 8},
+    "w4a16-rtn": {"w4a16_mm": 8},
+    "w4a8-rot": {"w4a16_mm": 6, "hadamard_quant+w4a16_mm": 2},
+    "w4a4-rot": {"scaled_mm": 6, "hadamard_quant+scaled_mm": 2},
+    "w8a8-rot": {"scaled_mm": 8, "hadamard": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    spec = zoo.tiny_llama(layers=1, hidden=64)
+    calibration = [(zoo._token_inputs(256, seed=i),) for i in range(2)]
+    return spec, calibration
+
+
+def compile_both(spec, calibration, recipe, **kw):
+    args = dict(recipe=recipe, calibration=calibration, dynamic_shapes=spec.dynamic_shapes, progress=False, **kw)
+    return lowbit.compile(spec.model, spec.example_inputs, **args), \
+        lowbit.compile(spec.model, spec.example_inputs, backend="triton", **args)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_triton_backend_matches_torch_backend(llama, recipe, device):
+    spec, calibration = llama
+    ref, fast = compile_both(spec, calibration, recipe)
+    assert Counter(fast.kernel_nodes().values()) == RECIPES[recipe]
+    ids = zoo._token_inputs(256, batch=2, seq=5, seed=7)
+    want = ref(ids).logits
+    got = fast.to(device)(ids.to(device)).logits.cpu()
+    assert rel_err(got, want) < 1e-5
+
+
+def test_weights_are_packed_once_and_survive_half(llama):
+    spec, calibration = llama
+    ref, fast = compile_both(spec, calibration, "w4a16-rtn")
+    packed = dict(fast.kernels.named_buffers())
+    assert any(name.endswith("qweight") and t.dtype == torch.uint8 for name, t in packed.items())
+    # the unpacked int4 weights and their scales are not kept beside the packed ones
+    assert len(fast._buffer_names) < len(ref._buffer_names)
+    fast.half()
+    modules = list(fast.kernels.values())
+    assert modules and all(m.scales.dtype == torch.int32 for m in modules)  # fp32 bit patterns, untouched
+    assert all(m.qweight.dtype == torch.uint8 for m in modules)
+
+
+def test_unknown_backend_is_refused(llama):
+    spec, _ = llama
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*torch, triton"):
+        lowbit.compile(spec.model, spec.example_inputs, backend="cuda")
+
+
+def test_block_sparse_attention_runs_on_the_kernel_when_causal(llama):
+    spec, _ = llama
+    pipe = "sparse-attention{method=sparsity,sparsity=0.5,block=16,causal=true}"
+    ref = lowbit.compile(spec.model, spec.example_inputs, pipeline=pipe, dynamic_shapes=spec.dynamic_shapes, progress=False)
+    fast = lowbit.compile(spec.model, spec.example_inputs, pipeline=pipe, dynamic_shapes=spec.dynamic_shapes,
+                          progress=False, backend="triton")
+    assert list(fast.kernel_nodes().values()) == ["block_sparse_attention"]
+    ids = zoo._token_inputs(256, batch=1, seq=40, seed=3)
+    assert rel_err(fast(ids).logits, ref(ids).logits) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16-rtn", "w4a8-rot", "fp8"])
+def test_triton_backend_on_gpu_in_half_precision(llama, recipe):
+    spec, calibration = llama
+    ref, fast = compile_both(spec, calibration, recipe)
+    ids = zoo._token_inputs(256, batch=2, seq=5, seed=7)
+    got = fast.to("cuda").half()(ids.cuda()).logits.float().cpu()
+    assert rel_err(got, ref(ids).logits) < 2e-2
+
+
+BENCH = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["kernels.py", "sparse_attention.py", "triton_e2e.py"])
+def test_gpu_benchmarks_run_their_smoke_mode(script, tmp_path):
+    """The GPU benchmarks cannot be timed here; their --smoke run keeps the scripts working."""
+    out = subprocess.run([sys.executable, script, "--smoke", "--out", str(tmp_path)], cwd=BENCH,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tables = list(tmp_path.glob("*.md"))
+    assert tables and all(t.read_text().count("\n") >= 3 for t in tables)
