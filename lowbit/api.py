@@ -34,16 +34,18 @@ def build(model: torch.nn.Module, example_inputs: tuple, *, pipeline: str | None
           recipe: str | None = None, calibration: Iterable[tuple] | None = None,
           kwargs: dict | None = None, dynamic_shapes: object = None, verify: bool = True,
           dump_dir: str | os.PathLike | None = None, measure_drift: bool = True,
-          progress: bool = True) -> tuple[TracedModel, list[PassRecord]]:
+          progress: bool = True, observer=None) -> tuple[TracedModel, list[PassRecord]]:
     """Trace ``model`` and run ``canonicalize`` + ``recipe`` + ``pipeline`` on it; returns the
-    traced model (its graph transformed) and one record per pass."""
+    traced model (its graph transformed) and one record per pass. ``observer(traced, samples)``,
+    if given, returns the callback the pass manager calls after each pass (the HTML report)."""
     passes = parse_pipeline(full_pipeline(pipeline, recipe))  # a bad pipeline fails before tracing
     traced = trace(model, example_inputs, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                    canonicalize=False)
     samples = traced.flatten_inputs(example_inputs, kwargs) if measure_drift else None
     batches = None if calibration is None else [traced.flatten_inputs(tuple(b)) for b in calibration]
     ctx = PassContext(example_inputs=samples, calibration=batches, progress=progress)
-    manager = PassManager(passes, verify_each=verify, dump_dir=dump_dir, sample_inputs=samples, ctx=ctx)
+    manager = PassManager(passes, verify_each=verify, dump_dir=dump_dir, sample_inputs=samples, ctx=ctx,
+                          observer=None if observer is None else observer(traced, samples))
     records = manager.run(traced.graph)
     traced.notes = ctx.notes
     return traced, records

@@ -49,12 +49,29 @@ def _inspect(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
     print(f"tracing {args.model} ({spec.description or type(spec.model).__name__}) ...", file=sys.stderr)
     start = time.perf_counter()
-    traced, records = build(spec.model, spec.example_inputs, pipeline=args.pipeline,
-                            kwargs=spec.kwargs or None, dynamic_shapes=spec.dynamic_shapes,
-                            dump_dir=args.dump_dir, measure_drift=not args.no_drift)
+    calibration = None
+    if args.recipe:
+        from lowbit.evaluate import default_calibration
+
+        calibration, where = default_calibration(args.model, spec)
+        print(f"recipe {args.recipe}, calibration: {where}", file=sys.stderr)
+    report = None
+    if args.report:
+        from lowbit.evaluate import report_quality
+        from lowbit.report import Report
+
+        report = Report(report_quality(args.model))
+    traced, records = build(spec.model, spec.example_inputs, pipeline=args.pipeline, recipe=args.recipe,
+                            calibration=calibration, kwargs=spec.kwargs or None,
+                            dynamic_shapes=spec.dynamic_shapes, dump_dir=args.dump_dir,
+                            measure_drift=not args.no_drift, observer=report and report.observer)
     print(format_records(records))
     for note in traced.notes:
         print(f"note: {note}")
+    if report is not None:
+        title = f"{args.model}" + (f" · {args.recipe}" if args.recipe else "") + (f" · {args.pipeline}" if args.pipeline else "")
+        folder = report.write(args.report, title, traced.notes)
+        print(f"report: {folder}/index.html")
     print(f"\n{len(records) - 1} passes in {time.perf_counter() - start:.1f} s (tracing included)")
     if args.dump_dir:
         print(f"graphs after each pass: {args.dump_dir}/NN-<pass>.ir")
@@ -148,7 +165,9 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="trace a model, run a pipeline, show what each pass did")
     p.add_argument("model", help="zoo name, file.py:factory, package.module:factory, or a transformers dir")
-    p.add_argument("--pipeline", help="passes to run after canonicalize, e.g. 'fold-constants'")
+    p.add_argument("--recipe", help="built-in recipe name or a .yaml/.toml file, run after canonicalize")
+    p.add_argument("--pipeline", help="passes to run after canonicalize (and the recipe), e.g. 'fold-constants'")
+    p.add_argument("--report", metavar="DIR", help="write a browsable HTML report of every pass here")
     p.add_argument("--dump-dir", help="write the printed graph after each pass here")
     p.add_argument("--no-drift", action="store_true", help="skip running the graph after each pass")
     p.add_argument("--why-not", metavar="RULE", help="explain where a pattern rule did not match")

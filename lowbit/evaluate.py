@@ -137,3 +137,27 @@ def default_calibration(name: str, spec) -> tuple[list[tuple], str]:
     if name == "byte-llama":
         return byte_windows("calib"), "32 KB of byte-llama's training text"
     return [spec.example_inputs], "the example inputs only (random: fine for structure, not for accuracy)"
+
+
+def report_quality(name: str):
+    """The per-pass quality the inspection report shows for zoo model ``name`` (None if it has
+    none): MiniLM embedding cosine against the input graph on 32 evaluation sentences, byte-llama
+    perplexity on 16 held-out windows."""
+    from lowbit.ir.interpreter import Executor
+
+    if name not in ("minilm", "byte-llama"):
+        return None
+    batch = minilm_batches("eval")[0] if name == "minilm" else byte_windows("val")[0]
+    reference: list[torch.Tensor] = []
+
+    def quality(graph, traced) -> tuple[str, float]:
+        with torch.no_grad():
+            out = traced.unflatten_outputs(Executor(graph).run(traced.flatten_inputs(batch, None)))
+        if name == "byte-llama":
+            return "perplexity", perplexity(lambda ids: out, [batch])
+        emb = mean_pool(out.last_hidden_state, batch[1])
+        if not reference:
+            reference.append(emb)
+        cos = torch.nn.functional.cosine_similarity(emb, reference[0], dim=-1)
+        return "embedding cosine", cos.mean().item()
+    return quality

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +56,10 @@ class PassManager:
 
     def __init__(self, passes: Sequence[Pass], *, verify_each: bool = True,
                  dump_dir: str | os.PathLike | None = None, sample_inputs: list | None = None,
-                 check_lossless: bool = True, ctx: PassContext | None = None):
+                 check_lossless: bool = True, ctx: PassContext | None = None,
+                 observer: Callable[[int, PassRecord, Graph], None] | None = None):
         self.passes = list(passes)
+        self.observer = observer  # called after the input and after each pass (reports)
         self.verify_each = verify_each
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.sample_inputs = sample_inputs
@@ -86,6 +88,8 @@ class PassManager:
         previous = reference
         records = [PassRecord("input", 0.0, False, len(graph), graph.param_bytes(),
                               0.0 if reference is not None else None, self._dump(graph, 0, "input"))]
+        if self.observer is not None:
+            self.observer(0, records[0], graph)
         for i, p in enumerate(self.passes, start=1):
             start = time.perf_counter()
             try:
@@ -105,6 +109,8 @@ class PassManager:
             previous = outputs
             records.append(PassRecord(str(p), seconds, changed, len(graph), graph.param_bytes(),
                                       drift, self._dump(graph, i, p.name)))
+            if self.observer is not None:
+                self.observer(i, records[-1], graph)
         return records
 
     def _fail(self, graph: Graph, index: int, p: Pass, error: Exception) -> None:
