@@ -81,9 +81,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _why_not(graph, rule_name: str, where: str | None) -> None:
-    from lowbit.passes.canonicalize import RULES
+    from lowbit.passes import canonicalize, lower
     from lowbit.passes.rewriter import why_not
 
+    RULES = {**canonicalize.RULES, **{r.name: r for r in (lower.QLINEAR, lower.DYNAMIC_QLINEAR,
+                                                          lower.STATIC_QLINEAR, lower.HADAMARD_QLINEAR)}}
     if rule_name not in RULES:
         raise LowbitError(f"unknown rule {rule_name!r}; rules: {', '.join(sorted(RULES))}")
     misses = why_not(graph, RULES[rule_name], where)

@@ -83,9 +83,14 @@ def group_key(module: str) -> str:
 
 
 def graph_groups(graph: Graph, added: set[str], changed: set[str]) -> str:
-    """Every module group of ``graph`` as a collapsed ``<details>`` holding its SVG."""
+    """Every module group of ``graph`` as a collapsed ``<details>`` holding its SVG; ``added`` and
+    ``changed`` name the nodes to highlight."""
     from lowbit.ir.printer import format_node
 
+    # a node whose weights (constant operands) a pass moved is drawn as changed too
+    changed = changed | {n.results[0].name for n in graph.nodes
+                         if any(v is not None and v.producer is not None and v.producer.op == "core.constant"
+                                and v.name in changed for v in n.operands)}
     groups: dict[str, list[Node]] = {}
     for node in graph.nodes:
         if node.op != "core.constant":
