@@ -121,3 +121,18 @@ def run_graph(graph: Graph, inputs: Sequence[object], hook: NodeHook | None = No
     """Run ``graph`` once on ``inputs`` (tensors or ints, in graph-input order)."""
     with torch.no_grad():
         return Executor(graph).run(inputs, hook)
+
+
+def capture_values(graph: Graph, inputs: Sequence[object], values) -> dict[int, object]:
+    """Run ``graph`` on ``inputs`` and return what each of ``values`` (graph inputs or node
+    results) held, keyed by ``id(value)``."""
+    wanted = {id(v) for v in values}
+    seen = {id(v): x for v, x in zip(graph.inputs, inputs) if id(v) in wanted}
+
+    def hook(node: Node, results: tuple) -> None:
+        for r, x in zip(node.results, results):
+            if id(r) in wanted:
+                seen[id(r)] = x
+
+    run_graph(graph, inputs, hook)
+    return seen

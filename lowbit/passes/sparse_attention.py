@@ -25,7 +25,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.ir.dialects.attn import METHODS, allowed_blocks, repeat_heads, token_mask
 from lowbit.ir.graph import Graph, Node
-from lowbit.ir.interpreter import run_graph
+from lowbit.ir.interpreter import capture_values
 from lowbit.passes.base import Pass, PassContext, register
 
 
@@ -84,15 +84,7 @@ def attention_quality(graph: Graph, inputs: list) -> list[dict]:
     skipped), mass kept (mean over query rows of the dense softmax mass on kept keys) and the
     relative output error ‖o_sparse − o_dense‖ / ‖o_dense‖, on ``inputs``."""
     nodes = [n for n in graph.nodes if n.op == "attn.block_sparse_sdpa"]
-    wanted = {id(v) for n in nodes for v in n.operands if v is not None}
-    seen: dict[int, torch.Tensor] = {id(v): x for v, x in zip(graph.inputs, inputs) if id(v) in wanted}
-
-    def hook(node, results):
-        for r, x in zip(node.results, results):
-            if id(r) in wanted:
-                seen[id(r)] = x
-
-    run_graph(graph, inputs, hook)
+    seen = capture_values(graph, inputs, [v for n in nodes for v in n.operands if v is not None])
     rows = []
     for node in nodes:
         q, k, v, bm, mask = (None if o is None else seen[id(o)] for o in node.operands)

@@ -22,7 +22,7 @@ import torch
 
 from lowbit.ir.dialects.quant import dequantize, dynamic_quantize, expand_scale, quantize
 from lowbit.ir.graph import Graph, Node, tensor_digest
-from lowbit.ir.interpreter import Executor
+from lowbit.ir.interpreter import capture_values
 from lowbit.ir.printer import format_node
 
 QUANT_LINEARS = ("quant.linear", "quant.dynamic_linear", "quant.static_linear")
@@ -130,7 +130,7 @@ def quant_rows(graph: Graph, samples: list | None, float_weights: dict[str, torc
     rows = [r for node in graph.nodes for r in _weight_rows(graph, node, float_weights)]
     targets = [n for n in graph.nodes if n.op in ("quant.quantize", "quant.dynamic_quantize")
                and not graph.is_constant(n.operand(0))]
-    seen = _capture(graph, samples, targets) if samples is not None and targets else {}
+    seen = capture_values(graph, samples, [n.operand(0) for n in targets]) if samples is not None and targets else {}
     for node in targets:
         rows.append(_activation_row(graph, node, seen.get(id(node.operand(0)))))
     return rows
@@ -191,21 +191,6 @@ def _f32():
     from lowbit.ir.types import DType
 
     return DType.f32
-
-
-def _capture(graph: Graph, samples: list, nodes: list[Node]) -> dict[int, torch.Tensor]:
-    """The values of ``nodes``' first operands on ``samples`` (keyed by id of the value)."""
-    wanted = {id(n.operand(0)) for n in nodes}
-    seen = {id(v): x for v, x in zip(graph.inputs, samples) if id(v) in wanted}
-
-    def hook(node, results):
-        for r, x in zip(node.results, results):
-            if id(r) in wanted:
-                seen[id(r)] = x
-
-    with torch.no_grad():
-        Executor(graph).run(samples, hook)
-    return seen
 
 
 def float_weights_of(graph: Graph) -> dict[str, torch.Tensor]:
