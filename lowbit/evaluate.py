@@ -29,10 +29,13 @@ def sentences(split: str) -> list[str]:
 
 def minilm_batches(split: str, batch_size: int = 32, max_length: int = 128) -> list[tuple]:
     """Tokenized (input_ids, attention_mask) batches, padded to each batch's longest sentence."""
+    return _tokenized(sentences(split), batch_size, max_length)
+
+
+def _tokenized(texts: list[str], batch_size: int, max_length: int) -> list[tuple]:
     from lowbit.zoo import minilm_tokenizer
 
     tok = minilm_tokenizer()
-    texts = sentences(split)
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
@@ -44,16 +47,9 @@ def minilm_batches(split: str, batch_size: int = 32, max_length: int = 128) -> l
 def minilm_passages(sentences_per_passage: int = 12, batch_size: int = 8) -> list[tuple]:
     """The evaluation sentences joined into passages of about 200 tokens (long enough for
     several attention blocks), tokenized as (input_ids, attention_mask) batches."""
-    from lowbit.zoo import minilm_tokenizer
-
-    tok = minilm_tokenizer()
     texts = sentences("eval")
     passages = [" ".join(texts[i:i + sentences_per_passage]) for i in range(0, len(texts), sentences_per_passage)]
-    out = []
-    for i in range(0, len(passages), batch_size):
-        enc = tok(passages[i:i + batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt")
-        out.append((enc["input_ids"], enc["attention_mask"]))
-    return out
+    return _tokenized(passages, batch_size, max_length=512)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

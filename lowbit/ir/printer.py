@@ -57,7 +57,7 @@ def _format_operands(node: Node) -> str:
     return ", ".join("none" if v is None else f"%{v.name}" for v in node.operands)
 
 
-def format_node(node: Node, graph: Graph | None = None) -> str:
+def format_node(node: Node, graph: Graph | None = None, digest=tensor_digest) -> str:
     results = ", ".join(f"%{r.name}" for r in node.results)
     line = f"{results} = {node.op}({_format_operands(node)})"
     attrs = {k: v for k, v in node.attrs.items() if not (is_opaque(node.op) and k == "args")}
@@ -69,16 +69,18 @@ def format_node(node: Node, graph: Graph | None = None) -> str:
     if node.op == "core.constant" and graph is not None:
         tensor = graph.tensors.get(str(node.attrs["name"]))
         if tensor is not None:
-            line += f" #{tensor_digest(tensor)}"
+            line += f" #{digest(tensor)}"
     if node.loc.module:
         line += f"  @{node.loc.module}"
     return line
 
 
-def print_graph(graph: Graph) -> str:
+def print_graph(graph: Graph, digest=tensor_digest) -> str:
+    """The graph's text; ``digest`` hashes constants (a caller printing many versions of one
+    graph may pass a cached one)."""
     args = ", ".join(f"%{v.name}: {format_type(v.type)}" for v in graph.inputs)
     lines = [f"graph @{graph.name}({args}) {{"]
-    lines += [f"  {format_node(n, graph)}" for n in graph.nodes]
+    lines += [f"  {format_node(n, graph, digest)}" for n in graph.nodes]
     lines.append("  return " + ", ".join(f"%{v.name}" for v in graph.outputs))
     lines.append("}")
     return "\n".join(lines) + "\n"

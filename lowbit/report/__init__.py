@@ -41,6 +41,7 @@ class Report:
         self._float_weights: dict = {}
         self._samples = None
         self._traced = None
+        self._digests = snap.Digests()
 
     def observer(self, traced, samples):
         self._traced, self._samples = traced, samples
@@ -48,7 +49,7 @@ class Report:
 
     def _observe(self, index: int, record, graph: Graph) -> None:
         self._float_weights.update(snap.float_weights_of(graph))
-        cur = snap.take(graph, index, record.name)
+        cur = snap.take(graph, index, record.name, self._digests)
         prev = self._last
         d = snap.diff(prev, cur) if prev else snap.Diff((), (), ())
         quantized = any(v.op.startswith("quant.") for v in cur.nodes.values())
@@ -63,12 +64,13 @@ class Report:
             "index": index, "name": record.name, "seconds": record.seconds, "changed": record.changed,
             "nodes_before": len(prev.nodes) if prev else len(cur.nodes), "nodes_after": len(cur.nodes),
             "param_bytes": record.param_bytes, "drift": record.drift, "quality_label": label, "quality": value,
-            "diff": d, "quant": quant, "histogram": cur.histogram(), "ir": print_graph(graph),
+            "diff": d, "quant": quant, "histogram": cur.histogram(), "ir": print_graph(graph, self._digests),
             "moved": snap.moved_constants(prev, cur, snap.constant_readers(graph)) if prev else [],
             "removed_lines": [prev.nodes[n].line for n in d.removed] if prev else [],
             "changed_lines": [(prev.nodes[n].line, cur.nodes[n].line) for n in d.changed] if prev else [],
             "added_lines": [cur.nodes[n].line for n in d.added],
-            "groups": graph_groups(graph, set(d.added), set(d.changed)),
+            "groups": graph_groups(graph, set(d.added), set(d.changed),
+                                   {name: v.line for name, v in cur.nodes.items()}),
         })
         self._last = cur
 

@@ -82,11 +82,9 @@ def group_key(module: str) -> str:
     return ".".join(parts[:2])
 
 
-def graph_groups(graph: Graph, added: set[str], changed: set[str]) -> str:
+def graph_groups(graph: Graph, added: set[str], changed: set[str], lines: dict[str, str]) -> str:
     """Every module group of ``graph`` as a collapsed ``<details>`` holding its SVG; ``added`` and
-    ``changed`` name the nodes to highlight."""
-    from lowbit.ir.printer import format_node
-
+    ``changed`` name the nodes to highlight; ``lines`` holds each node's printed line (its tooltip)."""
     # a node whose weights (constant operands) a pass moved is drawn as changed too
     changed = changed | {n.results[0].name for n in graph.nodes
                          if any(v is not None and v.producer is not None and v.producer.op == "core.constant"
@@ -101,7 +99,7 @@ def graph_groups(graph: Graph, added: set[str], changed: set[str]) -> str:
         n_chg = sum(n.results[0].name in changed for n in nodes)
         badges = (f"<span class='badge added'>+{n_add}</span>" if n_add else "") + \
                  (f"<span class='badge changed'>~{n_chg}</span>" if n_chg else "")
-        svg = _svg(nodes, added, changed, lambda n: format_node(n, graph))
+        svg = _svg(nodes, added, changed, lambda n: lines[n.results[0].name])
         out.append(f"<details class='group' data-group='{html.escape(key)}'><summary>{html.escape(key)} "
                    f"({len(nodes)} nodes){badges}</summary>{svg}</details>")
     return "\n".join(out)

@@ -16,7 +16,7 @@ which the report says which weights a folding or rotation pass moved and by how 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +24,7 @@ from lowbit.ir.dialects.quant import dequantize, dynamic_quantize, expand_scale,
 from lowbit.ir.graph import Graph, Node, tensor_digest
 from lowbit.ir.interpreter import capture_values
 from lowbit.ir.printer import format_node
+from lowbit.ir.types import DType
 
 QUANT_LINEARS = ("quant.linear", "quant.dynamic_linear", "quant.static_linear")
 
@@ -43,8 +44,6 @@ class Snapshot:
     pass_name: str
     nodes: dict[str, NodeView]
     constants: dict[str, tuple[str, torch.Tensor]]  # constant name → (hash, tensor)
-    quant: list[dict] = field(default_factory=list)
-    ir: str = ""
 
     def histogram(self) -> Counter:
         return Counter(v.op for v in self.nodes.values())
@@ -57,12 +56,28 @@ class Diff:
     changed: tuple[str, ...]
 
 
-def take(graph: Graph, index: int, pass_name: str) -> Snapshot:
+class Digests:
+    """Content hashes of constants, computed once per tensor (and version) across all passes:
+    most passes leave most weights as they are."""
+
+    def __init__(self):
+        self._known: dict[int, tuple[torch.Tensor, int, str]] = {}
+
+    def __call__(self, t: torch.Tensor) -> str:
+        hit = self._known.get(id(t))
+        if hit is None or hit[0] is not t or hit[1] != t._version:
+            hit = (t, t._version, tensor_digest(t))  # the tensor is held, so its id stays its own
+            self._known[id(t)] = hit
+        return hit[2]
+
+
+def take(graph: Graph, index: int, pass_name: str, digest=tensor_digest) -> Snapshot:
     nodes = {}
     for node in graph.nodes:
-        nodes[node.results[0].name] = NodeView(node.results[0].name, node.op, format_node(node, graph),
-                                           node.loc.module or "", tuple(v.name if v else "none" for v in node.operands))
-    constants = {name: (tensor_digest(t), t) for name, t in graph.tensors.items()}
+        nodes[node.results[0].name] = NodeView(node.results[0].name, node.op, format_node(node, graph, digest),
+                                               node.loc.module or "",
+                                               tuple(v.name if v else "none" for v in node.operands))
+    constants = {name: (digest(t), t) for name, t in graph.tensors.items()}
     return Snapshot(index, pass_name, nodes, constants)
 
 
@@ -151,7 +166,7 @@ def _weight_rows(graph: Graph, node: Node, float_weights: dict[str, torch.Tensor
     else:
         return []
     w = dequantize(q, scale, zero, axis=node.attrs.get("axis"), group_size=node.attrs.get("group_size"),
-                   out_dtype=_f32())
+                   out_dtype=DType.f32)
     ref = float_weights.get(module)
     clipped = err = None
     if ref is not None and ref.shape == w.shape:
@@ -179,18 +194,12 @@ def _activation_row(graph: Graph, node: Node, x: torch.Tensor | None) -> dict:
         return row
     scale, zero = (None if v is None else graph.tensors[str(v.producer.attrs["name"])] for v in node.operands[1:3])
     attrs = {"axis": node.attrs.get("axis"), "group_size": node.attrs.get("group_size")}
-    xq = dequantize(quantize(x, scale, zero, dtype=dtype, **attrs), scale, zero, out_dtype=_f32(), **attrs)
+    xq = dequantize(quantize(x, scale, zero, dtype=dtype, **attrs), scale, zero, out_dtype=DType.f32, **attrs)
     lo, hi = _range(dtype, scale, zero, x, attrs)
     clipped, err = _stats(x, xq, lo, hi)
     row.update({"scale min": scale.float().min().item(), "scale max": scale.float().max().item(),
                 "clipped": clipped, "rel error": err})
     return row
-
-
-def _f32():
-    from lowbit.ir.types import DType
-
-    return DType.f32
 
 
 def float_weights_of(graph: Graph) -> dict[str, torch.Tensor]:

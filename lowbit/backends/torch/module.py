@@ -56,13 +56,18 @@ class CompiledModule(torch.nn.Module):
         weight keeps only its packed form)."""
         return True
 
+    def _override(self, node):
+        """A backend's own function for ``node`` (and its keyword arguments), or None for the
+        op's reference."""
+        return None
+
     @property
     def graph(self) -> Graph:
         return self.traced.graph
 
     def _plan(self) -> Executor:
         if self._executor is None or self._executor.version != self.graph.version:
-            self._executor = Executor(self.graph, _Buffers(self, self._buffer_names))
+            self._executor = Executor(self.graph, _Buffers(self, self._buffer_names), self._override)
         return self._executor
 
     def forward(self, *args, **kwargs):

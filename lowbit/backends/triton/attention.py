@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.backends.triton.runtime import cdiv, triton_available, use_triton
-from lowbit.ir.dialects.attn import expand_block_mask
+from lowbit.ir.dialects.attn import repeat_heads, token_mask
 
 if triton_available():
     import triton
@@ -291,11 +291,9 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
                                      scale: float | None = None) -> torch.Tensor:
     """``attn.block_sparse_sdpa`` in torch: SDPA with the block mask expanded to tokens, k/v heads
     repeated for grouped-query attention, rows that keep no key set to 0 (SDPA may give NaN)."""
-    lq, lk, group = q.shape[-2], k.shape[-2], q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    mask = expand_block_mask(block_mask, block, lq, lk)
-    if causal:
-        mask = mask & torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril(lk - lq)
+    lq, lk = q.shape[-2], k.shape[-2]
+    k, v = repeat_heads(q, k), repeat_heads(q, v)
+    mask = token_mask(block_mask, None, block=block, causal=causal, lq=lq, lk=lk, dtype=q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     out = out.masked_fill(~mask.any(-1, keepdim=True), 0)
     return q.new_empty(q.shape[0], lq, q.shape[1], v.shape[-1]).transpose(1, 2).copy_(out)  # the kernel's layout

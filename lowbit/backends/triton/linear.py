@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.ir.dialects.quant import quantize
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.ir.types import DType
-
-FP8_MAX = 448.0  # float8_e4m3fn
-
 
 def _const(graph: Graph, value: Value | None) -> torch.Tensor | None:
     return None if value is None else graph.tensors[str(value.producer.attrs["name"])]
@@ -112,15 +110,17 @@ def _quantize_dynamic(x2d: torch.Tensor, dtype: DType, symmetric: bool, hadamard
 
 
 def _quantize_static(x2d: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: DType):
-    """Codes of a per-tensor calibrated quantizer, in the signed form the GEMM takes."""
+    """Codes of a per-tensor calibrated quantizer (``quant.quantize``), in the signed form the
+    GEMM takes: (codes, scale, zero point or None)."""
+    from lowbit.backends.triton.gemm import uint8_to_int8
+
     s = scale.float().reshape(1)
-    if dtype == DType.f8e4m3:
-        return (x2d.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s, None
-    lo, hi = dtype.int_range
-    z = torch.zeros(1, device=x2d.device) if zero is None else zero.float().reshape(1)
-    q = (torch.round(x2d.float() / s) + z).clamp(lo, hi)
-    shift = 128 if dtype == DType.u8 else 0
-    return (q - shift).to(torch.int8), s, (z - shift).to(torch.int32)
+    z = None if zero is None else zero.reshape(1)
+    q = quantize(x2d.float(), s, z, dtype=dtype, axis=None, group_size=None)
+    if dtype == DType.u8:
+        q8, z8 = uint8_to_int8(q, torch.zeros(1, device=q.device) if z is None else z)
+        return q8, s, z8
+    return q, s, None if z is None else z.to(torch.int32)
 
 
 class IntLinear(torch.nn.Module):
@@ -128,6 +128,8 @@ class IntLinear(torch.nn.Module):
 
     def __init__(self, node: Node, graph: Graph):
         super().__init__()
+        from lowbit.backends.triton.gemm import weight_sums
+
         wq, scale, _ = (_const(graph, v) for v in _weight(node))
         self.mode, self.act_dtype = _act(node)
         self.symmetric = bool(node.attrs.get("symmetric", True))
@@ -135,7 +137,7 @@ class IntLinear(torch.nn.Module):
         self.fp8 = wq.dtype == torch.float8_e4m3fn
         self.register_buffer("weight", wq.contiguous())
         self.register_buffer("weight_scale", _frozen(scale.reshape(-1)))
-        self.register_buffer("weight_sum", None if self.fp8 else wq.to(torch.int32).sum(1, dtype=torch.int32))
+        self.register_buffer("weight_sum", None if self.fp8 else weight_sums(wq.contiguous()))
 
     def forward(self, x, *operands):
         from lowbit.backends.triton.gemm import scaled_mm

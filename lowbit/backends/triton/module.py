@@ -49,7 +49,7 @@ class TritonModule(CompiledModule):
     which nodes do."""
 
     def __init__(self, traced: TracedModel, records: list | None = None):
-        self._packed: set[str] = set()
+        self._packed = _packed_constants(traced.graph)  # read by _keeps_constant during __init__
         super().__init__(traced, records)
         self.kernels = torch.nn.ModuleDict()
         for node in self.graph.nodes:
@@ -58,8 +58,6 @@ class TritonModule(CompiledModule):
                 self.kernels[_key(node)] = module
 
     def _keeps_constant(self, name: str) -> bool:
-        if not self._packed:
-            self._packed = _packed_constants(self.graph) or {""}
         return name not in self._packed
 
     def _override(self, node: Node):
@@ -71,14 +69,6 @@ class TritonModule(CompiledModule):
         if node.op == "attn.block_sparse_sdpa":
             return _attention, {k: node.attrs.get(k, d) for k, d in (("block", 64), ("causal", False), ("scale", None))}
         return None
-
-    def _plan(self):
-        from lowbit.backends.torch.module import _Buffers
-        from lowbit.ir.interpreter import Executor
-
-        if self._executor is None or self._executor.version != self.graph.version:
-            self._executor = Executor(self.graph, _Buffers(self, self._buffer_names), self._override)
-        return self._executor
 
     def kernel_nodes(self) -> dict[str, str]:
         """Node result name → the kernel it runs on ("scaled_mm", "w4a16_mm", "hadamard",
