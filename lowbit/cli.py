@@ -96,6 +96,7 @@ def _why_not(graph, rule_name: str, where: str | None) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import warnings
     from pathlib import Path
 
     import lowbit
@@ -106,23 +107,39 @@ def _export(args: argparse.Namespace) -> int:
 
     spec = load_model(args.model)
     calibration, where = default_calibration(args.model, spec)
+    model, example = spec.model, spec.example_inputs
+    if args.dtype == "float16":  # traced in half precision, so the ONNX model computes in it
+        model, example = model.half(), _half(example)
+        calibration = [_half(batch) for batch in calibration] if calibration is not None else None
     print(f"compiling {args.model} with {args.recipe or 'no recipe'} (calibration: {where}) ...", file=sys.stderr)
-    compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
-                              recipe=args.recipe, calibration=calibration)
+    compiled = lowbit.compile(model, example, dynamic_shapes=spec.dynamic_shapes,
+                              recipe=args.recipe, pipeline=args.pipeline, calibration=calibration)
     for note in compiled.traced.notes:
         print(f"note: {note}")
     out = Path(args.output) / "model.onnx"
-    path, weights = export_onnx(compiled.traced, out, args.opset, not args.no_attention_op, args.hadamard)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        path, weights = export_onnx(compiled.traced, out, args.opset, not args.no_attention_op, args.hadamard,
+                                    args.sparse_attention)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and "lowbit" in w.filename:
+            print(f"note: {w.message}")
     check(path)
     print(f"wrote {path} ({sum(f.stat().st_size for f in path.parent.glob(path.name + '*')) / 2**20:.1f} MB); "
           "ONNX checker (full): passed")
-    inputs = compiled.traced.flatten_inputs(spec.example_inputs)
+    inputs = compiled.traced.flatten_inputs(example)
     diff = compare_with_torch(path, compiled, [v.name for v in compiled.graph.inputs], inputs)
     print(f"ONNX Runtime vs lowbit torch backend on the example inputs: max |diff| {diff['max_abs']:.2e}, "
           f"cosine {diff['cosine']:.6f}")
     if weights.layers:
         print(fusion_report(path, weights.layers).text())
     return 0
+
+
+def _half(tree):
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.half() if hasattr(t, "is_floating_point") and t.is_floating_point() else t, tree)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -179,6 +196,9 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("model", help="zoo name, file.py:factory, package.module:factory, or a transformers dir")
     x.add_argument("--recipe", help="built-in recipe name or a .yaml/.toml file (default: fp32)")
     x.add_argument("-o", "--output", required=True, help="output folder (model.onnx is written there)")
+    x.add_argument("--pipeline", help="passes to run after the recipe, e.g. 'sparse-attention{causal=true}'")
+    x.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="precision the model is traced and exported in (SparseAttention on CUDA needs float16)")
     x.add_argument("--opset", type=int, help="ONNX opset (default: the lowest that holds the model's "
                    "types: 18; 19 with float8; 21 with int4)")
     x.add_argument("--no-attention-op", action="store_true",
@@ -186,6 +206,10 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--hadamard", choices=["matmul", "staged"], default="matmul",
                    help="online Hadamard as two MatMuls with the small factors (default) or as "
                         "butterfly stages of reshape/add/sub")
+    x.add_argument("--sparse-attention", choices=["dense", "contrib"], default="dense",
+                   help="block-sparse attention as dense attention with the block mask (default, runs "
+                        "anywhere) or as com.microsoft.SparseAttention (causal prompts; the model then "
+                        "takes and returns key/value caches, see docs)")
     x.set_defaults(fn=_export)
     e = sub.add_parser("eval", help="quality of quantization recipes vs fp32")
     e.add_argument("model", help="minilm (cosine of mean-pooled sentence embeddings) or "

@@ -115,15 +115,117 @@ def test_minilm_cosine_at_the_default_setting():
     assert any(r["sparsity"] > 0 for r in rows) and all(r["mass kept"] > 0.95 for r in rows)
 
 
-def test_onnx_lowering_runs_on_onnx_runtime(tmp_path):
+@pytest.mark.parametrize("block", [4, 16])
+def test_onnx_lowering_runs_on_onnx_runtime(tmp_path, block):
+    """Block 16 is traced from a 16-token example: the export lengthens it past one block (at
+    one block torch.export took the block count for a constant and the masks came out wrong)."""
     import onnxruntime as ort
 
     spec = zoo.tiny_llama()
     q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, progress=False,
-                       pipeline="sparse-attention{method=sparsity,sparsity=0.5,block=4}")
+                       pipeline=f"sparse-attention{{method=sparsity,sparsity=0.5,block={block}}}")
     q.export_onnx(tmp_path / "m.onnx")
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    for shape in ((2, 16), (3, 23)):
+    for shape in ((2, 16), (3, 23), (1, 77)):
         ids = torch.randint(0, 200, shape, generator=torch.Generator().manual_seed(1))
         out = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
         assert np.abs(out - q(ids).logits.numpy()).max() < 1e-4
+
+
+def test_block_csr_is_the_batch_union_row_by_row():
+    from lowbit.backends.onnx.sparse_attention import block_csr, csr_layout
+
+    mask = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0)) < 0.4
+    rows, cols = block_csr(mask)
+    union = mask.any(0)
+    assert rows.dtype == cols.dtype == torch.int32 and cols.shape == (3, 25)
+    assert torch.equal(rows[:, -1], union.sum((1, 2)).int())
+    for h in range(3):  # kept columns in row-major order, then −1 padding
+        assert cols[h].tolist() == union[h].nonzero()[:, 1].tolist() + [-1] * (25 - int(union[h].sum()))
+    assert torch.equal(csr_layout(rows, cols, 5), union)
+
+
+SPARSE_PIPELINE = "sparse-attention{method=sparsity,sparsity=0.5,block=16,window=1,causal=true}"
+
+
+def test_sparse_attention_contrib_op_matches_the_torch_backend(tmp_path):
+    """com.microsoft.SparseAttention run by ONNX Runtime's CPU kernel, layouts half sparse."""
+    import onnx
+    import onnxruntime as ort
+
+    from lowbit.backends.onnx.sparse_attention import cache_names, run
+    from lowbit.backends.onnx.validate import check
+    from lowbit.ir.interpreter import Executor
+
+    spec = zoo.tiny_llama()
+    q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, progress=False,
+                       pipeline=SPARSE_PIPELINE)
+    path, _ = q.export_onnx(tmp_path / "m.onnx", sparse_attention="contrib")
+    check(path)
+    model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node].count("SparseAttention") == 2  # one per layer
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert len(cache_names(sess)) == 2
+    for shape in ((1, 96), (1, 77), (1, 200)):
+        ids = torch.randint(0, 200, shape, generator=torch.Generator().manual_seed(1))
+        rows = attention_quality(q.graph, [ids])
+        assert all(0.3 < r["sparsity"] <= 0.6 for r in rows)  # really sparse: the op's sparse path runs
+        assert np.abs(run(sess, {"input_ids": ids.numpy()})[0] - q(ids).logits.numpy()).max() < 1e-4
+
+    def union(node):  # the graph with each block mask widened to the union over the batch
+        if node.op == "attn.block_mask":
+            from lowbit.ir.dialects.attn import build_block_mask
+
+            return (lambda qq, kk, m, **a: build_block_mask(qq, kk, m, **a).any(0, keepdim=True)
+                    .expand(qq.shape[0], -1, -1, -1)), dict(node.attrs)
+        return None
+
+    ids = torch.randint(0, 200, (3, 80), generator=torch.Generator().manual_seed(2))
+    want = Executor(q.graph, override=union).run([ids])[0]
+    assert np.abs(run(sess, {"input_ids": ids.numpy()})[0] - want.numpy()).max() < 1e-4
+
+
+def test_sparse_attention_contrib_op_in_float16(tmp_path):
+    """The form ONNX Runtime's CUDA kernel takes (half precision), run here by its CPU kernel."""
+    import onnxruntime as ort
+
+    from lowbit.backends.onnx.sparse_attention import run
+
+    spec = zoo.tiny_llama()
+    q = lowbit.compile(spec.model.half(), spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, progress=False,
+                       pipeline=SPARSE_PIPELINE)
+    with pytest.warns(UserWarning, match="head dim 128 and block 64, this model has 16 and 16"):
+        path, _ = q.export_onnx(tmp_path / "m.onnx", sparse_attention="contrib")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 200, (1, 77), generator=torch.Generator().manual_seed(1))
+    out = run(sess, {"input_ids": ids.numpy()})[0]
+    assert out.dtype == np.float16
+    assert np.abs(out.astype(np.float32) - q(ids).logits.float().numpy()).max() < 3e-3
+
+
+def test_cli_exports_half_precision_sparse_attention(tmp_path, capsys):
+    import re
+
+    from lowbit.cli import main
+
+    assert main(["export", "tiny-llama", "--dtype", "float16", "--pipeline", SPARSE_PIPELINE,
+                 "--sparse-attention", "contrib", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "note: com.microsoft.SparseAttention will run on ONNX Runtime's CPU kernel only" in out
+    assert "ONNX checker (full): passed" in out
+    assert float(re.search(r"max \|diff\| (\S+),", out).group(1)) < 3e-3
+    assert (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("pipeline, reason", [
+    ("sparse-attention{block=16}", "not causal"),
+    ("sparse-attention{block=8,causal=true}", "block 8 is not one of"),
+    (None, "no attn.block_sparse_sdpa"),
+])
+def test_sparse_attention_contrib_op_refuses_what_does_not_fit(tmp_path, pipeline, reason):
+    spec = zoo.tiny_llama()
+    q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, progress=False,
+                       pipeline=pipeline)
+    with pytest.raises(LowbitError, match=reason):
+        q.export_onnx(tmp_path / "m.onnx", sparse_attention="contrib")
+    assert not any(tmp_path.iterdir())

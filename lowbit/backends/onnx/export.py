@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import onnx
 import torch
 
 from lowbit.backends.onnx import ops
+from lowbit.backends.onnx import sparse_attention as sparse
+from lowbit.errors import LowbitError
 from lowbit.frontend import Dim
 from lowbit.frontend.trace import TracedModel
 from lowbit.ir.graph import Graph, Node
@@ -74,13 +77,13 @@ def _buffer_name(i: int, name: str) -> str:
 class _ExportModule(torch.nn.Module):
     """Runs a lowered graph with quantized ops as custom ops; inputs/outputs flat."""
 
-    def __init__(self, graph: Graph, attention_op: bool = True, hadamard: str = "matmul"):
+    def __init__(self, graph: Graph, attention_op: bool = True, hadamard: str = "matmul",
+                 sparse_attention: str = "dense"):
         super().__init__()
-        if hadamard not in HADAMARD_LOWERINGS:
-            raise ValueError(f"hadamard lowering {hadamard!r}: choose one of {', '.join(HADAMARD_LOWERINGS)}")
         self.graph = graph
         self.attention_op = attention_op  # sdpa → com.microsoft.MultiHeadAttention
         self.hadamard = hadamard
+        self.sparse = sparse_attention == "contrib"  # attn.block_sparse_sdpa → SparseAttention
         self.names: dict[str, str] = {}
         for i, (name, tensor) in enumerate(graph.tensors.items()):
             self.names[name] = _buffer_name(i, name)
@@ -115,6 +118,8 @@ class _ExportModule(torch.nn.Module):
             return (lambda x, w, s, z, b: ops.dynamic_qlinear(x, w, s, colsum, b, sym)), {}
         if node.op == "core.sdpa" and self.attention_op:
             return self._attention(node)
+        if node.op == "attn.block_sparse_sdpa" and self.sparse and sparse.misfit(node) is None:
+            return sparse.lowering(node)
         if node.op == "rotate.hadamard" and self.hadamard == "matmul":
             return _hadamard_matmul, {}
         return None  # "staged": the op's own butterfly, traced as reshape/slice/add/sub
@@ -218,24 +223,77 @@ def _int4_initializers(model: onnx.ModelProto, int4: dict[str, DType]) -> None:
 
 
 def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool = True,
-               hadamard: str = "matmul") -> tuple[onnx.ModelProto, ExportedWeights]:
+               hadamard: str = "matmul", sparse_attention: str = "dense") -> tuple[onnx.ModelProto, ExportedWeights]:
     """The ONNX model for ``traced``. ``attention_op`` lowers attention to ONNX Runtime's
-    MultiHeadAttention contrib op where it fits (else the standard decomposition)."""
+    MultiHeadAttention contrib op where it fits (else the standard decomposition);
+    ``sparse_attention="contrib"`` lowers block-sparse attention to its SparseAttention op
+    (see ``sparse_attention.py``; the model then takes and returns key/value caches)."""
+    _check_choice("hadamard lowering", hadamard, HADAMARD_LOWERINGS)
+    _check_choice("sparse attention lowering", sparse_attention, sparse.LOWERINGS)
     graph, weights = lower_for_export(traced)
+    if sparse_attention == "contrib":
+        _check_sparse_fit(graph)
     need = lowest_opset(graph)
     if opset is not None and opset < need:
         raise ValueError(f"opset {opset} cannot hold this model's types: it needs opset {need} or later")
-    module = _ExportModule(graph, attention_op, hadamard).eval()
-    example = tuple(traced.flatten_inputs(traced.example_inputs))
+    module = _ExportModule(graph, attention_op, hadamard, sparse_attention).eval()
+    example = _example_spanning_blocks(traced, graph)
     with ops.target_opset(opset or need):
         program = torch.onnx.export(
             module, example, dynamo=True, dynamic_shapes=(_dynamic_shapes(traced),),  # forward(*inputs)
             input_names=[v.name for v in traced.graph.inputs], output_names=traced.output_names(),
-            custom_translation_table=ops.TRANSLATIONS, opset_version=opset or need,
+            custom_translation_table={**ops.TRANSLATIONS, **sparse.TRANSLATIONS}, opset_version=opset or need,
             optimize=True, verbose=False)
     model = program.model_proto
     _int4_initializers(model, weights.int4)
+    sparse.add_cache_io(model)
     return model, weights
+
+
+def _example_spanning_blocks(traced: TracedModel, graph: Graph) -> tuple:
+    """The example inputs, tiled along each attention's sequence dim to span more than one
+    block of its block-sparse attention (and of a few tokens past a block edge). Traced at a
+    single block, torch.export takes the block count for the constant 1 and the ONNX graph
+    silently computes wrong masks at longer inputs."""
+    example = list(traced.flatten_inputs(traced.example_inputs))
+    want: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "attn.block_mask":
+            for v in node.operands[:2]:
+                d = v.tensor_type.shape[2]
+                if isinstance(d, str):
+                    want[d] = max(want.get(d, 0), 2 * int(node.attrs.get("block", 64)) + 3)
+    for d, n in want.items():
+        n = min(n, traced.dim_ranges.get(d, (0, None))[1] or n)
+        for i, v in enumerate(traced.graph.inputs):
+            for axis, name in enumerate(v.tensor_type.shape):
+                if name == d and example[i].shape[axis] < n:
+                    reps = -(-n // example[i].shape[axis])
+                    example[i] = torch.cat([example[i]] * reps, axis).narrow(axis, 0, n)
+    return tuple(example)
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _check_sparse_fit(graph: Graph) -> None:
+    """SparseAttention was asked for: every block-sparse attention must fit it, or the export
+    says which does not and why (a silent dense fallback would hide the missing speed-up)."""
+    nodes = [n for n in graph.nodes if n.op == "attn.block_sparse_sdpa"]
+    if not nodes:
+        raise LowbitError("sparse attention lowering 'contrib': the graph has no attn.block_sparse_sdpa "
+                          "(run the sparse-attention pass first)")
+    misses = [(n, sparse.misfit(n)) for n in nodes]
+    misses = [f"%{n.results[0].name} at {n.loc.module or '<no module>'}: {why}" for n, why in misses if why]
+    if misses:
+        raise LowbitError("these block-sparse attentions cannot lower to com.microsoft.SparseAttention:\n  "
+                          + "\n  ".join(misses))
+    cuda = {sparse.cuda_misfit(n) for n in nodes} - {None}
+    if cuda:
+        warnings.warn("com.microsoft.SparseAttention will run on ONNX Runtime's CPU kernel only: "
+                      + "; ".join(sorted(cuda)), stacklevel=3)
 
 
 def save_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -264,8 +322,9 @@ def _tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def export_onnx(traced: TracedModel, path: str | os.PathLike, opset: int | None = None,
-                attention_op: bool = True, hadamard: str = "matmul") -> tuple[Path, ExportedWeights]:
-    model, weights = build_onnx(traced, opset, attention_op, hadamard)
+                attention_op: bool = True, hadamard: str = "matmul",
+                sparse_attention: str = "dense") -> tuple[Path, ExportedWeights]:
+    model, weights = build_onnx(traced, opset, attention_op, hadamard, sparse_attention)
     return save_atomically(model, path), weights
 
 

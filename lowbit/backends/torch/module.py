@@ -76,12 +76,13 @@ class CompiledModule(torch.nn.Module):
             outputs = self._plan().run(leaves)
         return self.traced.unflatten_outputs(outputs)
 
-    def export_onnx(self, path, opset: int | None = None, attention_op: bool = True, hadamard: str = "matmul"):
+    def export_onnx(self, path, opset: int | None = None, attention_op: bool = True, hadamard: str = "matmul",
+                    sparse_attention: str = "dense"):
         """Write this module's graph as ONNX (see ``lowbit.backends.onnx.export_onnx``);
         returns the path and which initializers hold quantized weights."""
         from lowbit.backends.onnx import export_onnx
 
-        return export_onnx(self.traced, path, opset, attention_op, hadamard)
+        return export_onnx(self.traced, path, opset, attention_op, hadamard, sparse_attention)
 
     def ir(self) -> str:
         """The printed graph this module runs."""
