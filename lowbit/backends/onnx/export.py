@@ -293,7 +293,7 @@ def _check_sparse_fit(graph: Graph) -> None:
     cuda = {sparse.cuda_misfit(n) for n in nodes} - {None}
     if cuda:
         warnings.warn("com.microsoft.SparseAttention will run on ONNX Runtime's CPU kernel only: "
-                      + "; ".join(sorted(cuda)), stacklevel=3)
+                      + "; ".join(sorted(cuda)), stacklevel=4)
 
 
 def save_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
