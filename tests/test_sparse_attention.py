@@ -145,6 +145,18 @@ def test_block_csr_is_the_batch_union_row_by_row():
     assert torch.equal(csr_layout(rows, cols, 5), union)
 
 
+def test_export_reference_attends_within_the_csr_layout():
+    from lowbit.backends.onnx.sparse_attention import block_csr, sparse_attention
+    from lowbit.ir.dialects.attn import block_sparse_sdpa
+
+    q, k = qk(lq=37, lk=37)
+    v = torch.randn_like(k)
+    mask = build_block_mask(q, k, None, **{**OPTS, "causal": True})
+    union = mask.any(0, keepdim=True).expand_as(mask)
+    got = sparse_attention(q, k, v, *block_csr(mask), 8, 0.25)
+    assert torch.allclose(got, block_sparse_sdpa(q, k, v, union, None, block=8, causal=True, scale=0.25), atol=1e-6)
+
+
 SPARSE_PIPELINE = "sparse-attention{method=sparsity,sparsity=0.5,block=16,window=1,causal=true}"
 
 

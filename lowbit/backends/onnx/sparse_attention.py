@@ -83,10 +83,12 @@ def block_csr(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def csr_layout(rows: torch.Tensor, cols: torch.Tensor, nk: int) -> torch.Tensor:
     """CSR back to a dense [heads, nq, nk] layout (the reference's view of the op's input)."""
     heads, nq = rows.shape[0], rows.shape[1] - 1
+    slot = torch.arange(cols.shape[1], device=rows.device).expand(heads, -1).contiguous()
+    row = torch.searchsorted(rows[:, 1:].contiguous(), slot, right=True)  # the row each slot is in
+    used = slot < rows[:, -1:]
+    head = torch.arange(heads, device=rows.device)[:, None].expand_as(slot)
     layout = torch.zeros(heads, nq, nk, dtype=torch.bool, device=rows.device)
-    for h in range(heads):
-        for i in range(nq):
-            layout[h, i, cols[h, rows[h, i]:rows[h, i + 1]].long()] = True
+    layout[head[used], row[used], cols[used].long()] = True
     return layout
 
 
@@ -191,11 +193,13 @@ def add_cache_io(model: onnx.ModelProto) -> int:
     shapes = {vi.name: vi.type.tensor_type for vi in (*graph.value_info, *graph.input)}
     caches = []
     for i, node in enumerate(n for n in graph.node if n.op_type == "SparseAttention"):
-        key = shapes[_cache_source(graph, node.input[3])]
+        key = shapes[node.input[1]]  # [batch, seq, kv heads · dim]
+        kv_heads = next(a.i for a in node.attribute if a.name == "kv_num_heads")
+        batch, seq, width = (d.dim_param or d.dim_value for d in key.shape.dim)
+        dims = [batch, kv_heads, seq, width // kv_heads]
         entry = {}
         for j, kind in ((3, "key"), (4, "value")):
             past, present = f"past_{kind}.{i}", f"present_{kind}.{i}"
-            dims = [d.dim_param or d.dim_value for d in key.shape.dim]
             graph.input.append(onnx.helper.make_tensor_value_info(past, key.elem_type, dims))
             graph.output.append(onnx.helper.make_tensor_value_info(present, key.elem_type, dims))
             node.input[j], node.output[j - 2] = past, present
@@ -206,16 +210,6 @@ def add_cache_io(model: onnx.ModelProto) -> int:
         onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                             METADATA_KEY: json.dumps(caches)})
     return len(caches)
-
-
-def _cache_source(graph: onnx.GraphProto, name: str) -> str:
-    """The key whose shape a placeholder buffer copies (its ConstantOfShape(Shape(k)) chain),
-    as the [batch, kv heads, seq, dim] value whose type the exporter recorded."""
-    producers = {o: n for n in graph.node for o in n.output}
-    node = producers[name]
-    while node.op_type != "Shape":
-        node = producers[node.input[0]]
-    return node.input[0]
 
 
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
