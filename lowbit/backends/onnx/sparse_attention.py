@@ -14,9 +14,9 @@ their layouts (a superset of what the pass chose for each; identical for one seq
 
 The op keeps its key/value cache in buffers that its ``past_*`` input and ``present_*`` output
 must share, so each such node gets graph inputs ``past_key.N``/``past_value.N`` and outputs
-``present_key.N``/``present_value.N`` of shape (batch, kv heads, cache length ≥ sequence, head
-dim), listed in the model's metadata under ``lowbit.kv_cache``. :func:`run` binds fresh zero
-buffers to both sides for a prompt. ONNX Runtime's CUDA kernel further needs fp16/bf16, head
+``present_key.N``/``present_value.N`` of shape (batch, kv heads, sequence, head dim), listed in
+the model's metadata under ``lowbit.kv_cache``; ``present_*`` holds the prompt's keys and values
+afterwards. :func:`run` binds fresh zero buffers to both sides. ONNX Runtime's CUDA kernel further needs fp16/bf16, head
 dim 128 and block 64 (sm 7.5–9.0); its CPU kernel runs fp32 and fp16 with any block.
 """
 
