@@ -189,38 +189,51 @@ def _(q, k, v, bias, scale):
     return q.new_empty((b, s, n, v.shape[-1])).transpose(1, 2)
 
 
-def _register_mha_schema() -> None:
+def declare_contrib_op(name: str, inputs: list[tuple[str, str, bool]], outputs: list[str],
+                       types: list[tuple[str, list[str]]], attributes: list[tuple[str, str, bool]]) -> None:
     """ONNX's schema registry does not know ONNX Runtime's contrib ops; onnxscript needs one to
-    emit a node. Declare com.microsoft::MultiHeadAttention (the inputs lowbit uses)."""
+    emit a node. Declare com.microsoft::``name`` (version 1) once: ``inputs`` as (name, type
+    variable, optional), ``outputs`` of type T, ``attributes`` as (name, "INT"/"FLOAT", required)."""
     try:
-        onnx.defs.get_schema("MultiHeadAttention", 1, "com.microsoft")
+        onnx.defs.get_schema(name, 1, "com.microsoft")
         return
     except onnx.defs.SchemaError:
         pass
-    P = onnx.defs.OpSchema.FormalParameter
-    opt = onnx.defs.OpSchema.FormalParameterOption.Optional
-    names = ["query", "key", "value", "bias", "key_padding_mask", "attention_bias"]
-    inputs = [P(n, "T" if n != "key_padding_mask" else "M", param_option=opt if i > 0 else
-                onnx.defs.OpSchema.FormalParameterOption.Single) for i, n in enumerate(names)]
-    schema = onnx.defs.OpSchema(
-        "MultiHeadAttention", "com.microsoft", 1, inputs=inputs, outputs=[P("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
-        attributes=[onnx.defs.OpSchema.Attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, ""),
-                    onnx.defs.OpSchema.Attribute("scale", onnx.defs.OpSchema.AttrType.FLOAT, "")])
-    onnx.defs.register_schema(schema)
+    S = onnx.defs.OpSchema
+    option = {False: S.FormalParameterOption.Single, True: S.FormalParameterOption.Optional}
+    onnx.defs.register_schema(S(
+        name, "com.microsoft", 1,
+        inputs=[S.FormalParameter(n, t, param_option=option[o]) for n, t, o in inputs],
+        outputs=[S.FormalParameter(n, "T") for n in outputs],
+        type_constraints=[(t, allowed, "") for t, allowed in types],
+        attributes=[S.Attribute(n, getattr(S.AttrType, kind), "", required=r) for n, kind, r in attributes]))
+
+
+def to_bsd(x):
+    """[batch, heads, seq, dim] → [batch, seq, heads·dim], the layout ONNX Runtime's attention
+    contrib ops take."""
+    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+
+
+def from_bsd(x, heads: int):
+    """[batch, seq, heads·dim] → [batch, heads, seq, dim]."""
+    shape = op.Concat(op.Shape(x, end=2), op.Constant(value_ints=[heads, -1]), axis=0)
+    return op.Transpose(op.Reshape(x, shape), perm=[0, 2, 1, 3])
 
 
 def onnx_mha(q, k, v, bias, scale: float):
     from onnxscript.values import Opset
 
-    _register_mha_schema()
+    names = ["query", "key", "value", "bias", "key_padding_mask", "attention_bias"]
+    declare_contrib_op("MultiHeadAttention", [(n, "M" if n == "key_padding_mask" else "T", i > 0)
+                                              for i, n in enumerate(names)], ["output"],
+                       [("T", ["tensor(float)", "tensor(float16)"]), ("M", ["tensor(int32)"])],
+                       [("num_heads", "INT", True), ("scale", "FLOAT", True)])
     msft = Opset("com.microsoft", 1)
     heads = q.shape[1]
     # query as [batch, seq, heads·dim]; key/value stay [batch, heads, seq, dim]
-    bsd = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-    out = msft.MultiHeadAttention(bsd, k, v, None, None, bias, num_heads=heads, scale=scale)
-    shape = op.Concat(op.Shape(out, end=2), op.Constant(value_ints=[heads, -1]), axis=0)
-    return op.Transpose(op.Reshape(out, shape), perm=[0, 2, 1, 3])
+    out = msft.MultiHeadAttention(to_bsd(q), k, v, None, None, bias, num_heads=heads, scale=scale)
+    return from_bsd(out, heads)
 
 
 TRANSLATIONS[torch.ops.lowbit.mha.default] = onnx_mha

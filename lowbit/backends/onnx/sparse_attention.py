@@ -98,47 +98,15 @@ def csr_layout(rows: torch.Tensor, cols: torch.Tensor, nk: int) -> torch.Tensor:
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                      cols: torch.Tensor, block: int, scale: float) -> torch.Tensor:
     """Causal attention on [batch, heads, seq, dim] within the CSR layout (same for the batch)."""
-    from lowbit.ir.dialects.attn import repeat_heads, token_mask
+    from lowbit.ir.dialects.attn import block_sparse_sdpa
 
-    lq = q.shape[2]
-    layout = csr_layout(rows, cols, math.ceil(lq / block))[None]
-    m = token_mask(layout.expand(q.shape[0], -1, -1, -1), None, block=block, causal=True, lq=lq, lk=lq,
-                   dtype=q.dtype)
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, repeat_heads(q, k), repeat_heads(q, v), attn_mask=m, scale=scale)
+    layout = csr_layout(rows, cols, math.ceil(q.shape[2] / block)).expand(q.shape[0], -1, -1, -1)
+    return block_sparse_sdpa(q, k, v, layout, None, block=block, causal=True, scale=scale)
 
 
 @sparse_attention.register_fake
 def _(q, k, v, rows, cols, block, scale):
     return torch.empty_like(q)
-
-
-def _register_schema() -> None:
-    """ONNX's registry does not know ONNX Runtime's contrib ops; onnxscript needs a schema to
-    emit one. Declare com.microsoft::SparseAttention as ONNX Runtime defines it."""
-    try:
-        onnx.defs.get_schema("SparseAttention", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
-    S = onnx.defs.OpSchema
-    single, optional = S.FormalParameterOption.Single, S.FormalParameterOption.Optional
-    inputs = [("query", "T", single), ("key", "T", optional), ("value", "T", optional),
-              ("past_key", "T", single), ("past_value", "T", single), ("block_row_indices", "M", single),
-              ("block_col_indices", "M", single), ("total_sequence_length", "M", single),
-              ("key_total_sequence_lengths", "M", single), ("cos_cache", "T", optional),
-              ("sin_cache", "T", optional)]
-    outputs = [("output", "T"), ("present_key", "T"), ("present_value", "T")]
-    ints = [("num_heads", True), ("kv_num_heads", True), ("sparse_block_size", True),
-            ("do_rotary", False), ("rotary_interleaved", False)]
-    schema = S("SparseAttention", "com.microsoft", 1,
-               inputs=[S.FormalParameter(n, t, param_option=o) for n, t, o in inputs],
-               outputs=[S.FormalParameter(n, t) for n, t in outputs],
-               type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                                 ("M", ["tensor(int32)"], "")],
-               attributes=[S.Attribute(n, S.AttrType.INT, "", required=r) for n, r in ints]
-               + [S.Attribute("scale", S.AttrType.FLOAT, "", required=False)])
-    onnx.defs.register_schema(schema)
 
 
 def onnx_sparse_attention(q, k, v, rows, cols, block: int, scale: float):
@@ -149,22 +117,26 @@ def onnx_sparse_attention(q, k, v, rows, cols, block: int, scale: float):
     from lowbit.backends.onnx import ops
 
     op = ops.op  # the opset the export targets
-    _register_schema()
+    ops.declare_contrib_op(
+        "SparseAttention",
+        [("query", "T", False), ("key", "T", True), ("value", "T", True), ("past_key", "T", False),
+         ("past_value", "T", False), ("block_row_indices", "M", False), ("block_col_indices", "M", False),
+         ("total_sequence_length", "M", False), ("key_total_sequence_lengths", "M", False),
+         ("cos_cache", "T", True), ("sin_cache", "T", True)],
+        ["output", "present_key", "present_value"],
+        [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]), ("M", ["tensor(int32)"])],
+        [("num_heads", "INT", True), ("kv_num_heads", "INT", True), ("sparse_block_size", "INT", True),
+         ("do_rotary", "INT", False), ("rotary_interleaved", "INT", False), ("scale", "FLOAT", False)])
     msft = Opset("com.microsoft", 1)
     heads, kv_heads = q.shape[1], k.shape[1]
-
-    def bsd(x):
-        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-
     seq = op.Shape(q, start=2, end=3)
     cache = op.CastLike(op.ConstantOfShape(op.Shape(k)), q)
     total = op.Cast(op.Squeeze(seq), to=onnx.TensorProto.INT32)
     lengths = op.Expand(op.Cast(seq, to=onnx.TensorProto.INT32), op.Shape(q, end=1))
-    out, _, _ = msft.SparseAttention(bsd(q), bsd(k), bsd(v), cache, cache, rows, cols, total, lengths,
-                                     num_heads=heads, kv_num_heads=kv_heads, sparse_block_size=block,
-                                     scale=scale, _num_outputs=3)
-    shape = op.Concat(op.Shape(out, end=2), op.Constant(value_ints=[heads, -1]), axis=0)
-    return op.Transpose(op.Reshape(out, shape), perm=[0, 2, 1, 3])
+    out, _, _ = msft.SparseAttention(ops.to_bsd(q), ops.to_bsd(k), ops.to_bsd(v), cache, cache, rows, cols,
+                                     total, lengths, num_heads=heads, kv_num_heads=kv_heads,
+                                     sparse_block_size=block, scale=scale, _num_outputs=3)
+    return ops.from_bsd(out, heads)
 
 
 TRANSLATIONS = {torch.ops.lowbit.sparse_attention.default: onnx_sparse_attention}
