@@ -4,11 +4,13 @@ with ``lowbit inspect``."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from lowbit.backends.torch import CompiledModule
+from lowbit.errors import InputError
+from lowbit.frontend.inputs import Call, align, as_call, example_call
 from lowbit.frontend.trace import TracedModel, trace
 from lowbit.passes.base import PassContext
 from lowbit.passes.manager import PassManager, PassRecord
@@ -30,44 +32,67 @@ def full_pipeline(pipeline: str | None, recipe: str | None = None) -> str:
     return ",".join(parts)
 
 
-def build(model: torch.nn.Module, example_inputs: tuple, *, pipeline: str | None = None,
-          recipe: str | None = None, calibration: Iterable[tuple] | None = None,
-          kwargs: dict | None = None, dynamic_shapes: object = None, verify: bool = True,
+def calibration_calls(calibration: Iterable | None, example: Call) -> list[Call] | None:
+    """Each calibration batch (a tuple, a tensor, or a dict such as a tokenizer's output) as
+    a call in the example's keyword order."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (Mapping, torch.Tensor)):
+        raise InputError("calibration is one batch; give an iterable of batches (e.g. [batch])")
+    calls = [align(as_call(b, f"calibration batch {i}"), example, f"calibration batch {i}")
+             for i, b in enumerate(calibration)]
+    if not calls:
+        raise InputError("calibration is empty: give at least one batch")
+    return calls
+
+
+def build(model: torch.nn.Module, example_inputs: object = (), *, pipeline: str | None = None,
+          recipe: str | None = None, calibration: Iterable | None = None,
+          kwargs: Mapping | None = None, dynamic_shapes: object = None, verify: bool = True,
           dump_dir: str | os.PathLike | None = None, measure_drift: bool = True,
           progress: bool = True, observer=None) -> tuple[TracedModel, list[PassRecord]]:
     """Trace ``model`` and run ``canonicalize`` + ``recipe`` + ``pipeline`` on it; returns the
     traced model (its graph transformed) and one record per pass. ``observer(traced, samples)``,
     if given, returns the callback the pass manager calls after each pass (the HTML report)."""
     passes = parse_pipeline(full_pipeline(pipeline, recipe))  # a bad pipeline fails before tracing
-    traced = trace(model, example_inputs, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
-                   canonicalize=False)
-    samples = traced.flatten_inputs(example_inputs, kwargs) if measure_drift else None
-    batches = None if calibration is None else [traced.flatten_inputs(tuple(b)) for b in calibration]
+    example = example_call(example_inputs, kwargs)
+    calls = calibration_calls(calibration, example)
+    traced = trace(model, example[0], kwargs=example[1], dynamic_shapes=dynamic_shapes,
+                   canonicalize=False, samples=calls or ())
+    samples = traced.example_leaves() if measure_drift else None
+    batches = None if calls is None else [traced.flatten_inputs(*c, what=f"calibration batch {i}")
+                                          for i, c in enumerate(calls)]
     ctx = PassContext(example_inputs=samples, calibration=batches, progress=progress)
     manager = PassManager(passes, verify_each=verify, dump_dir=dump_dir, sample_inputs=samples, ctx=ctx,
                           observer=None if observer is None else observer(traced, samples))
     records = manager.run(traced.graph)
-    traced.notes = ctx.notes
+    traced.notes = traced.notes + ctx.notes
     return traced, records
 
 
-def compile(model: torch.nn.Module, example_inputs: tuple, *, recipe: str | None = None,
-            calibration: Iterable[tuple] | None = None, pipeline: str | None = None,
-            kwargs: dict | None = None, dynamic_shapes: object = None,
+def compile(model: torch.nn.Module, example_inputs: object = (), *, recipe: str | None = None,
+            calibration: Iterable | None = None, pipeline: str | None = None,
+            kwargs: Mapping | None = None, dynamic_shapes: object = None,
             verify: bool = True, dump_dir: str | os.PathLike | None = None,
             progress: bool = True, backend: str = "torch") -> CompiledModule:
-    """Trace ``model``, run ``canonicalize`` and then ``pipeline``, and return a module that
-    runs the result on ``backend``: "torch" (the reference ops, any device) or "triton"
-    (quantized linears, Hadamard rotations and block-sparse attention as Triton kernels on
-    CUDA, weights packed once here; the kernels' lowering passes run after ``pipeline``).
+    """Trace ``model``, run ``canonicalize``, the ``recipe`` and then ``pipeline``, and return a
+    module that runs the result on ``backend``: "torch" (the reference ops, any device) or
+    "triton" (quantized linears, Hadamard rotations and block-sparse attention as Triton
+    kernels on CUDA, weights packed once here; the kernels' lowering passes run after
+    ``pipeline``).
 
-        fast = lowbit.compile(model, (ids,), dynamic_shapes=({0: "batch", 1: "seq"},))
-        out = fast(ids)            # same structure as model(ids)
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        fast = lowbit.compile(model, kwargs=enc)   # or (ids,), or (ids, mask)
+        out = fast(**enc)                          # same structure as model(**enc), no cache
 
-        q = lowbit.compile(model, (ids, mask), recipe="w8a8", calibration=batches)
+        q = lowbit.compile(model, kwargs=enc, recipe="w8a8", calibration=[enc1, enc2, ...])
 
-    ``example_inputs`` is a tuple of positional arguments, as for ``torch.export``;
-    ``calibration`` is an iterable of such tuples (needed by calibrated passes).
+    The example is a tuple of positional arguments, a tensor, or keyword arguments (``kwargs``
+    or a mapping as ``example_inputs``); each calibration batch may take any of these forms
+    and any batch size and length. For transformers models the batch and sequence dims are
+    dynamic without being asked; so is every dim whose size differs in a calibration batch;
+    ``dynamic_shapes`` (as for ``torch.export``, a dim named by a string needs no bounds) adds
+    more. A cache-returning model (``use_cache=True``) is traced without its cache.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

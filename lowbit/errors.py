@@ -27,3 +27,8 @@ class PassError(LowbitError):
 
 class ModelSpecError(LowbitError):
     """A MODEL argument names no known model, file, module or directory."""
+
+
+class InputError(LowbitError, ValueError):
+    """An input (example, calibration batch or run-time call) does not fit the traced model;
+    the message names the input, the dim and what is allowed."""

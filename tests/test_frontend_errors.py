@@ -38,8 +38,9 @@ def test_untraceable_model_names_module_and_reason():
 def test_trace_argument_errors():
     with pytest.raises(TypeError, match="needs a torch.nn.Module"):
         trace(lambda x: x, (torch.randn(2),))
-    with pytest.raises(TypeError, match="example_inputs must be a tuple"):
-        trace(torch.nn.ReLU(), torch.randn(2))
+    with pytest.raises(TypeError, match="example_inputs is a int; give a tuple of positional arguments"):
+        trace(torch.nn.ReLU(), 3)
+    assert len(trace(torch.nn.ReLU(), torch.randn(2)).graph.inputs) == 1  # one tensor is one argument
 
 
 def test_unknown_zoo_name_lists_valid_names():

@@ -2,25 +2,27 @@
 
 ``lowbit.frontend`` is the only package that imports ``torch.export``.
 
-    traced = lowbit.trace(model, (input_ids,), dynamic_shapes=({0: "batch", 1: "seq"},))
+    traced = lowbit.trace(model, (input_ids,))      # batch and seq dynamic for transformers models
     print(traced.graph)
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch.export import Dim, ExportedProgram, export
+from torch.export import ExportedProgram, export
 from torch.utils import _pytree as pytree
 
 from lowbit.errors import TraceError
+from lowbit.frontend.caches import drop_caches, without_cache
 from lowbit.frontend.convert import convert_program
+from lowbit.frontend.inputs import Call, align, check_shapes, example_call, leaf_names, plan_shapes
+from lowbit.frontend.noise import quiet
 from lowbit.ir.graph import Graph
 
 
@@ -34,6 +36,7 @@ class TracedModel:
     example_inputs: tuple
     notes: list[str] = field(default_factory=list)  # what passes chose to tell the user
     dim_ranges: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # named dim → (min, max)
+    example_kwargs: dict = field(default_factory=dict)
 
     def output_names(self) -> list[str]:
         """Names for the flat outputs: the output structure's keys where it has them."""
@@ -43,47 +46,22 @@ class TracedModel:
             return list(keys)
         return [f"output_{i}" for i in range(n)]
 
-    def flatten_inputs(self, args: tuple, kwargs: dict | None = None) -> list:
-        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+    def flatten_inputs(self, args: tuple, kwargs: dict | None = None, what: str = "input") -> list:
+        """The graph's inputs for a call; a call of another structure, or a tensor whose shape
+        the graph cannot serve, is an error naming the input, the dim and the allowed sizes."""
+        example = (tuple(self.example_inputs), dict(self.example_kwargs))
+        call = align((tuple(args), dict(kwargs or {})), example, what) if kwargs else (tuple(args), {})
+        leaves, spec = pytree.tree_flatten(call)
         if spec != self.in_spec:
-            raise TypeError(f"inputs do not have the traced structure:\n got {spec}\n want {self.in_spec}")
+            raise TypeError(f"{what} does not have the traced structure:\n got {spec}\n want {self.in_spec}")
+        check_shapes(self.graph, leaves, leaf_names(example), self.dim_ranges, what)
         return leaves
+
+    def example_leaves(self) -> list:
+        return self.flatten_inputs(self.example_inputs, self.example_kwargs)
 
     def unflatten_outputs(self, outputs: list) -> object:
         return pytree.tree_unflatten(outputs, self.out_spec)
-
-
-def _as_dim(spec: object, dims: dict[str, Dim]) -> object:
-    """A dim given by name (a string) becomes a torch.export Dim of that name."""
-    if isinstance(spec, str):
-        if spec not in dims:
-            dims[spec] = Dim(spec)
-        return dims[spec]
-    if isinstance(spec, dict):
-        return {k: _as_dim(v, dims) for k, v in spec.items()}
-    if isinstance(spec, (list, tuple)):
-        return type(spec)(_as_dim(v, dims) for v in spec)
-    return spec
-
-
-def _axis_names(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: object) -> list[dict[int, str]]:
-    """For each flattened input, the names of its dynamic axes (for printing symbolic dims)."""
-    if isinstance(shapes, dict):
-        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-        per_arg = [(value, shapes.get(name)) for name, value in bound.items()]
-    elif isinstance(shapes, (list, tuple)):
-        per_arg = list(zip(args, shapes)) + [(v, None) for v in kwargs.values()]
-    else:
-        per_arg = [(a, None) for a in (*args, *kwargs.values())]
-    out: list[dict[int, str]] = []
-    for value, spec in per_arg:
-        leaves = pytree.tree_leaves(value)
-        if isinstance(value, torch.Tensor) and spec is not None:
-            items = spec.items() if isinstance(spec, dict) else enumerate(spec)
-            out.append({int(k): getattr(d, "__name__", str(d)) for k, d in items if d is not None})
-        else:
-            out.extend({} for _ in leaves)
-    return out
 
 
 @contextlib.contextmanager
@@ -119,13 +97,12 @@ def _user_frame(exc: BaseException) -> str:
     return found
 
 
-def export_model(model: torch.nn.Module, example_inputs: tuple, kwargs: dict | None,
-                 dynamic_shapes: object) -> ExportedProgram:
-    shapes = _as_dim(dynamic_shapes, {}) if dynamic_shapes is not None else None
-    with _module_stack(model) as stack:
+def export_model(model: torch.nn.Module, call: Call, dynamic_shapes: object) -> ExportedProgram:
+    args, kwargs = call
+    with _module_stack(model) as stack, quiet():
         try:
-            ep = export(model, tuple(example_inputs), kwargs=kwargs, dynamic_shapes=shapes,
-                        strict=False)
+            ep = export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            return ep.run_decompositions({})  # functional ATen, higher-order ops inlined, no CIA decomps
         except Exception as e:
             where = f"inside module {stack[-1]}" if stack else "at the model's top level"
             frame = _user_frame(e)
@@ -135,34 +112,36 @@ def export_model(model: torch.nn.Module, example_inputs: tuple, kwargs: dict | N
                 f"torch.export could not trace {type(model).__name__}: it failed {where}"
                 + (f"\n  at {frame}" if frame else "")
                 + f"\n  torch says ({type(e).__name__}):\n    {reason_text}") from e
-    return ep.run_decompositions({})  # functional ATen, higher-order ops inlined, no CIA decomps
 
 
-def trace(model: torch.nn.Module, example_inputs: tuple, *, kwargs: dict | None = None,
-          dynamic_shapes: object = None, canonicalize: bool = True) -> TracedModel:
-    """Trace ``model`` on ``example_inputs`` (a tuple of positional arguments) into the IR.
+def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict | None = None,
+          dynamic_shapes: object = None, canonicalize: bool = True, samples: Iterable[Call] = ()
+          ) -> TracedModel:
+    """Trace ``model`` on an example call into the IR.
 
-    ``dynamic_shapes`` follows ``torch.export``; a dim may be given by name (a string such as
-    ``"batch"``), and that name is what the IR prints for it. With ``canonicalize`` the
-    ``canonicalize`` pipeline runs (dropout removal, addmm→linear, RMSNorm fusion, BatchNorm
-    folding, attention fusion, constant folding, dead code removal).
+    ``example_inputs`` is a tuple of positional arguments, a tensor, or a mapping of keyword
+    arguments (a tokenizer's output); ``kwargs`` adds keyword arguments. Which dims stay
+    dynamic is decided by ``lowbit.frontend.inputs.plan_shapes``: for transformers models the
+    batch and sequence dims by default, dims named in ``dynamic_shapes`` (a string name needs no
+    bounds: torch.export infers them), and every dim whose size differs in one of ``samples``
+    (the calibration calls). A key/value cache is never traced (see ``without_cache``). With
+    ``canonicalize`` the ``canonicalize`` pipeline runs (dropout removal, addmm→linear, RMSNorm
+    fusion, BatchNorm folding, attention fusion, constant folding, dead code removal).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"lowbit.trace needs a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(example_inputs, tuple):
-        raise TypeError("example_inputs must be a tuple of positional arguments, "
-                        f"got {type(example_inputs).__name__}")
+    example = example_call(example_inputs, kwargs)
+    plan = plan_shapes(model, example, dynamic_shapes, samples)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            ep = export_model(model, example_inputs, kwargs, dynamic_shapes)
+        with torch.no_grad(), without_cache(model) as cache_notes:
+            ep = export_model(model, plan.trace_call, plan.export_shapes)
     finally:
         model.train(was_training)
-    names = _axis_names(model, example_inputs, kwargs or {}, dynamic_shapes)
-    graph, ranges = convert_program(ep, names)
-    traced = TracedModel(graph, ep.call_spec.in_spec, ep.call_spec.out_spec, tuple(example_inputs),
-                         dim_ranges=ranges)
+    graph, ranges = convert_program(ep, plan.axis_names)
+    traced = TracedModel(graph, ep.call_spec.in_spec, drop_caches(ep.call_spec.out_spec), example[0],
+                         notes=cache_notes + plan.notes, dim_ranges=ranges, example_kwargs=example[1])
     if canonicalize:
         from lowbit.passes import run_pipeline
 

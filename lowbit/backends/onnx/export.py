@@ -255,7 +255,7 @@ def _example_spanning_blocks(traced: TracedModel, graph: Graph) -> tuple:
     block of its block-sparse attention (and of a few tokens past a block edge). Traced at a
     single block, torch.export takes the block count for the constant 1 and the ONNX graph
     silently computes wrong masks at longer inputs."""
-    example = list(traced.flatten_inputs(traced.example_inputs))
+    example = list(traced.example_leaves())
     want: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "attn.block_mask":
