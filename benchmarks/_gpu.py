@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import html
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -18,20 +17,18 @@ def device_name(device: str) -> str:
 
 
 def bench(fn, device: str, reps: int = 50) -> float:
-    """Median milliseconds per call: CUDA events around each call after warm-up (L2 not
-    flushed; the weights of the large shapes exceed it anyway), perf_counter on the CPU."""
+    """Median milliseconds per call: CUDA events around each call after warm-up (``do_bench``
+    clears the L2 cache before each call). On the CPU (``--smoke`` runs, which check the
+    scripts and time nothing worth reading) one call after the warm-up."""
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=reps * 2, return_mode="median"))
-    times = []
-    for _ in range(max(3, reps // 10)):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def write_table(rows: list[dict], folder: Path, name: str) -> None:

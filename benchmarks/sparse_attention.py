@@ -13,7 +13,8 @@ inputs the sparsity reached, the relative output error against SDPA and the soft
 Inputs are random but structured like real attention: queries and keys share a slowly
 drifting component (neighbouring tokens alike) plus a few recurring "topic" directions, so
 attention concentrates on some blocks; pure noise would spread it evenly.
-Writes sparse_attention.csv/.md and .svg to --out and prints the acceptance figures.
+Writes sparse_attention.csv/.md (rewritten after each point, so a run stopped early leaves the
+points done) and .svg to --out, and prints the acceptance figures (``_acceptance.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _acceptance import print_figures
 from _gpu import bench, device_name, svg_lines, write_table
 
 SEQS = [4096, 8192, 16384, 32768, 65536]
@@ -94,29 +96,23 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/sparse_attention.py needs a CUDA GPU (use --smoke to check the script on a CPU)")
     heads, dim, block, dtype = (2, 32, 32, torch.float32) if args.smoke else (32, 128, 64, torch.float16)
-    seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([256] if args.smoke else SEQS)
-    print(f"device: {device_name(device)}")
+    seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([128] if args.smoke else SEQS)
+    print(f"device: {device_name(device)}", flush=True)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for seq in seqs:
         for sp in SPARSITIES:
             rows.append(point(seq, sp, heads, dim, block, device, dtype))
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_table(rows, folder, "sparse_attention")
+            write_table(rows, folder, "sparse_attention")
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         series.setdefault(f"{int(100 * r['target'])}% sparse", []).append((r["seq"], r["speedup"]))
     svg_lines(series, folder / "sparse_attention.svg", "block-sparse attention (mask + kernel) vs SDPA",
               "sequence length", "× faster than SDPA")
     print((folder / "sparse_attention.md").read_text())
-    dense = [r for r in rows if r["target"] == 0.0]
-    fast = [r for r in rows if r["target"] == 0.9 and r["seq"] >= 16384]
-    if dense:
-        print(f"0% sparsity: max |err| {max(r['max_abs_err'] for r in dense):.2e} (goal ≤ 2e-3), "
-              f"time vs SDPA {max(1 / r['kernel_speedup'] for r in dense):.2f}× (goal ≤ 1.3×)")
-    if fast:
-        print(f"90% sparsity, seq ≥ 16k: {min(r['speedup'] for r in fast):.2f}× SDPA incl. mask building (goal ≥ 5×)")
+    print_figures(folder, ("sparse_attention",), args.smoke)
 
 
 if __name__ == "__main__":

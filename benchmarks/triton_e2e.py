@@ -10,7 +10,9 @@ in fp16. Times prefill (1 × 2048 tokens) and a decode step of 1 and 16 tokens (
 one token, the model run on those tokens alone: it has no KV cache, so the step is the linears'
 GEMV-shaped work plus attention over one token). Decode steps are timed inside CUDA graphs for
 both models, so per-op launch overhead of the graph executor does not hide the kernels.
-Writes e2e.csv/.md to --out.
+Writes e2e.csv/.md (rewritten after each model, so a run stopped early leaves the models done)
+and e2e.svg (speed-up over fp16 eager against tokens per step) to --out, and prints the
+acceptance figures (``_acceptance.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 
 import lowbit
-from _gpu import bench, device_name, write_table
+from _acceptance import print_figures
+from _gpu import bench, device_name, svg_lines, write_table
 
 STEPS = {"prefill 1×2048": (1, 2048), "decode 1 token": (1, 1), "decode 16 tokens": (16, 1)}
 
@@ -59,6 +62,38 @@ def time_step(fn, batch: int, seq: int, vocab: int, device: str, cuda_graph: boo
         return bench(lambda: fn(ids), device)
 
 
+def compile_all(model: torch.nn.Module, recipes: list[str], vocab: int) -> dict[str, torch.nn.Module]:
+    """recipe → the model compiled for the triton backend, on the CPU in fp32."""
+    example = (torch.randint(0, vocab, (2, 32)),)
+    calibration = [(torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    return {recipe: lowbit.compile(model, example, recipe=recipe, calibration=calibration, backend="triton",
+                                   dynamic_shapes=({0: "batch", 1: "seq"},), progress=False)
+            for recipe in recipes}
+
+
+def time_model(name: str, recipe: str, m: torch.nn.Module, steps: dict, vocab: int, device: str,
+               dtype: torch.dtype, cuda_graph: bool) -> list[dict]:
+    """One row per step for one model, moved to ``device`` in ``dtype`` and back."""
+    m.to(device, dtype)
+    rows = []
+    for step, (batch, seq) in steps.items():
+        t = time_step(lambda ids: m(ids), batch, seq, vocab, device, cuda_graph)
+        rows.append(dict(model=name, recipe=recipe, step=step, batch=batch, seq=seq, tokens=batch * seq, ms=t))
+        print(f"{name}, {step}: {t:.3g} ms", flush=True)
+    m.to("cpu")
+    return rows
+
+
+def plot(rows: list[dict], folder: Path) -> None:
+    """e2e.svg: each compiled model's speed-up over fp16 eager against tokens per step."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["recipe"] != "fp16":
+            series.setdefault(r["model"], []).append((r["tokens"], r["vs fp16 eager"]))
+    svg_lines(series, folder / "e2e.svg", "Llama-shaped model, lowbit triton vs fp16 eager (CUDA graphs)",
+              "tokens per step", "× faster")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-e2e")
@@ -69,34 +104,26 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/triton_e2e.py needs a CUDA GPU (use --smoke to check the script on a CPU)")
-    dims = (128, 2, 256, 4, 256) if args.smoke else (4096, 4, 11008, 32, 32000)
-    steps = {"prefill 1×64": (1, 64), "decode 1 token": (1, 1)} if args.smoke else STEPS
+    dims = (64, 1, 128, 2, 256) if args.smoke else (4096, 4, 11008, 32, 32000)
+    steps = {"prefill 1×16": (1, 16), "decode 1 token": (1, 1)} if args.smoke else STEPS
     dtype = torch.float32 if args.smoke else torch.float16
     model = llama(*dims)
     vocab = dims[-1]
-    example = (torch.randint(0, vocab, (2, 32)),)
-    calibration = [(torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
-    print(f"device: {device_name(device)}")
-    models: dict[str, torch.nn.Module] = {}
-    for recipe in args.recipes.split(","):  # compiled on the CPU in fp32, before anything moves
-        models[f"lowbit {recipe} (triton)"] = lowbit.compile(
-            model, example, recipe=recipe, calibration=calibration, backend="triton",
-            dynamic_shapes=({0: "batch", 1: "seq"},))
-    models = {"fp16 eager": model, **models}
-    rows = []
-    for name, m in models.items():
-        m.to(device, dtype)
-        for step, (batch, seq) in steps.items():
-            t = time_step(lambda ids: m(ids), batch, seq, vocab, device, not args.no_cuda_graph)
-            rows.append(dict(model=name, step=step, ms=t))
-        m.to("cpu")
-    base = {r["step"]: r["ms"] for r in rows if r["model"] == "fp16 eager"}
-    for r in rows:
-        r["vs fp16 eager"] = base[r["step"]] / r["ms"]
+    print(f"device: {device_name(device)}", flush=True)
+    compiled = compile_all(model, args.recipes.split(","), vocab)  # before anything moves
+    models = {"fp16": ("fp16 eager", model), **{r: (f"lowbit {r} (triton)", m) for r, m in compiled.items()}}
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
-    write_table(rows, folder, "e2e")
+    rows: list[dict] = []
+    for recipe, (name, m) in models.items():
+        rows += time_model(name, recipe, m, steps, vocab, device, dtype, not args.no_cuda_graph)
+        base = {r["step"]: r["ms"] for r in rows if r["recipe"] == "fp16"}
+        for r in rows:
+            r["vs fp16 eager"] = base[r["step"]] / r["ms"]
+        write_table(rows, folder, "e2e")
+    plot(rows, folder)
     print((folder / "e2e.md").read_text())
+    print_figures(folder, ("e2e",), args.smoke)
 
 
 if __name__ == "__main__":
