@@ -3,6 +3,7 @@ with ``lowbit inspect``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 
@@ -12,6 +13,7 @@ from lowbit.backends.torch import CompiledModule
 from lowbit.errors import InputError
 from lowbit.frontend.inputs import Call, align, as_call, example_call
 from lowbit.frontend.trace import TracedModel, trace
+from lowbit.ir.parser import clone_graph
 from lowbit.passes.base import PassContext
 from lowbit.passes.manager import PassManager, PassRecord
 from lowbit.passes.pipeline import parse_pipeline
@@ -46,7 +48,7 @@ def calibration_calls(calibration: Iterable | None, example: Call) -> list[Call]
     return calls
 
 
-def build(model: torch.nn.Module, example_inputs: object = (), *, pipeline: str | None = None,
+def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, pipeline: str | None = None,
           recipe: str | None = None, calibration: Iterable | None = None,
           kwargs: Mapping | None = None, dynamic_shapes: object = None, verify: bool = True,
           dump_dir: str | os.PathLike | None = None, measure_drift: bool = True,
@@ -55,10 +57,14 @@ def build(model: torch.nn.Module, example_inputs: object = (), *, pipeline: str 
     traced model (its graph transformed) and one record per pass. ``observer(traced, samples)``,
     if given, returns the callback the pass manager calls after each pass (the HTML report)."""
     passes = parse_pipeline(full_pipeline(pipeline, recipe))  # a bad pipeline fails before tracing
-    example = example_call(example_inputs, kwargs)
-    calls = calibration_calls(calibration, example)
-    traced = trace(model, example[0], kwargs=example[1], dynamic_shapes=dynamic_shapes,
-                   canonicalize=False, samples=calls or ())
+    if isinstance(model, TracedModel):  # traced once, compiled with several recipes
+        traced = dataclasses.replace(model, graph=clone_graph(model.graph), notes=list(model.notes))
+        calls = calibration_calls(calibration, (traced.example_inputs, traced.example_kwargs))
+    else:
+        example = example_call(example_inputs, kwargs)
+        calls = calibration_calls(calibration, example)
+        traced = trace(model, example[0], kwargs=example[1], dynamic_shapes=dynamic_shapes,
+                       canonicalize=False, samples=calls or ())
     samples = traced.example_leaves() if measure_drift else None
     batches = None if calls is None else [traced.flatten_inputs(*c, what=f"calibration batch {i}")
                                           for i, c in enumerate(calls)]
@@ -70,7 +76,7 @@ def build(model: torch.nn.Module, example_inputs: object = (), *, pipeline: str 
     return traced, records
 
 
-def compile(model: torch.nn.Module, example_inputs: object = (), *, recipe: str | None = None,
+def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, recipe: str | None = None,
             calibration: Iterable | None = None, pipeline: str | None = None,
             kwargs: Mapping | None = None, dynamic_shapes: object = None,
             verify: bool = True, dump_dir: str | os.PathLike | None = None,
@@ -93,6 +99,9 @@ def compile(model: torch.nn.Module, example_inputs: object = (), *, recipe: str 
     dynamic without being asked; so is every dim whose size differs in a calibration batch;
     ``dynamic_shapes`` (as for ``torch.export``, a dim named by a string needs no bounds) adds
     more. A cache-returning model (``use_cache=True``) is traced without its cache.
+
+    ``model`` may also be a ``TracedModel`` (``lowbit.trace``, or ``compiled.traced``): it is
+    copied and not traced again, so one trace serves several recipes; its dims stay as traced.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

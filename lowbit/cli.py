@@ -51,9 +51,7 @@ def _inspect(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     calibration = None
     if args.recipe:
-        from lowbit.evaluate import default_calibration
-
-        calibration, where = default_calibration(args.model, spec)
+        calibration, where = _calibration(args, spec)
         print(f"recipe {args.recipe}, calibration: {where}", file=sys.stderr)
     report = None
     if args.report:
@@ -102,17 +100,16 @@ def _export(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit.backends.onnx import compare_with_torch, export_onnx, fusion_report
     from lowbit.backends.onnx.validate import check
-    from lowbit.evaluate import default_calibration
     from lowbit.zoo import load_model
 
     spec = load_model(args.model)
-    calibration, where = default_calibration(args.model, spec)
-    model, example = spec.model, spec.example_inputs
+    calibration, where = _calibration(args, spec)
+    model, example, kwargs = spec.model, spec.example_inputs, spec.kwargs
     if args.dtype == "float16":  # traced in half precision, so the ONNX model computes in it
-        model, example = model.half(), _half(example)
+        model, example, kwargs = model.half(), _half(example), _half(kwargs)
         calibration = [_half(batch) for batch in calibration] if calibration is not None else None
     print(f"compiling {args.model} with {args.recipe or 'no recipe'} (calibration: {where}) ...", file=sys.stderr)
-    compiled = lowbit.compile(model, example, dynamic_shapes=spec.dynamic_shapes,
+    compiled = lowbit.compile(model, example, kwargs=kwargs or None, dynamic_shapes=spec.dynamic_shapes,
                               recipe=args.recipe, pipeline=args.pipeline, calibration=calibration)
     for note in compiled.traced.notes:
         print(f"note: {note}")
@@ -127,13 +124,36 @@ def _export(args: argparse.Namespace) -> int:
     check(path)
     print(f"wrote {path} ({sum(f.stat().st_size for f in path.parent.glob(path.name + '*')) / 2**20:.1f} MB); "
           "ONNX checker (full): passed")
-    inputs = compiled.traced.flatten_inputs(example)
+    inputs = compiled.traced.example_leaves()
     diff = compare_with_torch(path, compiled, [v.name for v in compiled.graph.inputs], inputs)
     print(f"ONNX Runtime vs lowbit torch backend on the example inputs: max |diff| {diff['max_abs']:.2e}, "
           f"cosine {diff['cosine']:.6f}")
     if weights.layers:
         print(fusion_report(path, weights.layers).text())
     return 0
+
+
+def _calibration(args: argparse.Namespace, spec) -> tuple[list, str]:
+    """``--calibration FILE`` tokenized with the model's tokenizer, else the zoo model's own set."""
+    if getattr(args, "calibration", None):
+        from lowbit.zoo import text_calibration
+
+        batches = text_calibration(spec, args.calibration, samples=args.samples, max_length=args.max_length,
+                                   batch_size=args.batch_size)
+        lines = sum(len(next(iter(b.values()))) for b in batches)
+        return batches, f"{lines} lines of {args.calibration} (at most {args.max_length} tokens each)"
+    from lowbit.evaluate import default_calibration
+
+    return default_calibration(args.model, spec)
+
+
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration text, one sample per line, tokenized with the model folder's tokenizer "
+                        "(default: the zoo model's shipped set, else its example inputs)")
+    p.add_argument("--samples", type=int, default=128, help="with --calibration: at most this many lines")
+    p.add_argument("--max-length", type=int, default=512, help="with --calibration: tokens per sample at most")
+    p.add_argument("--batch-size", type=int, default=8, help="with --calibration: samples per batch")
 
 
 def _half(tree):
@@ -191,6 +211,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-drift", action="store_true", help="skip running the graph after each pass")
     p.add_argument("--why-not", metavar="RULE", help="explain where a pattern rule did not match")
     p.add_argument("--where", metavar="MODULE", help="with --why-not: only nodes under this module path")
+    _add_calibration_options(p)
     p.set_defaults(fn=_inspect)
     x = sub.add_parser("export", help="compile a model and write ONNX that ONNX Runtime runs fast")
     x.add_argument("model", help="zoo name, file.py:factory, package.module:factory, or a transformers dir")
@@ -210,6 +231,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="block-sparse attention as dense attention with the block mask (default, runs "
                         "anywhere) or as com.microsoft.SparseAttention (causal prompts; the model then "
                         "takes and returns key/value caches, see docs)")
+    _add_calibration_options(x)
     x.set_defaults(fn=_export)
     e = sub.add_parser("eval", help="quality of quantization recipes vs fp32")
     e.add_argument("model", help="minilm (cosine of mean-pooled sentence embeddings) or "

@@ -30,6 +30,7 @@ class ModelSpec:
     dynamic_shapes: object = None
     kwargs: dict = field(default_factory=dict)
     description: str = ""
+    tokenizer: object = None  # a transformers tokenizer, for text calibration
 
 
 def _token_inputs(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
@@ -194,19 +195,73 @@ def _load_factory(spec: str) -> ModelSpec:
     return _from_factory(factory, spec)
 
 
+def _model_class(config):
+    """The class ``config.architectures`` names (a causal LM keeps its head), else AutoModel."""
+    import transformers as tf
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(tf, name, None)
+        if cls is not None:
+            return cls
+    return tf.AutoModel
+
+
+def _tokenizer(path: Path):
+    """The folder's tokenizer, or None; one without a pad token pads with its end token."""
+    import transformers as tf
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                              "tokenizer.model", "vocab.json")):
+        return None
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def _load_transformers_dir(path: Path) -> ModelSpec:
+    """A local transformers folder as ``from_pretrained`` gives it (default config, cache on):
+    text models get an example from the folder's tokenizer (or random ids without one), image
+    models random pixels. The batch and sequence dims are dynamic without being asked."""
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(path)
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
-    model = tf.AutoModel.from_pretrained(path, config=config).eval()
+    model = _model_class(config).from_pretrained(path).eval()
     if getattr(config, "num_channels", None) and getattr(config, "image_size", None):
         size = config.image_size
         pixels = torch.randn(2, config.num_channels, size, size, generator=torch.Generator().manual_seed(0))
-        return ModelSpec(model, (pixels,), ({0: "batch"},), description=f"{config.model_type} from {path}")
-    ids = _token_inputs(min(int(getattr(config, "vocab_size", 100)), 1000))
-    return ModelSpec(model, (ids,), _SEQ, description=f"{config.model_type} from {path}")
+        return ModelSpec(model, (pixels,), description=f"{config.model_type} from {path}")
+    tok = _tokenizer(path)
+    if tok is None:
+        ids = _token_inputs(min(int(getattr(config, "vocab_size", 100)), 1000))
+        return ModelSpec(model, (ids,), description=f"{config.model_type} from {path} (no tokenizer)")
+    enc = tok(MINILM_SENTENCES, padding=True, return_tensors="pt")
+    return ModelSpec(model, (), kwargs=dict(enc), tokenizer=tok,
+                     description=f"{config.model_type} from {path}")
+
+
+def text_calibration(spec: ModelSpec, path: str | Path, *, samples: int = 128, max_length: int = 512,
+                     batch_size: int = 8) -> list[dict]:
+    """Calibration batches from a text file (one sample per line, blank lines skipped), tokenized
+    with the model's tokenizer like its example: at most ``samples`` lines, each cut to
+    ``max_length`` tokens, padded to the longest in its batch."""
+    path = Path(path)
+    if spec.tokenizer is None:
+        raise ModelSpecError(f"--calibration {path}: the model has no tokenizer to read text with "
+                             "(a transformers folder with tokenizer files has one)")
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()][:samples]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelSpecError(f"cannot read calibration text {path}: {e}") from None
+    if not lines:
+        raise ModelSpecError(f"calibration text {path} has no non-blank line")
+    keys = list(spec.kwargs)
+    out = []
+    for i in range(0, len(lines), batch_size):
+        enc = spec.tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                             return_tensors="pt")
+        out.append({k: enc[k] for k in keys})
+    return out
 
 
 def load_model(spec: str) -> ModelSpec:

@@ -187,7 +187,7 @@ class _Converter:
 def _op_name(target: object) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"aten.{target._opname}.{target._overloadname}" if target.namespace == "aten" else \
-            f"{target.namespace}.{target._opname}.{target._overloadname}"
+            f"ops.{target.namespace}.{target._opname}.{target._overloadname}"  # another library's op
     if getattr(target, "__module__", None) in ("_operator", "operator"):
         return f"operator.{target.__name__}"
     raise TraceError(f"unsupported call target {target!r}")

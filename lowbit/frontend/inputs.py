@@ -56,6 +56,20 @@ def example_call(example_inputs: object, kwargs: Mapping | None) -> Call:
     return args, kw
 
 
+def unnamed_kwargs(model: torch.nn.Module, kwargs: Mapping) -> list[str]:
+    """Keywords the model's forward does not name, which only its ``**kwargs`` would take (a
+    tokenizer's ``token_type_ids`` given to a Llama). torch.export cannot give such inputs
+    dynamic shapes, and the model ignores them, so they are left out."""
+    params = inspect.signature(model.forward).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [k for k in kwargs if k not in params]
+
+
+def drop_kwargs(call: Call, keys: list[str]) -> Call:
+    return call[0], {k: v for k, v in call[1].items() if k not in keys}
+
+
 def align(call: Call, example: Call, what: str) -> Call:
     """``call`` with its keyword arguments in the example's order; a call with other keywords
     or another number of positional arguments is an error naming the difference."""

@@ -21,7 +21,8 @@ from torch.utils import _pytree as pytree
 from lowbit.errors import TraceError
 from lowbit.frontend.caches import drop_caches, without_cache
 from lowbit.frontend.convert import convert_program
-from lowbit.frontend.inputs import Call, align, check_shapes, example_call, leaf_names, plan_shapes
+from lowbit.frontend.inputs import (Call, align, check_shapes, drop_kwargs, example_call, leaf_names,
+                                    plan_shapes, unnamed_kwargs)
 from lowbit.frontend.noise import quiet
 from lowbit.ir.graph import Graph
 
@@ -37,6 +38,7 @@ class TracedModel:
     notes: list[str] = field(default_factory=list)  # what passes chose to tell the user
     dim_ranges: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # named dim → (min, max)
     example_kwargs: dict = field(default_factory=dict)
+    ignored_kwargs: tuple[str, ...] = ()  # keywords the forward only takes as **kwargs: dropped
 
     def output_names(self) -> list[str]:
         """Names for the flat outputs: the output structure's keys where it has them."""
@@ -50,7 +52,8 @@ class TracedModel:
         """The graph's inputs for a call; a call of another structure, or a tensor whose shape
         the graph cannot serve, is an error naming the input, the dim and the allowed sizes."""
         example = (tuple(self.example_inputs), dict(self.example_kwargs))
-        call = align((tuple(args), dict(kwargs or {})), example, what) if kwargs else (tuple(args), {})
+        kwargs = {k: v for k, v in (kwargs or {}).items() if k not in self.ignored_kwargs}
+        call = align((tuple(args), kwargs), example, what) if kwargs else (tuple(args), {})
         leaves, spec = pytree.tree_flatten(call)
         if spec != self.in_spec:
             raise TypeError(f"{what} does not have the traced structure:\n got {spec}\n want {self.in_spec}")
@@ -131,6 +134,8 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"lowbit.trace needs a torch.nn.Module, got {type(model).__name__}")
     example = example_call(example_inputs, kwargs)
+    ignored = unnamed_kwargs(model, example[1])
+    example, samples = drop_kwargs(example, ignored), [drop_kwargs(c, ignored) for c in samples]
     plan = plan_shapes(model, example, dynamic_shapes, samples)
     was_training = model.training
     model.eval()
@@ -141,7 +146,11 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
         model.train(was_training)
     graph, ranges = convert_program(ep, plan.axis_names)
     traced = TracedModel(graph, ep.call_spec.in_spec, drop_caches(ep.call_spec.out_spec), example[0],
-                         notes=cache_notes + plan.notes, dim_ranges=ranges, example_kwargs=example[1])
+                         notes=cache_notes + plan.notes, dim_ranges=ranges, example_kwargs=example[1],
+                         ignored_kwargs=tuple(ignored))
+    if ignored:
+        traced.notes.insert(0, f"{', '.join(ignored)}: not a parameter of {type(model).__name__}.forward (only "
+                               "**kwargs would take it): left out of the trace, and ignored when given")
     if canonicalize:
         from lowbit.passes import run_pipeline
 

@@ -22,7 +22,7 @@ from lowbit.errors import VerifyError
 from lowbit.ir.attrs import AttrKind, AttrValue, CallArgs, EnumAttr, Ref
 from lowbit.ir.types import DType, Type
 
-OPAQUE_PREFIXES = ("aten.", "operator.")
+OPAQUE_PREFIXES = ("aten.", "operator.", "ops.")  # ops.<namespace>: another library's torch custom op
 _REQUIRED = object()
 
 
@@ -108,13 +108,18 @@ def resolve_target(name: str) -> Callable[..., object]:
             raise VerifyError(f"unknown Python operator {name!r}")
         return fn
     parts = name.split(".")
-    if len(parts) != 3:
-        raise VerifyError(f"opaque op {name!r} must be written aten.<op>.<overload>")
+    if parts[0] == "ops" and len(parts) == 4:  # ops.<namespace>.<op>.<overload>
+        namespace, parts = parts[1], parts[1:]
+    elif len(parts) == 3:
+        namespace = "aten"
+    else:
+        raise VerifyError(f"opaque op {name!r} must be written aten.<op>.<overload> or "
+                          "ops.<namespace>.<op>.<overload>")
     try:
-        packet = getattr(torch.ops.aten, parts[1])
+        packet = getattr(getattr(torch.ops, namespace), parts[1])
         return getattr(packet, parts[2])
     except (AttributeError, RuntimeError):
-        raise VerifyError(f"torch has no ATen op {name!r}") from None
+        raise VerifyError(f"torch has no op {name!r} (is the library that defines it imported?)") from None
 
 
 def _opaque_reference(*operands, __target__, args: CallArgs):

@@ -89,6 +89,10 @@ class InsertQdq(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         linears = self._targets(graph)
+        convs = [n for n in graph.nodes if n.op.startswith("core.conv") and not _matches(n.loc.module, self.skip)]
+        if convs:  # said, not skipped silently
+            ctx.note(f"{self.name}: quantizes linear layers only; {len(convs)} convolution(s) stay float "
+                     f"(e.g. {convs[0].loc.module or convs[0].results[0].name})")
         hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" else {}
         if self.acts != "none":
             self._quantize_activations(graph, ctx, [(n, 0) for n in linears],

@@ -27,6 +27,7 @@ from lowbit.backends.onnx import ops
 from lowbit.backends.onnx import sparse_attention as sparse
 from lowbit.errors import LowbitError
 from lowbit.frontend import Dim
+from lowbit.frontend.noise import quiet
 from lowbit.frontend.trace import TracedModel
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.interpreter import Executor
@@ -238,16 +239,28 @@ def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool
         raise ValueError(f"opset {opset} cannot hold this model's types: it needs opset {need} or later")
     module = _ExportModule(graph, attention_op, hadamard, sparse_attention).eval()
     example = _example_spanning_blocks(traced, graph)
-    with ops.target_opset(opset or need):
+    with ops.target_opset(opset or need), quiet():
         program = torch.onnx.export(
             module, example, dynamo=True, dynamic_shapes=(_dynamic_shapes(traced),),  # forward(*inputs)
             input_names=[v.name for v in traced.graph.inputs], output_names=traced.output_names(),
-            custom_translation_table={**ops.TRANSLATIONS, **sparse.TRANSLATIONS}, opset_version=opset or need,
+            custom_translation_table={**_library_translations(), **ops.TRANSLATIONS, **sparse.TRANSLATIONS},
+            opset_version=opset or need,
             optimize=True, verbose=False)
     model = program.model_proto
     _int4_initializers(model, weights.int4)
     sparse.add_cache_io(model)
     return model, weights
+
+
+def _library_translations() -> dict:
+    """The ONNX translations a model library ships for its own torch custom ops (transformers'
+    MoE ``grouped_mm_fallback``): the op then exports as the library meant it. ATen entries are
+    left to torch's exporter."""
+    try:
+        from transformers.exporters.exporter_onnx import _ONNX_TRANSLATION_TABLE as table
+    except Exception:  # an older transformers, or no onnxscript: those ops cannot export
+        return {}
+    return {op: fn for op, fn in table.items() if getattr(op, "namespace", "aten") != "aten"}
 
 
 def _example_spanning_blocks(traced: TracedModel, graph: Graph) -> tuple:

@@ -23,7 +23,7 @@ PIPELINE = "fuse-quantized-linear,fuse-static-linear,fuse-hadamard-quantize"
 
 
 def _key(node: Node) -> str:
-    return "n_" + "".join(ch if ch.isalnum() else "_" for ch in node.result.name)
+    return "n_" + "".join(ch if ch.isalnum() else "_" for ch in node.results[0].name)  # split, topk: several
 
 
 def _hadamard(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,31 @@
+"""The coverage matrix (``lowbit.families``): every architecture, built from a small config with
+every other setting at its default, compiles equal to eager, quantizes with calibration batches
+of three lengths, rotates, exports to ONNX Runtime and runs on the triton backend."""
+
+from pathlib import Path
+
+import pytest
+
+from lowbit.families import CELLS, FAMILIES, run_family
+
+DOC = Path(__file__).parent.parent / "docs" / "models.md"
+
+
+def test_the_matrix_covers_the_families_users_hold():
+    kinds = [f.inputs for f in FAMILIES.values()]
+    assert len(FAMILIES) >= 20
+    assert kinds.count("ids") >= 12 and kinds.count("tokens") >= 5 and kinds.count("image") >= 5
+    assert "audio" in kinds or "t5-encoder" in FAMILIES
+    assert all(f"| {name} |" in DOC.read_text() for name in FAMILIES), "regenerate docs/models.md"
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family(name, tmp_path):
+    cells = run_family(name, tmp_path)
+    assert list(cells) == list(CELLS)
+    failed = {c: v.text for c, v in cells.items() if v.status == "fail"}
+    assert not failed, f"{name}: {failed}"
+    for cell, v in cells.items():  # a note is only what a pass said it could not do
+        if v.status == "note":
+            rotation_said = cell == "rotation" and ("fuse-norms" in v.text or "rotate-residual" in v.text)
+            assert rotation_said or "stay float" in v.text, v.text  # insert-qdq's convolution note
