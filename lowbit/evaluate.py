@@ -132,7 +132,9 @@ def default_calibration(name: str, spec) -> tuple[list[tuple], str]:
         return minilm_batches("calibration"), "256 shipped calibration sentences"
     if name == "byte-llama":
         return byte_windows("calib"), "32 KB of byte-llama's training text"
-    return [spec.example_inputs], "the example inputs only (random: fine for structure, not for accuracy)"
+    example = dict(spec.kwargs) if spec.kwargs else spec.example_inputs
+    return [example], ("the example inputs only (fine for structure, not for accuracy: "
+                       "give --calibration FILE)")
 
 
 def report_quality(name: str):

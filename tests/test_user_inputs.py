@@ -70,6 +70,18 @@ def test_tokenizer_output_as_example_and_calibration(encoder, tokenizer):
     assert torch.equal(q(**reordered).last_hidden_state, out.last_hidden_state)
 
 
+def test_string_dims_need_no_bounds(encoder, tokenizer):
+    """A dim named by a string is Dim.AUTO: torch.export infers BERT's 512-position limit."""
+    enc = tokenizer(SENTENCES[:2], padding=True, return_tensors="pt")
+    seq = {0: "batch", 1: "seq"}
+    fast = lowbit.compile(encoder, (enc["input_ids"], enc["attention_mask"]), dynamic_shapes=(seq, seq))
+    assert fast.traced.dim_ranges["seq"][1] == encoder.config.max_position_embeddings
+    assert [v.tensor_type.shape for v in fast.graph.inputs] == [("batch", "seq"), ("batch", "seq")]
+    ids = torch.randint(1000, 2000, (3, 40))
+    mask = torch.ones_like(ids)
+    assert rel_err(fast(ids, mask).last_hidden_state, encoder(ids, mask).last_hidden_state) < 1e-5
+
+
 def test_dataloader_of_dicts_and_one_tensor_example(encoder, tokenizer):
     texts = SENTENCES[:12]
     loader = torch.utils.data.DataLoader(
@@ -152,6 +164,8 @@ def test_cli_exports_a_transformers_folder_with_text_calibration(model_dir, tmp_
 
 def test_cli_calibration_errors_are_clear(model_dir, tmp_path, capsys):
     folder, _ = model_dir
+    assert main(["inspect", str(folder), "--recipe", "w8a8", "--no-drift"]) == 0  # the example calibrates
+    assert "give --calibration FILE" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     assert main(["inspect", str(folder), "--recipe", "w8a8", "--calibration", str(empty)]) == 2
