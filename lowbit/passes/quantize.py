@@ -102,10 +102,15 @@ class InsertQdq(Pass):
             self._quantize_activations(graph, ctx, [(n, i) for n in attention for i in (1, 2)],
                                        parse_qspec(self.kv, f"{self.name}.kv"), "")
         wspec = parse_qspec(self.weights, f"{self.name}.weights")
+        per_channel: list[str] = []  # layers whose in features do not split into groups
         for node in tqdm(linears, desc=f"{self.name} weights", disable=not ctx.progress or not hessians,
                          leave=False):
-            spec = self._layer_spec(node, wspec, graph, ctx)
+            spec = self._layer_spec(node, wspec, graph, per_channel)
             self._quantize_weight(graph, node, spec, hessians.get(id(node)))
+        if per_channel:  # one note for all, not one a layer
+            ctx.note(f"{self.name}: {len(per_channel)} layer(s) quantized per channel, their in features "
+                     f"not a multiple of the group: {', '.join(per_channel[:4])}"
+                     + (", ..." if len(per_channel) > 4 else ""))
         remove_dead_nodes(graph)  # the float weights
         return bool(linears)
 
@@ -118,7 +123,7 @@ class InsertQdq(Pass):
             out.append((pattern.strip(), spec.strip()))
         return out
 
-    def _layer_spec(self, node: Node, spec: QSpec, graph: Graph, ctx: PassContext) -> QSpec:
+    def _layer_spec(self, node: Node, spec: QSpec, graph: Graph, per_channel: list[str]) -> QSpec:
         """The spec for one layer: an override's if its pattern matches; per channel where the
         in features do not split into groups."""
         for pattern, text in self._overrides():
@@ -127,8 +132,8 @@ class InsertQdq(Pass):
                 break
         cols = graph.tensor(node.operand(1)).shape[1]
         if spec.granularity == "group" and cols % spec.group_size:
-            ctx.note(f"{self.name}: {node.loc.module or node.results[0].name} has {cols} in features, "
-                     f"not a multiple of group {spec.group_size}: quantized per channel")
+            per_channel.append(f"{node.loc.module or node.results[0].name} ({cols} in features, "
+                                     f"group {spec.group_size})")
             return QSpec(spec.dtype, "channel", None, spec.symmetric)
         return spec
 

@@ -45,6 +45,7 @@ def optimized_graph(path: str | Path, provider: str = "CPUExecutionProvider") ->
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "optimized.onnx"
         so = ort.SessionOptions()
+        so.log_severity_level = 3  # its note on serializing an optimized graph is for it alone
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = str(out)
         ort.InferenceSession(str(path), so, providers=[provider])
