@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lowbit
+from conftest import rel_err
 from lowbit.api import build
 from lowbit.errors import PipelineError
 from lowbit.ir import DType, parse_graph, verify
@@ -181,3 +182,30 @@ def test_byte_llama_perplexity_table():
     assert rows["fp32"] < 5.5  # the shipped model is trained (≈ 1.61 nats/byte)
     assert rows["w8a8"] <= 1.02 * rows["fp32"]
     assert rows["w4a16"] < rows["w4a16-rtn"] and rows["w4a16-gptq"] < rows["w4a16-rtn"]
+
+
+def test_convolutions_are_quantized_per_output_channel_and_export(tmp_path):
+    """insert-qdq quantizes conv2d weights per output channel and their inputs with one static
+    scale; the graph runs within the quantization error and exports to ONNX Runtime."""
+    from lowbit.backends.onnx import compare_with_torch
+
+    spec = zoo.tiny_cnn()
+    gen = torch.Generator().manual_seed(1)
+    calibration = [(torch.randn(4, 3, 16, 16, generator=gen),) for _ in range(3)]
+    q = lowbit.compile(spec.model, spec.example_inputs, recipe="w8a8", calibration=calibration, progress=False)
+    convs = [n for n in q.graph.nodes if n.op == "core.conv2d"]
+    assert len(convs) == 2
+    for conv in convs:
+        w = conv.operand(1).producer
+        assert w.op == "quant.dequantize" and w.attrs["axis"] == 0
+        assert w.operand(0).tensor_type.dtype == DType.i8 and w.operand(1).tensor_type.shape == (conv.operand(1).tensor_type.shape[0],)
+        assert conv.operand(0).producer.op == "quant.dequantize"  # a static QDQ on the input
+    x = torch.randn(5, 3, 16, 16, generator=gen)
+    assert rel_err(q(x), spec.model(x)) < 0.05
+    path, _ = q.export_onnx(tmp_path / "cnn.onnx")
+    assert compare_with_torch(path, q, [v.name for v in q.graph.inputs], [x])["cosine"] > 0.9999
+    w4 = lowbit.compile(spec.model, spec.example_inputs, recipe="w4a16", calibration=calibration, progress=False)
+    assert any("convolution(s) quantized per output channel" in n for n in w4.traced.notes)
+    dyn = lowbit.compile(spec.model, spec.example_inputs, recipe="w8a8-dynamic", calibration=calibration,
+                         progress=False)
+    assert any("convolution(s) stay float" in n for n in dyn.traced.notes)

@@ -60,7 +60,7 @@ class InsertQdq(Pass):
     name: ClassVar[str] = "insert-qdq"
     lossless: ClassVar[bool] = False
     idempotent: ClassVar[bool] = False
-    summary: ClassVar[str] = "quantize linear weights and activations (QDQ)"
+    summary: ClassVar[str] = "quantize linear and convolution weights and activations (QDQ)"
     weights: str = "int8/channel"
     acts: str = "none"
     kv: str = "none"         # the key and value inputs of attention
@@ -89,14 +89,13 @@ class InsertQdq(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         linears = self._targets(graph)
-        convs = [n for n in graph.nodes if n.op.startswith("core.conv") and not _matches(n.loc.module, self.skip)]
-        if convs:  # said, not skipped silently
-            ctx.note(f"{self.name}: quantizes linear layers only; {len(convs)} convolution(s) stay float "
-                     f"(e.g. {convs[0].loc.module or convs[0].results[0].name})")
+        convs = [n for n in graph.nodes if n.op == "core.conv2d" and graph.is_constant(n.operands[1])
+                 and not _matches(n.loc.module, self.skip)]
         hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" else {}
         if self.acts != "none":
-            self._quantize_activations(graph, ctx, [(n, 0) for n in linears],
-                                       parse_qspec(self.acts, f"{self.name}.acts"), self.dynamic)
+            acts = parse_qspec(self.acts, f"{self.name}.acts")
+            self._quantize_activations(graph, ctx, [(n, 0) for n in linears], acts, self.dynamic)
+            self._quantize_conv_inputs(graph, ctx, convs, acts)
         if self.kv != "none":
             attention = [n for n in graph.nodes if n.op == "core.sdpa" and not _matches(n.loc.module, self.skip)]
             self._quantize_activations(graph, ctx, [(n, i) for n in attention for i in (1, 2)],
@@ -111,8 +110,32 @@ class InsertQdq(Pass):
             ctx.note(f"{self.name}: {len(per_channel)} layer(s) quantized per channel, their in features "
                      f"not a multiple of the group: {', '.join(per_channel[:4])}"
                      + (", ..." if len(per_channel) > 4 else ""))
+        self._quantize_conv_weights(graph, ctx, convs, wspec)
         remove_dead_nodes(graph)  # the float weights
-        return bool(linears)
+        return bool(linears or convs)
+
+    def _quantize_conv_weights(self, graph: Graph, ctx: PassContext, convs: list[Node], wspec: QSpec) -> None:
+        """Convolution weights [out, in/groups, kh, kw]: one scale per output channel (a group
+        spec too: groups run along a linear's in features), round to nearest."""
+        for node in convs:
+            spec = self._layer_spec(node, wspec, graph, [])
+            if spec.granularity == "group":
+                spec = QSpec(spec.dtype, "channel", None, spec.symmetric)
+            self._quantize_weight(graph, node, spec, None)
+        if convs and (wspec.granularity == "group" or self.rounding == "gptq"):
+            ctx.note(f"{self.name}: {len(convs)} convolution(s) quantized per output channel by rounding "
+                     "to nearest (groups and GPTQ apply to linear layers)")
+
+    def _quantize_conv_inputs(self, graph: Graph, ctx: PassContext, convs: list[Node], spec: QSpec) -> None:
+        """A convolution's input gets one calibrated scale (and zero point); per-token or dynamic
+        specs are for linears' [tokens, features] inputs, so then convolutions read float."""
+        if not convs:
+            return
+        if spec.dynamic or spec.granularity != "tensor":
+            ctx.note(f"{self.name}: the inputs of {len(convs)} convolution(s) stay float: activation spec "
+                     f"{self.acts} is per token or dynamic (convolutions take one static scale)")
+            return
+        self._quantize_activations(graph, ctx, [(n, 0) for n in convs], spec, "", auto_dynamic=False)
 
     def _overrides(self) -> list[tuple[str, str]]:
         out = []
@@ -148,10 +171,13 @@ class InsertQdq(Pass):
     def _quantize_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None) -> None:
         w = node.operand(1)
         name = str(w.producer.attrs["name"])
+        full = graph.tensor(w).float()
+        flat = full.reshape(full.shape[0], -1)  # a convolution's [out, in, kh, kw] as rows
         if hessian is not None:
-            q, scale, zp, attrs = gptq_quantize(graph.tensor(w).float(), hessian, spec, self.damp, self.act_order)
+            q, scale, zp, attrs = gptq_quantize(flat, hessian, spec, self.damp, self.act_order)
         else:
-            q, scale, zp, attrs = quantize_weight(graph.tensor(w).float(), spec)
+            q, scale, zp, attrs = quantize_weight(flat, spec)
+        q = q.reshape(full.shape)
         loc = Location(node.loc.module)
         qv = graph.constant(q, f"{name}.q", loc, dtype=spec.dtype)
         sv = graph.constant(scale, f"{name}.scale", loc)
@@ -163,7 +189,7 @@ class InsertQdq(Pass):
         node.touch(self.name)
 
     def _quantize_activations(self, graph: Graph, ctx: PassContext, uses: list[tuple[Node, int]],
-                              spec: QSpec, force_dynamic: str) -> None:
+                              spec: QSpec, force_dynamic: str, auto_dynamic: bool = True) -> None:
         """QDQ on operand ``index`` of each listed node; one pair per distinct value."""
         groups: dict[int, tuple[Value, list[tuple[Node, int]]]] = {}
         for node, index in uses:
@@ -175,7 +201,8 @@ class InsertQdq(Pass):
                           progress=ctx.progress, desc=self.name) if static else {}
         for x, users in groups.values():
             st = stats.get(x.name)
-            dynamic = st is None or (self.auto_dynamic > 0 and static_rel_error(st, spec) > self.auto_dynamic)
+            dynamic = st is None or (auto_dynamic and self.auto_dynamic > 0
+                                     and static_rel_error(st, spec) > self.auto_dynamic)
             first = users[0][0]
             if dynamic:
                 dyn = parse_qspec(self.dynamic_acts, f"{self.name}.dynamic_acts") if self.dynamic_acts != "none" else spec
