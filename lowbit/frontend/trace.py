@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import traceback
 from collections.abc import Iterable, Iterator
@@ -51,14 +52,21 @@ class TracedModel:
     def flatten_inputs(self, args: tuple, kwargs: dict | None = None, what: str = "input") -> list:
         """The graph's inputs for a call; a call of another structure, or a tensor whose shape
         the graph cannot serve, is an error naming the input, the dim and the allowed sizes."""
-        example = (tuple(self.example_inputs), dict(self.example_kwargs))
         kwargs = {k: v for k, v in (kwargs or {}).items() if k not in self.ignored_kwargs}
-        call = align((tuple(args), kwargs), example, what) if kwargs else (tuple(args), {})
+        call = align((tuple(args), kwargs), self._example, what) if kwargs else (tuple(args), {})
         leaves, spec = pytree.tree_flatten(call)
         if spec != self.in_spec:
             raise TypeError(f"{what} does not have the traced structure:\n got {spec}\n want {self.in_spec}")
-        check_shapes(self.graph, leaves, leaf_names(example), self.dim_ranges, what)
+        check_shapes(self.graph, leaves, self._input_labels, self.dim_ranges, what)
         return leaves
+
+    @functools.cached_property
+    def _example(self) -> Call:
+        return tuple(self.example_inputs), dict(self.example_kwargs)
+
+    @functools.cached_property
+    def _input_labels(self) -> list[str]:  # computed once: flatten_inputs runs on every call
+        return leaf_names(self._example)
 
     def example_leaves(self) -> list:
         return self.flatten_inputs(self.example_inputs, self.example_kwargs)
