@@ -57,6 +57,10 @@ def main() -> int:
     parser.add_argument("families", nargs="*", help="families to run (default: all, and write docs/models.md)")
     args = parser.parse_args()
     names = args.families or list(FAMILIES)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                     f"known: {', '.join(FAMILIES)}")
     results, start = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         for name in names:

@@ -53,7 +53,7 @@ class TracedModel:
         """The graph's inputs for a call; a call of another structure, or a tensor whose shape
         the graph cannot serve, is an error naming the input, the dim and the allowed sizes."""
         kwargs = {k: v for k, v in (kwargs or {}).items() if k not in self.ignored_kwargs}
-        call = align((tuple(args), kwargs), self._example, what) if kwargs else (tuple(args), {})
+        call = align((tuple(args), kwargs), self._example, what)
         leaves, spec = pytree.tree_flatten(call)
         if spec != self.in_spec:
             raise TypeError(f"{what} does not have the traced structure:\n got {spec}\n want {self.in_spec}")

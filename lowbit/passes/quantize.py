@@ -94,8 +94,9 @@ class InsertQdq(Pass):
         hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" else {}
         if self.acts != "none":
             acts = parse_qspec(self.acts, f"{self.name}.acts")
-            self._quantize_activations(graph, ctx, [(n, 0) for n in linears], acts, self.dynamic)
-            self._quantize_conv_inputs(graph, ctx, convs, acts)
+            static_only = self._conv_inputs(ctx, convs, acts)  # calibrated in the same pass as the linears'
+            self._quantize_activations(graph, ctx, [(n, 0) for n in linears + static_only], acts, self.dynamic,
+                                       {id(n) for n in static_only})
         if self.kv != "none":
             attention = [n for n in graph.nodes if n.op == "core.sdpa" and not _matches(n.loc.module, self.skip)]
             self._quantize_activations(graph, ctx, [(n, i) for n in attention for i in (1, 2)],
@@ -126,16 +127,15 @@ class InsertQdq(Pass):
             ctx.note(f"{self.name}: {len(convs)} convolution(s) quantized per output channel by rounding "
                      "to nearest (groups and GPTQ apply to linear layers)")
 
-    def _quantize_conv_inputs(self, graph: Graph, ctx: PassContext, convs: list[Node], spec: QSpec) -> None:
-        """A convolution's input gets one calibrated scale (and zero point); per-token or dynamic
-        specs are for linears' [tokens, features] inputs, so then convolutions read float."""
-        if not convs:
-            return
-        if spec.dynamic or spec.granularity != "tensor":
+    def _conv_inputs(self, ctx: PassContext, convs: list[Node], spec: QSpec) -> list[Node]:
+        """The convolutions whose input gets one calibrated scale (and zero point): all of them,
+        unless the spec is per token or dynamic (made for linears' [tokens, features] inputs);
+        then they read float, and a note says so."""
+        if convs and (spec.dynamic or spec.granularity != "tensor"):
             ctx.note(f"{self.name}: the inputs of {len(convs)} convolution(s) stay float: activation spec "
                      f"{self.acts} is per token or dynamic (convolutions take one static scale)")
-            return
-        self._quantize_activations(graph, ctx, [(n, 0) for n in convs], spec, "", auto_dynamic=False)
+            return []
+        return convs
 
     def _overrides(self) -> list[tuple[str, str]]:
         out = []
@@ -189,19 +189,21 @@ class InsertQdq(Pass):
         node.touch(self.name)
 
     def _quantize_activations(self, graph: Graph, ctx: PassContext, uses: list[tuple[Node, int]],
-                              spec: QSpec, force_dynamic: str, auto_dynamic: bool = True) -> None:
-        """QDQ on operand ``index`` of each listed node; one pair per distinct value."""
+                              spec: QSpec, force_dynamic: str, static_only: set[int] = frozenset()) -> None:
+        """QDQ on operand ``index`` of each listed node; one pair per distinct value. A value read
+        by a node in ``static_only`` (by id: a convolution) keeps one calibrated scale."""
         groups: dict[int, tuple[Value, list[tuple[Node, int]]]] = {}
         for node, index in uses:
             x = node.operand(index)
             groups.setdefault(id(x), (x, []))[1].append((node, index))
-        static = [x for x, users in groups.values()
-                  if not spec.dynamic and not any(_matches(u.loc.module, force_dynamic) for u, _ in users)]
+        fixed = {vid for vid, (_, users) in groups.items() if any(id(u) in static_only for u, _ in users)}
+        static = [x for vid, (x, users) in groups.items() if vid in fixed or (
+            not spec.dynamic and not any(_matches(u.loc.module, force_dynamic) for u, _ in users))]
         stats = calibrate(graph, ctx.require_calibration(self.name), static,
                           progress=ctx.progress, desc=self.name) if static else {}
-        for x, users in groups.values():
+        for vid, (x, users) in groups.items():
             st = stats.get(x.name)
-            dynamic = st is None or (auto_dynamic and self.auto_dynamic > 0
+            dynamic = st is None or (vid not in fixed and self.auto_dynamic > 0
                                      and static_rel_error(st, spec) > self.auto_dynamic)
             first = users[0][0]
             if dynamic:
