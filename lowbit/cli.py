@@ -124,8 +124,8 @@ def _export(args: argparse.Namespace) -> int:
     check(path)
     print(f"wrote {path} ({sum(f.stat().st_size for f in path.parent.glob(path.name + '*')) / 2**20:.1f} MB); "
           "ONNX checker (full): passed")
-    inputs = compiled.traced.example_leaves()
-    diff = compare_with_torch(path, compiled, [v.name for v in compiled.graph.inputs], inputs)
+    inputs = compiled.traced.export_leaves()
+    diff = compare_with_torch(path, compiled, inputs)
     print(f"ONNX Runtime vs lowbit torch backend on the example inputs: max |diff| {diff['max_abs']:.2e}, "
           f"cosine {diff['cosine']:.6f}")
     if weights.layers:

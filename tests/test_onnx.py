@@ -35,9 +35,8 @@ def test_export_runs_in_onnxruntime_at_two_shapes(name, recipe, tmp_path):
                               recipe=recipe, calibration=[spec.example_inputs], progress=False)
     path, weights = compiled.export_onnx(tmp_path / "model.onnx")
     check(path)
-    names = [v.name for v in compiled.graph.inputs]
     for inputs in (spec.example_inputs, _other_inputs(name, spec)):
-        diff = compare_with_torch(path, compiled, names, compiled.traced.flatten_inputs(inputs))
+        diff = compare_with_torch(path, compiled, compiled.traced.flatten_inputs(inputs))
         if recipe is None:
             assert diff["max_abs"] < 1e-3, diff
         else:
@@ -54,14 +53,13 @@ def test_rotated_export_matches_torch_with_both_hadamard_lowerings(name, tmp_pat
     compiled = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
                               recipe="w8a8-rot", calibration=[spec.example_inputs], progress=False)
     assert any(n.op == "rotate.hadamard" for n in compiled.graph.nodes)
-    names = [v.name for v in compiled.graph.inputs]
     ops = {}
     for lowering in ("matmul", "staged"):
         path, weights = compiled.export_onnx(tmp_path / f"{lowering}.onnx", hadamard=lowering)
         check(path)
         ops[lowering] = [n.op_type for n in onnx.load(str(path)).graph.node]
         for inputs in (spec.example_inputs, _other_inputs(name, spec)):
-            diff = compare_with_torch(path, compiled, names, compiled.traced.flatten_inputs(inputs))
+            diff = compare_with_torch(path, compiled, compiled.traced.flatten_inputs(inputs))
             assert diff["cosine"] > 0.999, (lowering, diff)
         assert not fusion_report(path, weights.layers).unfused
     assert ops["matmul"].count("MatMul") > ops["staged"].count("MatMul")

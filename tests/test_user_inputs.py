@@ -47,8 +47,8 @@ def test_default_config_decoder_compiles_quantizes_and_serves_any_length():
         q = lowbit.compile(model, (calibration[0][0][:1, :5],), recipe="w8a8", calibration=calibration,
                            progress=False)
     assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
-    assert any("without its key/value cache" in n for n in q.traced.notes)
-    assert model.config.use_cache  # restored after tracing
+    assert any("traced as one decode step" in n for n in q.traced.notes)
+    assert model.config.use_cache
     for shape in [(1, 1), (3, 5), (2, 33)]:
         ids = torch.randint(0, 256, shape, generator=gen)
         out, ref = q(ids), model(ids)
@@ -157,7 +157,7 @@ def test_cli_exports_a_transformers_folder_with_text_calibration(model_dir, tmp_
                  "--max-length", "16", "-o", str(tmp_path / "out")])
     out, err = capfd.readouterr()
     assert code == 0, out + err
-    assert "ONNX checker (full): passed" in out and "without its key/value cache" in out
+    assert "ONNX checker (full): passed" in out and "traced as one decode step" in out
     assert (tmp_path / "out" / "model.onnx").is_file()
     assert "24 lines of" in err and "torchvision is not installed" not in err and "FutureWarning" not in err
 

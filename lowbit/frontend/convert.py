@@ -190,6 +190,8 @@ def _op_name(target: object) -> str:
             f"ops.{target.namespace}.{target._opname}.{target._overloadname}"  # another library's op
     if getattr(target, "__module__", None) in ("_operator", "operator"):
         return f"operator.{target.__name__}"
+    if getattr(target, "__module__", None) == "torch" and getattr(target, "__name__", "").startswith("sym_"):
+        return f"torch.{target.__name__}"  # torch.sym_max on sizes (a sliding window's length)
     raise TraceError(f"unsupported call target {target!r}")
 
 

@@ -169,8 +169,11 @@ def _user_axes(model: torch.nn.Module, example: Call, shapes: object, leaves: li
     else:
         raise TypeError(f"dynamic_shapes must be a tuple or a dict, got {type(shapes).__name__}")
     by_id: dict[int, dict] = {}
-    for value, given in pairs:
-        if isinstance(value, torch.Tensor) and given is not None:
+    while pairs:
+        value, given = pairs.pop()
+        if isinstance(value, (list, tuple)) and isinstance(given, (list, tuple)) and len(value) == len(given):
+            pairs.extend(zip(value, given))  # a list of tensors: one spec per tensor
+        elif isinstance(value, torch.Tensor) and given is not None:
             items = given.items() if isinstance(given, Mapping) else enumerate(given)
             by_id[id(value)] = {int(k): _named(d) for k, d in items if d is not None}
     return [dict(by_id.get(id(leaf), {})) for leaf in leaves]

@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 from lowbit.errors import TraceError
 from lowbit.frontend.caches import drop_caches, without_cache
 from lowbit.frontend.convert import convert_program
+from lowbit.frontend.decoder import DecoderIO, DecoderStep, cache_unsupported, step_example
 from lowbit.frontend.inputs import (Call, align, check_shapes, drop_kwargs, example_call, leaf_names,
                                     plan_shapes, unnamed_kwargs)
 from lowbit.frontend.noise import quiet
@@ -40,9 +41,18 @@ class TracedModel:
     dim_ranges: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # named dim → (min, max)
     example_kwargs: dict = field(default_factory=dict)
     ignored_kwargs: tuple[str, ...] = ()  # keywords the forward only takes as **kwargs: dropped
+    decoder: DecoderIO | None = None  # a causal LM traced as a decode step, its cache as inputs/outputs
+
+    def input_names(self) -> list[str]:
+        """Names for the graph inputs in an export (a decode step: ONNX Runtime GenAI's)."""
+        if self.decoder is not None:
+            return self.decoder.input_names(self.graph)
+        return [v.name for v in self.graph.inputs]
 
     def output_names(self) -> list[str]:
         """Names for the flat outputs: the output structure's keys where it has them."""
+        if self.decoder is not None:
+            return self.decoder.output_names(self.graph)
         keys = self.out_spec.context if isinstance(self.out_spec.context, (list, tuple)) else None
         n = self.out_spec.num_leaves
         if keys and len(keys) == n and all(isinstance(k, str) for k in keys):
@@ -57,21 +67,41 @@ class TracedModel:
         leaves, spec = pytree.tree_flatten(call)
         if spec != self.in_spec:
             raise TypeError(f"{what} does not have the traced structure:\n got {spec}\n want {self.in_spec}")
+        if self.decoder is not None:
+            leaves = self.decoder.step_leaves(call, self.graph)
         check_shapes(self.graph, leaves, self._input_labels, self.dim_ranges, what)
         return leaves
+
+    def check(self, leaves: list, what: str = "input") -> None:
+        """``leaves`` fit the graph's inputs (see ``check_shapes``)."""
+        check_shapes(self.graph, leaves, self._input_labels, self.dim_ranges, what)
 
     @functools.cached_property
     def _example(self) -> Call:
         return tuple(self.example_inputs), dict(self.example_kwargs)
 
+    @property
+    def _input_labels(self) -> list[str]:
+        if self.decoder is not None:
+            return self.decoder.input_names(self.graph)
+        return self._example_labels
+
     @functools.cached_property
-    def _input_labels(self) -> list[str]:  # computed once: flatten_inputs runs on every call
+    def _example_labels(self) -> list[str]:  # computed once: flatten_inputs runs on every call
         return leaf_names(self._example)
 
     def example_leaves(self) -> list:
         return self.flatten_inputs(self.example_inputs, self.example_kwargs)
 
+    def export_leaves(self) -> list:
+        """Inputs to trace an export on: the example, or for a decode step a step with a cache."""
+        if self.decoder is not None:
+            return self.decoder.warm_leaves(self.graph, self._example)
+        return self.example_leaves()
+
     def unflatten_outputs(self, outputs: list) -> object:
+        if self.decoder is not None:
+            return self.decoder.user_outputs(outputs)
         return pytree.tree_unflatten(outputs, self.out_spec)
 
 
@@ -126,8 +156,8 @@ def export_model(model: torch.nn.Module, call: Call, dynamic_shapes: object) -> 
 
 
 def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict | None = None,
-          dynamic_shapes: object = None, canonicalize: bool = True, samples: Iterable[Call] = ()
-          ) -> TracedModel:
+          dynamic_shapes: object = None, canonicalize: bool = True, samples: Iterable[Call] = (),
+          cache: bool | None = None) -> TracedModel:
     """Trace ``model`` on an example call into the IR.
 
     ``example_inputs`` is a tuple of positional arguments, a tensor, or a mapping of keyword
@@ -135,7 +165,12 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
     dynamic is decided by ``lowbit.frontend.inputs.plan_shapes``: for transformers models the
     batch and sequence dims by default, dims named in ``dynamic_shapes`` (a string name needs no
     bounds: torch.export infers them), and every dim whose size differs in one of ``samples``
-    (the calibration calls). A key/value cache is never traced (see ``without_cache``). With
+    (the calibration calls).
+
+    ``cache``: trace a causal LM as one decode step with its key/value cache as inputs and
+    outputs (``lowbit.frontend.decoder``), so the compiled model can ``generate``; None (the
+    default) does so for every model that generates and falls back, with a note, to a trace
+    without the cache where that fails; False never does (see ``without_cache``). With
     ``canonicalize`` the ``canonicalize`` pipeline runs (dropout removal, addmm→linear, RMSNorm
     fusion, BatchNorm folding, attention fusion, constant folding, dead code removal).
     """
@@ -144,6 +179,19 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
     example = example_call(example_inputs, kwargs)
     ignored = unnamed_kwargs(model, example[1])
     example, samples = drop_kwargs(example, ignored), [drop_kwargs(c, ignored) for c in samples]
+    fallback = []
+    if cache is not False:
+        why = cache_unsupported(model, example)
+        if why is None:
+            try:
+                return _finish(trace_step(model, example), model, ignored, canonicalize)
+            except (TraceError, TypeError) as e:
+                why = str(e).splitlines()[0]
+        if cache:
+            raise TraceError(f"{type(model).__name__} cannot be traced with its key/value cache: {why}")
+        if why != "it does not generate":
+            fallback.append(f"{type(model).__name__} is traced without its key/value cache ({why}): "
+                            "it runs prompts but cannot generate")
     plan = plan_shapes(model, example, dynamic_shapes, samples)
     was_training = model.training
     model.eval()
@@ -154,13 +202,51 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
         model.train(was_training)
     graph, ranges = convert_program(ep, plan.axis_names)
     traced = TracedModel(graph, ep.call_spec.in_spec, drop_caches(ep.call_spec.out_spec), example[0],
-                         notes=cache_notes + plan.notes, dim_ranges=ranges, example_kwargs=example[1],
-                         ignored_kwargs=tuple(ignored))
+                         notes=(fallback or cache_notes) + plan.notes, dim_ranges=ranges,
+                         example_kwargs=example[1])
+    return _finish(traced, model, ignored, canonicalize)
+
+
+def _finish(traced: TracedModel, model: torch.nn.Module, ignored: list[str], canonicalize: bool) -> TracedModel:
+    traced.ignored_kwargs = tuple(ignored)
     if ignored:
         traced.notes.insert(0, f"{', '.join(ignored)}: not a parameter of {type(model).__name__}.forward (only "
                                "**kwargs would take it): left out of the trace, and ignored when given")
     if canonicalize:
         from lowbit.passes import run_pipeline
 
-        run_pipeline(graph, "canonicalize")
+        run_pipeline(traced.graph, "canonicalize")
     return traced
+
+
+def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
+    """Trace ``model`` as one decode step (``lowbit.frontend.decoder``); the traced model
+    answers ``example``'s kind of call with an empty cache."""
+    args, kwargs = example
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call, shapes = step_example(model, ids)
+            with without_cache(model):  # the model's own output structure, minus the cache
+                out_spec = drop_caches(pytree.tree_structure(model(*args, **kwargs)))
+            step = DecoderStep(model)
+            plan = plan_shapes(step, (call, {}), shapes)
+            ep = export_model(step, plan.trace_call, plan.export_shapes)
+    finally:
+        model.train(was_training)
+    graph, ranges = convert_program(ep, plan.axis_names)
+    n_layers = len(call[3]) // 2
+    for value, name in zip(graph.inputs[3:], [f"past_{i}_{k}" for i in range(n_layers) for k in ("key", "value")]):
+        value.name = graph.fresh_name(name)
+    for dim, lowest in (("past", 0), ("total", 1), ("seq", 1), ("batch", 1)):
+        ranges[dim] = (lowest, ranges.get(dim, (0, None))[1])  # torch's lower bounds avoid 0/1 only
+    in_spec = pytree.tree_structure((tuple(args), dict(kwargs)))
+    notes = [f"{type(model).__name__} is traced as one decode step: its key/value cache of {n_layers} layers "
+             "is an input and an output of the graph (generate() feeds it back)"]
+    config = getattr(model, "generation_config", None)
+    decoder = DecoderIO(out_spec, n_layers, getattr(config, "eos_token_id", None),
+                        getattr(config, "pad_token_id", None))
+    return TracedModel(graph, in_spec, out_spec, tuple(args), notes=notes, dim_ranges=ranges,
+                       example_kwargs=dict(kwargs), decoder=decoder)

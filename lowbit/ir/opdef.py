@@ -22,7 +22,7 @@ from lowbit.errors import VerifyError
 from lowbit.ir.attrs import AttrKind, AttrValue, CallArgs, EnumAttr, Ref
 from lowbit.ir.types import DType, Type
 
-OPAQUE_PREFIXES = ("aten.", "operator.", "ops.")  # ops.<namespace>: another library's torch custom op
+OPAQUE_PREFIXES = ("aten.", "operator.", "ops.", "torch.sym_")  # ops.<namespace>: another library's torch custom op
 _REQUIRED = object()
 
 
@@ -106,6 +106,11 @@ def resolve_target(name: str) -> Callable[..., object]:
         fn = getattr(operator, name.split(".", 1)[1], None)
         if fn is None:
             raise VerifyError(f"unknown Python operator {name!r}")
+        return fn
+    if name.startswith("torch.sym_"):  # torch.sym_max, sym_min, ...: arithmetic on sizes
+        fn = getattr(torch, name.split(".", 1)[1], None)
+        if fn is None:
+            raise VerifyError(f"unknown torch size function {name!r}")
         return fn
     parts = name.split(".")
     if parts[0] == "ops" and len(parts) == 4:  # ops.<namespace>.<op>.<overload>

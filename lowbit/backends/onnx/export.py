@@ -242,7 +242,7 @@ def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool
     with ops.target_opset(opset or need), quiet():
         program = torch.onnx.export(
             module, example, dynamo=True, dynamic_shapes=(_dynamic_shapes(traced),),  # forward(*inputs)
-            input_names=[v.name for v in traced.graph.inputs], output_names=traced.output_names(),
+            input_names=traced.input_names(), output_names=traced.output_names(),
             custom_translation_table={**_library_translations(), **ops.TRANSLATIONS, **sparse.TRANSLATIONS},
             opset_version=opset or need,
             optimize=True, verbose=False)
@@ -268,7 +268,7 @@ def _example_spanning_blocks(traced: TracedModel, graph: Graph) -> tuple:
     block of its block-sparse attention (and of a few tokens past a block edge). Traced at a
     single block, torch.export takes the block count for the constant 1 and the ONNX graph
     silently computes wrong masks at longer inputs."""
-    example = list(traced.example_leaves())
+    example = list(traced.export_leaves())
     want: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "attn.block_mask":

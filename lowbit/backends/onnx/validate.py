@@ -18,13 +18,14 @@ def check(path: str | Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def compare_with_torch(path: str | Path, module: torch.nn.Module, input_names: list[str],
-                       inputs: list[torch.Tensor], provider: str = "CPUExecutionProvider") -> dict[str, float]:
-    """Run both on ``inputs`` (flat, in graph-input order); worst output's max |Δ| and cosine.
+def compare_with_torch(path: str | Path, module: torch.nn.Module, inputs: list[torch.Tensor],
+                       provider: str = "CPUExecutionProvider") -> dict[str, float]:
+    """Run both on ``inputs`` (flat, in graph-input order, which the ONNX model keeps); worst
+    output's max |Δ| and cosine.
     A model with SparseAttention runs one sequence at a time, so that each attends within the
     layout the pass chose for it (in a batch they share the union of theirs)."""
     sess = ort.InferenceSession(str(path), providers=[provider])
-    feeds = {n: t.numpy() for n, t in zip(input_names, inputs)}
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
     if cache_names(sess):  # SparseAttention's layout is one per batch; the pass's is per sequence
         rows = [run(sess, {n: a[i:i + 1] for n, a in feeds.items()}) for i in range(len(inputs[0]))]
         got = [np.concatenate(outs) for outs in zip(*rows)]
