@@ -22,8 +22,11 @@ from lowbit.passes.pipeline import parse_pipeline
 BACKENDS = ("torch", "triton")  # ONNX is an export target: CompiledModule.export_onnx
 
 
-def full_pipeline(pipeline: str | None, recipe: str | None = None) -> str:
-    """Canonicalization always runs first, then the recipe's passes, then the user's pipeline."""
+def full_pipeline(pipeline: str | None, recipe: str | None = None, kv_cache: str | None = None,
+                  kv_storage: str = "quantized") -> str:
+    """Canonicalization always runs first, then the recipe's passes, then the user's pipeline,
+    then the key/value cache's quantization (``kv_cache``: a preset of ``KV_PRESETS``)."""
+    from lowbit.passes.kv_cache import kv_pipeline
     from lowbit.recipes import recipe_pipeline
 
     parts = ["canonicalize"]
@@ -31,6 +34,8 @@ def full_pipeline(pipeline: str | None, recipe: str | None = None) -> str:
         parts.append(recipe_pipeline(recipe))
     if pipeline:
         parts.append(pipeline)
+    if kv_cache:
+        parts.append(kv_pipeline(kv_cache, kv_storage))
     return ",".join(parts)
 
 
@@ -52,11 +57,12 @@ def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, 
           recipe: str | None = None, calibration: Iterable | None = None,
           kwargs: Mapping | None = None, dynamic_shapes: object = None, verify: bool = True,
           dump_dir: str | os.PathLike | None = None, measure_drift: bool = True,
-          progress: bool = True, observer=None) -> tuple[TracedModel, list[PassRecord]]:
+          progress: bool = True, observer=None, kv_cache: str | None = None,
+          kv_storage: str = "quantized") -> tuple[TracedModel, list[PassRecord]]:
     """Trace ``model`` and run ``canonicalize`` + ``recipe`` + ``pipeline`` on it; returns the
     traced model (its graph transformed) and one record per pass. ``observer(traced, samples)``,
     if given, returns the callback the pass manager calls after each pass (the HTML report)."""
-    passes = parse_pipeline(full_pipeline(pipeline, recipe))  # a bad pipeline fails before tracing
+    passes = parse_pipeline(full_pipeline(pipeline, recipe, kv_cache, kv_storage))  # a bad pipeline fails before tracing
     if isinstance(model, TracedModel):  # traced once, compiled with several recipes
         traced = dataclasses.replace(model, graph=clone_graph(model.graph), notes=list(model.notes))
         calls = calibration_calls(calibration, (traced.example_inputs, traced.example_kwargs))
@@ -80,7 +86,7 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
             calibration: Iterable | None = None, pipeline: str | None = None,
             kwargs: Mapping | None = None, dynamic_shapes: object = None,
             verify: bool = True, dump_dir: str | os.PathLike | None = None,
-            progress: bool = True, backend: str = "torch") -> CompiledModule:
+            progress: bool = True, backend: str = "torch", kv_cache: str | None = None) -> CompiledModule:
     """Trace ``model``, run ``canonicalize``, the ``recipe`` and then ``pipeline``, and return a
     module that runs the result on ``backend``: "torch" (the reference ops, any device) or
     "triton" (quantized linears, Hadamard rotations and block-sparse attention as Triton
@@ -100,6 +106,11 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
     ``dynamic_shapes`` (as for ``torch.export``, a dim named by a string needs no bounds) adds
     more. A cache-returning model (``use_cache=True``) is traced without its cache.
 
+    A causal LM is traced as one decode step with its key/value cache, so the result can
+    ``generate``; ``kv_cache`` stores that cache quantized: "int8" or "fp8" (per token and
+    head), "k8v4", "int4" (KIVI: keys per channel, values per token), "int4-rot" (keys rotated
+    by a Hadamard first, both per token). ``compiled.cache_bytes_per_token()`` says what it holds.
+
     ``model`` may also be a ``TracedModel`` (``lowbit.trace``, or ``compiled.traced``): it is
     copied and not traced again, so one trace serves several recipes; its dims stay as traced.
     """
@@ -109,9 +120,12 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
         from lowbit.backends.triton import PIPELINE, TritonModule
 
         pipeline = ",".join(p for p in (pipeline, PIPELINE) if p)
+    else:  # the packed CPU GEMMs take quant.linear / quant.dynamic_linear (an exact fusion)
+        pipeline = ",".join(p for p in (pipeline, "fuse-quantized-linear") if p)
     traced, records = build(model, example_inputs, pipeline=pipeline, recipe=recipe,
                             calibration=calibration, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
-                            verify=verify, dump_dir=dump_dir, measure_drift=False, progress=progress)
+                            verify=verify, dump_dir=dump_dir, measure_drift=False, progress=progress,
+                            kv_cache=kv_cache)
     if backend == "triton":
         return TritonModule(traced, records)
     return CompiledModule(traced, records)

@@ -18,6 +18,7 @@ the step's outputs back into the model's own output structure, without the cache
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,12 +71,6 @@ class DecoderStep(torch.nn.Module):
                          use_cache=True, **{self.cache_arg: cache})
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return out.logits, present
-
-
-def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
-    """ONNX Runtime GenAI's names for the cache inputs and outputs, in graph order."""
-    past = [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
-    return past, [p.replace("past_key_values", "present") for p in past]
 
 
 def positions_from_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
@@ -143,18 +138,19 @@ class DecoderIO:
     def user_outputs(self, outputs: Sequence) -> object:
         return pytree.tree_unflatten([outputs[0]], self.out_spec)
 
-    def output_names(self, graph: Graph) -> list[str]:
-        caches = len(graph.outputs) - 1
-        past, present = cache_names(self.n_layers)
-        if caches == len(present):
-            return ["logits", *present]
-        return ["logits", *(f"present.{i}" for i in range(caches))]
-
     def input_names(self, graph: Graph) -> list[str]:
-        past, _ = cache_names(self.n_layers)
-        caches = self.cache_inputs(graph)
-        names = past if len(caches) == len(past) else [f"past.{i}" for i in range(len(caches))]
-        return [*STEP_INPUTS, *names]
+        """``past_key_values.N.key`` (and ``.key_scale``, ... for a quantized cache)."""
+        return [*STEP_INPUTS, *(_genai_name(v.name, "past_key_values") for v in self.cache_inputs(graph))]
+
+    def output_names(self, graph: Graph) -> list[str]:
+        """``logits``, then ``present.N.key`` ... paired with the cache inputs."""
+        return ["logits", *(_genai_name(v.name, "present") for v in self.cache_inputs(graph))]
+
+
+def _genai_name(name: str, prefix: str) -> str:
+    """``past_3_key_scale`` → ``<prefix>.3.key_scale``."""
+    match = re.match(r"past_(\d+)_(\w+)$", name)
+    return f"{prefix}.{match.group(1)}.{match.group(2)}" if match else f"{prefix}.{name}"
 
 
 def step_example(model: torch.nn.Module, ids: torch.Tensor) -> tuple[tuple, dict]:

@@ -4,7 +4,7 @@ Files follow the pipeline: cleanup and canonicalization first; later passes (fol
 rotation, quantization, sparsity, lowering) each get a file of their own.
 """
 
-from lowbit.passes import awq, canonicalize, cleanup, lower, quantize, reparam, rotate, smooth, sparse_attention  # noqa: F401  (registers the passes)
+from lowbit.passes import awq, canonicalize, cleanup, kv_cache, lower, quantize, reparam, rotate, smooth, sparse_attention  # noqa: F401  (registers the passes)
 from lowbit.passes.base import ALIASES, PASSES, Pass, PassContext, register, register_alias
 from lowbit.passes.manager import PassManager, PassRecord, run_pipeline
 from lowbit.passes.pipeline import parse_pipeline

@@ -78,16 +78,28 @@ def _identity_input(node: Node):
     return None
 
 
+def _cat_with_empty(node: Node, graph: Graph):
+    """The other operand of a two-tensor ``cat`` whose one operand is an empty constant (how a
+    transformers cache layer starts), or None."""
+    if node.op != "aten.cat.default" or len(node.operands) != 2:
+        return None
+    for empty, other in (node.operands, node.operands[::-1]):
+        if graph.is_constant(empty) and graph.tensor(empty).numel() == 0 and other is not None \
+                and other.type == node.result.type:
+            return other
+    return None
+
+
 @register
 @dataclass(frozen=True)
 class RemoveIdentities(Pass):
     name: ClassVar[str] = "remove-identities"
-    summary: ClassVar[str] = "drop dropout (eval), plain clones and casts to the same dtype"
+    summary: ClassVar[str] = "drop dropout (eval), plain clones, casts to the same dtype and joins with nothing"
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         changed = False
         for node in graph.nodes:
-            src = _identity_input(node)
+            src = _identity_input(node) or _cat_with_empty(node, graph)
             if src is not None:
                 graph.replace_value(node.result, src)
                 graph.erase(node)

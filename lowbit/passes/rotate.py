@@ -359,11 +359,31 @@ class OnlineHadamard(Pass):
                 ctx.note(f"{self.name}: {node.loc.module}: query/key not rotated: {e}")
                 continue
             for i in (0, 1):
-                if node.operand(i).producer is not None and node.operand(i).producer.op == "rotate.hadamard":
+                user, index = _cache_entry(graph, node) if i == 1 else (node, 0)
+                if user.operand(index).producer is not None and user.operand(index).producer.op == "rotate.hadamard":
                     continue
-                h = graph.append("rotate.hadamard", [node.operand(i)], loc=node.loc.copy(), before=node)
+                h = graph.append("rotate.hadamard", [user.operand(index)], loc=node.loc.copy(), before=user)
                 h.touch(self.name)
-                node.set_operand(i, h.result)
+                user.set_operand(index, h.result)
             node.touch(self.name)
             changed = True
         return changed
+
+
+_SHAPE_ONLY = ("aten.unsqueeze.default", "aten.expand.default", "aten.clone.default", "aten._unsafe_view.default",
+               "aten.view.default", "aten.reshape.default", "aten.repeat_interleave.self_int")
+
+
+def _cache_entry(graph: Graph, sdpa: Node) -> tuple[Node, int]:
+    """Where to rotate attention's keys: where new keys enter a decode step's cache
+    (``cat(past, new)``, reached through the head-sharing copies of grouped-query attention), so
+    the cache holds rotated keys and is quantized after the rotation; else at attention itself."""
+    value = sdpa.operand(1)
+    while value.producer is not None and value.producer.op in _SHAPE_ONLY:
+        value = value.producer.operands[0]
+    join = value.producer
+    inputs = {id(v) for v in graph.inputs}
+    if join is not None and join.op == "aten.cat.default" and len(join.operands) == 2 \
+            and id(join.operands[0]) in inputs and len(value.users) == len({id(u) for u in value.users}):
+        return join, 1
+    return sdpa, 1

@@ -91,6 +91,10 @@ def dynamic_quantize(input, *, dtype, symmetric):
     """Per-token (last dim) quantization with scales computed at run time: returns
     (q, scale, zero_point), scale and zero point shaped [..., 1]."""
     x = input.float()
+    if dtype.is_float:  # fp8: one scale per token maps its largest magnitude to the format's max
+        limit = torch.finfo(dtype.storage).max
+        scale = (x.abs().amax(-1, keepdim=True) / limit).clamp_min(EPS)
+        return (x / scale).clamp(-limit, limit).to(dtype.storage), scale, torch.zeros_like(scale).to(dtype.storage)
     qmin, qmax = dtype.int_range
     if symmetric:
         scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(EPS)
@@ -157,3 +161,35 @@ def static_linear(input, act_scale, act_zero, weight_q, scale, zero_point, bias,
     x = dequantize(q, act_scale, act_zero, axis=None, group_size=None,
                    out_dtype=DType.from_torch(input.dtype))
     return linear(x, weight_q, scale, zero_point, bias, axis=axis, group_size=group_size)
+
+
+def _pack_infer(types, attrs):
+    x = tensor(types[0], "input")
+    last = x.shape[-1]
+    if isinstance(last, int) and last % 2:
+        raise VerifyError(f"quant.pack_int4 needs an even last dim, got {x}")
+    half = last // 2 if isinstance(last, int) else f"({last})//2"
+    return [TensorType(x.shape[:-1] + (half,), DType.u8)]
+
+
+@define("quant.pack_int4", operands=["input"], infer=_pack_infer)
+def pack_int4(input):
+    """Two 4-bit values per byte along the last dim: element 2i in the low nibble, 2i+1 high."""
+    x = input.to(torch.int16) & 0xF
+    return (x[..., 0::2] | (x[..., 1::2] << 4)).to(torch.uint8)
+
+
+def _unpack_infer(types, attrs):
+    x = tensor(types[0], "input")
+    last = x.shape[-1]
+    return [TensorType(x.shape[:-1] + (last * 2 if isinstance(last, int) else f"({last})*2",), attrs["dtype"])]
+
+
+@define("quant.unpack_int4", operands=["input"], infer=_unpack_infer, attrs=[AttrDef("dtype", AttrKind.DTYPE)])
+def unpack_int4(input, *, dtype):
+    """The inverse of ``quant.pack_int4``: int4 values (sign-extended) or uint4, one per element."""
+    x = input.to(torch.int16)
+    pair = torch.stack([x & 0xF, (x >> 4) & 0xF], -1).reshape(*x.shape[:-1], -1)
+    if dtype == DType.i4:
+        pair = (pair ^ 8) - 8
+    return pair.to(dtype.storage)
