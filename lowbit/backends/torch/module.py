@@ -3,6 +3,9 @@
 The graph's constants are registered as buffers, so ``.to(device)`` / ``.half()`` and
 ``state_dict()`` behave as for any module. Inputs and outputs keep the traced model's Python
 structure (a transformers ``ModelOutput`` comes back as one).
+
+Quantized linears whose weights torch's packed CPU GEMMs take run on them (``packed.py``: the
+weights are repacked once, here; the constants they replace are not kept as buffers).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from lowbit.backends.torch import packed
 from lowbit.frontend.trace import TracedModel
 from lowbit.ir.graph import Graph
 from lowbit.ir.interpreter import Executor
@@ -40,26 +44,40 @@ def buffer_name(prefix: str, i: int, name: str) -> str:
 
 
 class CompiledModule(torch.nn.Module):
-    def __init__(self, traced: TracedModel, records: list | None = None):
+    """``pack=False``: every node runs its reference op (no packed CPU GEMMs)."""
+
+    def __init__(self, traced: TracedModel, records: list | None = None, pack: bool = True):
         super().__init__()
         self.traced = traced
         self.records = records or []
+        # a subclass with its own dispatch (TritonModule) packs for its own kernels instead
+        pack = pack and type(self)._override is CompiledModule._override
+        self._cpu_packed = packed.consumed_constants(self.graph) if pack else set()
         self._buffer_names: dict[str, str] = {}
         for i, (name, tensor) in enumerate(self.graph.tensors.items()):
             if self._keeps_constant(name):
                 self.register_buffer(buffer_name("c", i, name), tensor)
                 self._buffer_names[name] = buffer_name("c", i, name)
+        self.cpu_kernels = packed.prepare_all(self.graph) if pack else torch.nn.ModuleDict()
         self._executor: Executor | None = None
 
     def _keeps_constant(self, name: str) -> bool:
         """Whether the graph's constant ``name`` is held as a buffer (a backend that repacks a
         weight keeps only its packed form)."""
-        return True
+        return name not in self._cpu_packed
 
     def _override(self, node):
         """A backend's own function for ``node`` (and its keyword arguments), or None for the
         op's reference."""
-        return None
+        key = packed.key(node)
+        return (self.cpu_kernels[key], {}) if key in self.cpu_kernels else None
+
+    def kernel_nodes(self) -> dict[str, str]:
+        """Node result name → the packed CPU GEMM it runs on ("int8pack_mm", "int4pack_mm") for
+        inputs that ``packed.fits`` (on the CPU; bfloat16, or float32/float16 of a row or two);
+        other inputs run the node's reference."""
+        return {node.result.name: self.cpu_kernels[packed.key(node)].kernel for node in self.graph.nodes
+                if packed.key(node) in self.cpu_kernels}
 
     @property
     def graph(self) -> Graph:
