@@ -86,7 +86,8 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
             calibration: Iterable | None = None, pipeline: str | None = None,
             kwargs: Mapping | None = None, dynamic_shapes: object = None,
             verify: bool = True, dump_dir: str | os.PathLike | None = None,
-            progress: bool = True, backend: str = "torch", kv_cache: str | None = None) -> CompiledModule:
+            progress: bool = True, backend: str = "torch", kv_cache: str | None = None,
+            kv_storage: str = "quantized") -> CompiledModule:
     """Trace ``model``, run ``canonicalize``, the ``recipe`` and then ``pipeline``, and return a
     module that runs the result on ``backend``: "torch" (the reference ops, any device) or
     "triton" (quantized linears, Hadamard rotations and block-sparse attention as Triton
@@ -109,7 +110,8 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
     A causal LM is traced as one decode step with its key/value cache, so the result can
     ``generate``; ``kv_cache`` stores that cache quantized: "int8" or "fp8" (per token and
     head), "k8v4", "int4" (KIVI: keys per channel, values per token), "int4-rot" (keys rotated
-    by a Hadamard first, both per token). ``compiled.cache_bytes_per_token()`` says what it holds.
+    by a Hadamard first, both per token). ``compiled.cache_bytes_per_token()`` says what it holds;
+    ``kv_storage="float"`` keeps the same values as floats (for ONNX Runtime GenAI's cache).
 
     ``model`` may also be a ``TracedModel`` (``lowbit.trace``, or ``compiled.traced``): it is
     copied and not traced again, so one trace serves several recipes; its dims stay as traced.
@@ -125,7 +127,7 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
     traced, records = build(model, example_inputs, pipeline=pipeline, recipe=recipe,
                             calibration=calibration, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                             verify=verify, dump_dir=dump_dir, measure_drift=False, progress=progress,
-                            kv_cache=kv_cache)
+                            kv_cache=kv_cache, kv_storage=kv_storage)
     if backend == "triton":
         return TritonModule(traced, records)
     return CompiledModule(traced, records)

@@ -110,9 +110,12 @@ def _export(args: argparse.Namespace) -> int:
         calibration = [_half(batch) for batch in calibration] if calibration is not None else None
     print(f"compiling {args.model} with {args.recipe or 'no recipe'} (calibration: {where}) ...", file=sys.stderr)
     compiled = lowbit.compile(model, example, kwargs=kwargs or None, dynamic_shapes=spec.dynamic_shapes,
-                              recipe=args.recipe, pipeline=args.pipeline, calibration=calibration)
+                              recipe=args.recipe, pipeline=args.pipeline, calibration=calibration,
+                              kv_cache=args.kv_cache, kv_storage="float" if args.genai else "quantized")
     for note in compiled.traced.notes:
         print(f"note: {note}")
+    if args.genai:
+        return _export_genai(args, spec, compiled)
     out = Path(args.output) / "model.onnx"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -130,6 +133,31 @@ def _export(args: argparse.Namespace) -> int:
           f"cosine {diff['cosine']:.6f}")
     if weights.layers:
         print(fusion_report(path, weights.layers).text())
+    return 0
+
+
+def _export_genai(args: argparse.Namespace, spec, compiled) -> int:
+    """Write the GenAI folder, then generate 16 tokens with ONNX Runtime GenAI (when installed)
+    and with lowbit's torch backend, and say whether they agree."""
+    from pathlib import Path
+
+    from lowbit.backends.onnx.genai import export_genai, genai_generate
+
+    source = Path(args.model) if Path(args.model).is_dir() else None
+    out = export_genai(compiled.traced, args.output, tokenizer=spec.tokenizer if source is None else None,
+                       source_dir=source, hadamard=args.hadamard)
+    print(f"wrote {out} ({', '.join(sorted(f.name for f in out.iterdir() if not f.name.startswith('.')))})")
+    ids, mask = compiled.traced.example_leaves()[:2]
+    prompt = ids[:1, mask[0].bool()]  # GenAI masks pad tokens itself: give it none
+    try:
+        theirs = genai_generate(out, prompt, 16)
+    except ImportError:
+        print("onnxruntime-genai is not installed: pip install onnxruntime-genai to check the folder")
+        return 0
+    ours = compiled.generate(prompt, max_new_tokens=16)[0, prompt.shape[1]:].tolist()
+    same = sum(1 for _ in __import__("itertools").takewhile(lambda p: p[0] == p[1], zip(ours, theirs)))
+    print(f"ONNX Runtime GenAI vs lowbit torch backend, 16 greedy tokens: {same} agree"
+          + ("" if same == len(ours) else f" (then {theirs[same:same + 4]} vs {ours[same:same + 4]})"))
     return 0
 
 
@@ -231,6 +259,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="block-sparse attention as dense attention with the block mask (default, runs "
                         "anywhere) or as com.microsoft.SparseAttention (causal prompts; the model then "
                         "takes and returns key/value caches, see docs)")
+    x.add_argument("--genai", action="store_true",
+                   help="write a folder ONNX Runtime GenAI loads: the decoder with past_key_values/present, "
+                        "genai_config.json and the tokenizer's files")
+    x.add_argument("--kv-cache", choices=["int8", "fp8", "k8v4", "int4", "int4-rot"],
+                   help="quantize the key/value cache of a causal LM (with --genai: held as the same values "
+                        "in float, the cache GenAI holds)")
     _add_calibration_options(x)
     x.set_defaults(fn=_export)
     e = sub.add_parser("eval", help="quality of quantization recipes vs fp32")

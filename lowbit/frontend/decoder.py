@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils import _pytree as pytree
@@ -95,6 +95,7 @@ class DecoderIO:
     n_layers: int
     eos_token_id: int | list[int] | None = None  # from the model's generation config
     pad_token_id: int | None = None
+    model_config: dict = field(default_factory=dict)  # the model's config (for ONNX Runtime GenAI's)
 
     def cache_inputs(self, graph: Graph) -> list:
         return graph.inputs[len(STEP_INPUTS):]

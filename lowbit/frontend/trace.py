@@ -246,7 +246,8 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     notes = [f"{type(model).__name__} is traced as one decode step: its key/value cache of {n_layers} layers "
              "is an input and an output of the graph (generate() feeds it back)"]
     config = getattr(model, "generation_config", None)
+    model_config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
     decoder = DecoderIO(out_spec, n_layers, getattr(config, "eos_token_id", None),
-                        getattr(config, "pad_token_id", None))
+                        getattr(config, "pad_token_id", None), model_config)
     return TracedModel(graph, in_spec, out_spec, tuple(args), notes=notes, dim_ranges=ranges,
                        example_kwargs=dict(kwargs), decoder=decoder)

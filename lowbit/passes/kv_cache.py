@@ -220,7 +220,7 @@ KV_PRESETS = {
     "fp8": ("", "fp8/token", "fp8/token"),
     "k8v4": ("", "int8/token", "int4/token/asym"),
     "int4": ("", "int4/channel/asym", "int4/token/asym"),  # KIVI: keys per channel, values per token
-    "int4-rot": ("online-hadamard{qk=true}", "int4/token/asym", "int4/token/asym"),  # QuaRot: rotated keys
+    "int4-rot": ("online-hadamard{where=none,qk=true}", "int4/token/asym", "int4/token/asym"),  # QuaRot: rotated keys
 }
 
 

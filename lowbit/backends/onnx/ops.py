@@ -190,19 +190,20 @@ def _(q, k, v, bias, scale):
 
 
 def declare_contrib_op(name: str, inputs: list[tuple[str, str, bool]], outputs: list[str],
-                       types: list[tuple[str, list[str]]], attributes: list[tuple[str, str, bool]]) -> None:
+                       types: list[tuple[str, list[str]]], attributes: list[tuple[str, str, bool]],
+                       domain: str = "com.microsoft") -> None:
     """ONNX's schema registry does not know ONNX Runtime's contrib ops; onnxscript needs one to
     emit a node. Declare com.microsoft::``name`` (version 1) once: ``inputs`` as (name, type
     variable, optional), ``outputs`` of type T, ``attributes`` as (name, "INT"/"FLOAT", required)."""
     try:
-        onnx.defs.get_schema(name, 1, "com.microsoft")
+        onnx.defs.get_schema(name, 1, domain)
         return
     except onnx.defs.SchemaError:
         pass
     S = onnx.defs.OpSchema
     option = {False: S.FormalParameterOption.Single, True: S.FormalParameterOption.Optional}
     onnx.defs.register_schema(S(
-        name, "com.microsoft", 1,
+        name, domain, 1,
         inputs=[S.FormalParameter(n, t, param_option=option[o]) for n, t, o in inputs],
         outputs=[S.FormalParameter(n, "T") for n in outputs],
         type_constraints=[(t, allowed, "") for t, allowed in types],
@@ -237,3 +238,32 @@ def onnx_mha(q, k, v, bias, scale: float):
 
 
 TRANSLATIONS[torch.ops.lowbit.mha.default] = onnx_mha
+
+
+# ---- RMSNorm: com.microsoft.SimplifiedLayerNormalization ------------------------------------
+
+@torch.library.custom_op("lowbit::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from lowbit.ir.dialects.core import rms_norm as ref
+
+    return ref(x, weight, eps=eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+def onnx_rms_norm(x, weight, eps: float):
+    """One SimplifiedLayerNormalization (ONNX Runtime fuses a residual Add before it into
+    SkipSimplifiedLayerNormalization) instead of pow/mean/sqrt/div/mul."""
+    from onnxscript.values import Opset
+
+    declare_contrib_op("SimplifiedLayerNormalization", [("X", "T", False), ("scale", "T", False)], ["Y"],
+                       [("T", ["tensor(float)", "tensor(float16)"])],
+                       [("axis", "INT", False), ("epsilon", "FLOAT", False), ("stash_type", "INT", False)],
+                       domain="")  # ONNX Runtime registers it in the ONNX domain
+    return Opset("", 21).SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
+
+
+TRANSLATIONS[torch.ops.lowbit.rms_norm.default] = onnx_rms_norm

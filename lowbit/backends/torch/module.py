@@ -94,6 +94,28 @@ class CompiledModule(torch.nn.Module):
             outputs = self._plan().run(leaves)
         return self.traced.unflatten_outputs(outputs)
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """Prompt + generated tokens, as transformers' ``generate`` returns them (see
+        ``lowbit.generate.generate`` for the options: ``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``, ``generator``)."""
+        from lowbit.generate import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of key/value cache per generated token and sequence, all layers together."""
+        from lowbit.generate import cache_bytes_per_token
+
+        if self.traced.decoder is None:
+            raise ValueError("this compiled model has no key/value cache")
+        return cache_bytes_per_token(self.graph, self.traced.decoder)
+
+    def export_genai(self, out_dir, tokenizer=None, source_dir=None, hadamard: str = "matmul"):
+        """Write a folder ONNX Runtime GenAI loads (``lowbit.backends.onnx.genai``)."""
+        from lowbit.backends.onnx.genai import export_genai
+
+        return export_genai(self.traced, out_dir, tokenizer=tokenizer, source_dir=source_dir, hadamard=hadamard)
+
     def export_onnx(self, path, opset: int | None = None, attention_op: bool = True, hadamard: str = "matmul",
                     sparse_attention: str = "dense"):
         """Write this module's graph as ONNX (see ``lowbit.backends.onnx.export_onnx``);

@@ -1,0 +1,143 @@
+"""Causal LMs traced as a decode step: the cache as graph inputs/outputs, ``generate`` equal to
+transformers' greedy decoding, the cache stored quantized, and the folder ONNX Runtime GenAI
+loads generating the same tokens as the torch backend."""
+
+import pytest
+import torch
+import transformers as tf
+
+import lowbit
+from lowbit.errors import InputError, LowbitError
+from lowbit.evaluate import byte_windows, perplexity
+from lowbit.zoo import byte_llama
+
+
+def _model(kind: str = "llama"):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+        return tf.GPT2LMHeadModel(cfg).eval()
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=0)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = _model()
+    return model, lowbit.compile(model, (torch.randint(1, 256, (2, 9)),), progress=False)
+
+
+@pytest.fixture(scope="module")
+def byte():
+    spec = byte_llama()
+    return spec, lowbit.compile(spec.model, spec.example_inputs, progress=False)
+
+
+def test_decode_step_has_the_cache_as_inputs_and_outputs(llama):
+    model, fast = llama
+    assert fast.traced.input_names() == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert fast.traced.output_names()[1:3] == ["present.0.key", "present.0.value"]
+    assert fast.graph.inputs[3].tensor_type.shape == ("batch", 2, "past", 16)
+    ids = torch.randint(1, 256, (3, 11))
+    assert torch.equal(fast(ids).logits, model(ids).logits)  # a prompt: the step with an empty cache
+    assert fast.cache_bytes_per_token() == 2 * 2 * 2 * 16 * 4  # layers × (k, v) × heads × dim × fp32
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_greedy_generate_equals_transformers(kind):
+    model = _model(kind)
+    fast = lowbit.compile(model, (torch.randint(1, 256, (2, 9)),), progress=False)
+    prompt = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0  # left padding: positions count attended tokens, as in transformers
+    for m in (torch.ones_like(prompt), mask):
+        ours = fast.generate(prompt, m, max_new_tokens=40)
+        theirs = model.generate(prompt, attention_mask=m, max_new_tokens=40, do_sample=False)
+        assert torch.equal(ours, theirs)
+
+
+def test_sampling_options(llama):
+    _, fast = llama
+    prompt = torch.randint(1, 256, (1, 5))
+    greedy = fast.generate(prompt, max_new_tokens=12)
+    assert torch.equal(fast.generate(prompt, max_new_tokens=12, do_sample=True, top_k=1), greedy)
+    a = fast.generate(prompt, max_new_tokens=12, do_sample=True, generator=torch.Generator().manual_seed(3))
+    b = fast.generate(prompt, max_new_tokens=12, do_sample=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (1, 17)
+    stop = int(greedy[0, 7])
+    short = fast.generate(prompt, max_new_tokens=12, eos_token_id=stop)
+    assert short.shape[1] <= 8 and int(short[0, -1]) == stop
+
+
+def test_generate_refuses_a_model_traced_without_cache(llama):
+    model, _ = llama
+    flat = lowbit.trace(model, (torch.randint(1, 256, (2, 9)),), cache=False)
+    with pytest.raises(InputError, match="without its key/value cache"):
+        lowbit.compile(flat).generate(torch.randint(1, 256, (1, 4)))
+
+
+@pytest.mark.parametrize("preset,dtype,ratio", [("int8", "i8", 0.27), ("fp8", "f8e4m3", 0.27),
+                                                ("int4", "u8", 0.15), ("int4-rot", "u8", 0.16)])
+def test_quantized_cache_is_stored_in_its_dtype(llama, preset, dtype, ratio):
+    model, fast = llama
+    calibration = [(torch.randint(1, 256, (2, 16)),)]
+    q = lowbit.compile(fast.traced, kv_cache=preset, calibration=calibration, progress=False)
+    assert q.graph.inputs[3].tensor_type.dtype.short == dtype
+    assert q.cache_bytes_per_token() <= ratio * fast.cache_bytes_per_token() + 2 * 2 * 2 * 3  # + scales
+    same = lowbit.compile(fast.traced, kv_cache=preset, calibration=calibration, progress=False)
+    floats = lowbit.compile(fast.traced, pipeline=None, kv_cache=preset, calibration=calibration, progress=False,
+                            kv_storage="float")
+    ids = torch.randint(1, 256, (2, 13))
+    assert torch.equal(q(ids).logits, same(ids).logits)
+    assert torch.allclose(q(ids).logits, floats(ids).logits, atol=1e-6)  # the same values, held as floats
+    prompt = torch.randint(1, 256, (1, 6))
+    assert torch.equal(q.generate(prompt, max_new_tokens=10), floats.generate(prompt, max_new_tokens=10))
+
+
+def test_quantized_cache_perplexity_on_byte_llama(byte):
+    spec, fast = byte
+    windows = byte_windows("val")[:4]
+    calibration = byte_windows("calib")[:2]
+    base = perplexity(fast, windows)
+    for preset, bound, ratio in (("int8", 0.005, 0.27), ("int4", 0.03, 0.15), ("int4-rot", 0.03, 0.15)):
+        q = lowbit.compile(fast.traced, kv_cache=preset, calibration=calibration, progress=False)
+        assert perplexity(q, windows) <= base * (1 + bound), preset
+        assert q.cache_bytes_per_token() <= ratio * fast.cache_bytes_per_token(), preset
+
+
+def test_qk_rotation_rotates_keys_before_the_cache(llama):
+    _, fast = llama
+    q = lowbit.compile(fast.traced, kv_cache="int4-rot", calibration=[(torch.randint(1, 256, (2, 16)),)],
+                       progress=False)
+    hadamards = [n for n in q.graph.nodes if n.op == "rotate.hadamard"]
+    assert len(hadamards) == 4  # per layer: the query, and the new keys where they enter the cache
+    assert any(u.op == "quant.dynamic_quantize" for h in hadamards for u in h.result.users)
+
+
+def test_genai_folder_refuses_a_quantized_cache(llama, tmp_path):
+    _, fast = llama
+    q = lowbit.compile(fast.traced, kv_cache="int8", calibration=[(torch.randint(1, 256, (2, 16)),)],
+                       progress=False)
+    with pytest.raises(LowbitError, match="kv_storage"):
+        q.export_genai(tmp_path / "out")
+    assert not any((tmp_path / "out").glob("*.onnx")) if (tmp_path / "out").exists() else True
+
+
+@pytest.mark.parametrize("name,recipe,kv", [("tiny-llama", None, None), ("tiny-llama", "w4a16", None),
+                                            ("byte-llama", "w4a16", None), ("byte-llama", "w4a16-gptq", "int8")])
+def test_onnxruntime_genai_generates_the_same_tokens(name, recipe, kv, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from lowbit.backends.onnx.genai import genai_generate
+    from lowbit.zoo import ZOO
+
+    spec = ZOO[name]()
+    calibration = byte_windows("calib")[:2] if name == "byte-llama" else [spec.example_inputs]
+    q = lowbit.compile(spec.model, spec.example_inputs, recipe=recipe, calibration=calibration, kv_cache=kv,
+                       kv_storage="float", progress=False)
+    out = q.export_genai(tmp_path / "genai")
+    assert {"model.onnx", "genai_config.json"} <= {f.name for f in out.iterdir()}
+    prompt = spec.example_inputs[0][:1, :12]
+    ours = q.generate(prompt, max_new_tokens=32, eos_token_id=[])[0, 12:].tolist()
+    assert genai_generate(out, prompt, 32) == ours
