@@ -58,7 +58,7 @@ def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, 
           kwargs: Mapping | None = None, dynamic_shapes: object = None, verify: bool = True,
           dump_dir: str | os.PathLike | None = None, measure_drift: bool = True,
           progress: bool = True, observer=None, kv_cache: str | None = None,
-          kv_storage: str = "quantized") -> tuple[TracedModel, list[PassRecord]]:
+          kv_storage: str = "quantized", cache: bool | None = None) -> tuple[TracedModel, list[PassRecord]]:
     """Trace ``model`` and run ``canonicalize`` + ``recipe`` + ``pipeline`` on it; returns the
     traced model (its graph transformed) and one record per pass. ``observer(traced, samples)``,
     if given, returns the callback the pass manager calls after each pass (the HTML report)."""
@@ -70,13 +70,14 @@ def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, 
         example = example_call(example_inputs, kwargs)
         calls = calibration_calls(calibration, example)
         traced = trace(model, example[0], kwargs=example[1], dynamic_shapes=dynamic_shapes,
-                       canonicalize=False, samples=calls or ())
+                       canonicalize=False, samples=calls or (), cache=cache)
     samples = traced.example_leaves() if measure_drift else None
     batches = None if calls is None else [traced.flatten_inputs(*c, what=f"calibration batch {i}")
                                           for i, c in enumerate(calls)]
     ctx = PassContext(example_inputs=samples, calibration=batches, progress=progress)
     manager = PassManager(passes, verify_each=verify, dump_dir=dump_dir, sample_inputs=samples, ctx=ctx,
-                          observer=None if observer is None else observer(traced, samples))
+                          observer=None if observer is None else observer(traced, samples),
+                          compared_outputs=1 if traced.decoder is not None else None)
     records = manager.run(traced.graph)
     traced.notes = traced.notes + ctx.notes
     return traced, records
@@ -87,7 +88,7 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
             kwargs: Mapping | None = None, dynamic_shapes: object = None,
             verify: bool = True, dump_dir: str | os.PathLike | None = None,
             progress: bool = True, backend: str = "torch", kv_cache: str | None = None,
-            kv_storage: str = "quantized") -> CompiledModule:
+            kv_storage: str = "quantized", cache: bool | None = None) -> CompiledModule:
     """Trace ``model``, run ``canonicalize``, the ``recipe`` and then ``pipeline``, and return a
     module that runs the result on ``backend``: "torch" (the reference ops, any device) or
     "triton" (quantized linears, Hadamard rotations and block-sparse attention as Triton
@@ -112,6 +113,7 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
     head), "k8v4", "int4" (KIVI: keys per channel, values per token), "int4-rot" (keys rotated
     by a Hadamard first, both per token). ``compiled.cache_bytes_per_token()`` says what it holds;
     ``kv_storage="float"`` keeps the same values as floats (for ONNX Runtime GenAI's cache).
+    ``cache=False`` traces without the cache (a prompt-only graph; see ``lowbit.trace``).
 
     ``model`` may also be a ``TracedModel`` (``lowbit.trace``, or ``compiled.traced``): it is
     copied and not traced again, so one trace serves several recipes; its dims stay as traced.
@@ -127,7 +129,7 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
     traced, records = build(model, example_inputs, pipeline=pipeline, recipe=recipe,
                             calibration=calibration, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                             verify=verify, dump_dir=dump_dir, measure_drift=False, progress=progress,
-                            kv_cache=kv_cache, kv_storage=kv_storage)
+                            kv_cache=kv_cache, kv_storage=kv_storage, cache=cache)
     if backend == "triton":
         return TritonModule(traced, records)
     return CompiledModule(traced, records)

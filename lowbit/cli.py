@@ -111,7 +111,8 @@ def _export(args: argparse.Namespace) -> int:
     print(f"compiling {args.model} with {args.recipe or 'no recipe'} (calibration: {where}) ...", file=sys.stderr)
     compiled = lowbit.compile(model, example, kwargs=kwargs or None, dynamic_shapes=spec.dynamic_shapes,
                               recipe=args.recipe, pipeline=args.pipeline, calibration=calibration,
-                              kv_cache=args.kv_cache, kv_storage="float" if args.genai else "quantized")
+                              kv_cache=args.kv_cache, kv_storage="float" if args.genai else "quantized",
+                              cache=False if args.sparse_attention == "contrib" else None)  # the op keeps its own
     for note in compiled.traced.notes:
         print(f"note: {note}")
     if args.genai:

@@ -123,8 +123,11 @@ def test_query_and_key_rotated_after_rope_for_kv_quantization():
                             pipeline="online-hadamard{where=none,qk=true}", progress=False)
     assert records[-1].changed and records[-1].drift < 1e-4
     attention = [n for n in traced.graph.nodes if n.op == "core.sdpa"]
-    assert attention and all(n.operand(i).producer.op == "rotate.hadamard" for n in attention for i in (0, 1))
-    assert all(n.operand(2).producer.op != "rotate.hadamard" for n in attention)
+    assert attention and all(n.operand(0).producer.op == "rotate.hadamard" for n in attention)
+    for n in attention:  # keys are rotated where they enter the decode step's cache, values are not
+        joins = [_cache_join(n.operand(i)) for i in (1, 2)]
+        assert [j.op for j in joins] == ["aten.cat.default"] * 2
+        assert joins[0].operand(1).producer.op == "rotate.hadamard" != joins[1].operand(1).producer.op
     # and a quantized K/V cache goes on the rotated query and key
     kv = "insert-qdq{weights=int8/channel,acts=none,kv=int8/token/dynamic}"
     traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
@@ -133,3 +136,10 @@ def test_query_and_key_rotated_after_rope_for_kv_quantization():
     assert 0 < records[-1].drift < 0.1
     for n in (n for n in traced.graph.nodes if n.op == "core.sdpa"):
         assert n.operand(1).producer.op.startswith("quant.") and n.operand(0).producer.op == "rotate.hadamard"
+
+
+def _cache_join(value):
+    """The node a (grouped-query expanded) key or value comes from: the cache's cat."""
+    while value.producer.op.startswith("aten.") and value.producer.op != "aten.cat.default":
+        value = value.producer.operands[0]
+    return value.producer

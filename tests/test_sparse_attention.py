@@ -128,7 +128,8 @@ def test_onnx_lowering_runs_on_onnx_runtime(tmp_path, block):
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for shape in ((2, 16), (3, 23), (1, 77)):
         ids = torch.randint(0, 200, shape, generator=torch.Generator().manual_seed(1))
-        out = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+        feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), q.traced.flatten_inputs((ids,)))}
+        out = sess.run(None, feeds)[0]  # a decode step (its cache empty): every input fed
         assert np.abs(out - q(ids).logits.numpy()).max() < 1e-4
 
 
@@ -171,7 +172,7 @@ def test_sparse_attention_contrib_op_matches_the_torch_backend(tmp_path):
 
     spec = zoo.tiny_llama()
     q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, progress=False,
-                       pipeline=SPARSE_PIPELINE)
+                       pipeline=SPARSE_PIPELINE, cache=False)
     path, _ = q.export_onnx(tmp_path / "m.onnx", sparse_attention="contrib")
     check(path)
     model = onnx.load(str(path))
@@ -205,7 +206,7 @@ def test_sparse_attention_contrib_op_in_float16(tmp_path):
 
     spec = zoo.tiny_llama()
     q = lowbit.compile(spec.model.half(), spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, progress=False,
-                       pipeline=SPARSE_PIPELINE)
+                       pipeline=SPARSE_PIPELINE, cache=False)
     with pytest.warns(UserWarning, match="head dim 128 and block 64, this model has 16 and 16"):
         path, _ = q.export_onnx(tmp_path / "m.onnx", sparse_attention="contrib")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -237,7 +238,7 @@ def test_cli_exports_half_precision_sparse_attention(tmp_path, capsys):
 def test_sparse_attention_contrib_op_refuses_what_does_not_fit(tmp_path, pipeline, reason):
     spec = zoo.tiny_llama()
     q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, progress=False,
-                       pipeline=pipeline)
+                       pipeline=pipeline, cache=False)
     with pytest.raises(LowbitError, match=reason):
         q.export_onnx(tmp_path / "m.onnx", sparse_attention="contrib")
     assert not any(tmp_path.iterdir())

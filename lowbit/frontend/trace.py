@@ -237,6 +237,7 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     finally:
         model.train(was_training)
     graph, ranges = convert_program(ep, plan.axis_names)
+    _drop_wrapper_prefix(graph, "model")
     n_layers = len(call[3]) // 2
     for value, name in zip(graph.inputs[3:], [f"past_{i}_{k}" for i in range(n_layers) for k in ("key", "value")]):
         value.name = graph.fresh_name(name)
@@ -251,3 +252,19 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
                         getattr(config, "pad_token_id", None), model_config)
     return TracedModel(graph, in_spec, out_spec, tuple(args), notes=notes, dim_ranges=ranges,
                        example_kwargs=dict(kwargs), decoder=decoder)
+
+
+def _drop_wrapper_prefix(graph: Graph, attr: str) -> None:
+    """Module paths and constant names as in the model itself (``model.layers.0.mlp``, not
+    ``<attr>.model.layers.0.mlp``): the wrapper that traced it is not the user's."""
+    def strip(path: str) -> str:
+        return path[len(attr) + 1:] if path.startswith(attr + ".") else ("" if path == attr else path)
+
+    renamed = {}
+    for node in graph.nodes:
+        node.loc.module = strip(node.loc.module)
+        if node.op == "core.constant":
+            old = str(node.attrs["name"])
+            renamed[old] = strip(old)
+            node.attrs["name"] = renamed[old]
+    graph.tensors = {renamed.get(k, k): v for k, v in graph.tensors.items()}

@@ -57,7 +57,8 @@ class PassManager:
     def __init__(self, passes: Sequence[Pass], *, verify_each: bool = True,
                  dump_dir: str | os.PathLike | None = None, sample_inputs: list | None = None,
                  check_lossless: bool = True, ctx: PassContext | None = None,
-                 observer: Callable[[int, PassRecord, Graph], None] | None = None):
+                 observer: Callable[[int, PassRecord, Graph], None] | None = None,
+                 compared_outputs: int | None = None):
         self.passes = list(passes)
         self.observer = observer  # called after the input and after each pass (reports)
         self.verify_each = verify_each
@@ -65,12 +66,15 @@ class PassManager:
         self.sample_inputs = sample_inputs
         self.check_lossless = check_lossless
         self.ctx = ctx or PassContext(example_inputs=sample_inputs)
+        # the leading outputs drift is measured on (a decode step: its logits; how its cache is
+        # held, rotated or quantized, is the graph's own business)
+        self.compared_outputs = compared_outputs
 
     def _outputs(self, graph: Graph) -> list[object] | None:
         if self.sample_inputs is None:
             return None
         with torch.no_grad():
-            return Executor(graph).run(self.sample_inputs)
+            return Executor(graph).run(self.sample_inputs)[:self.compared_outputs]
 
     def _dump(self, graph: Graph, index: int, name: str, suffix: str = "") -> str | None:
         if self.dump_dir is None:

@@ -234,6 +234,10 @@ def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool
     (see ``sparse_attention.py``; the model then takes and returns key/value caches)."""
     _check_choice("hadamard lowering", hadamard, HADAMARD_LOWERINGS)
     _check_choice("sparse attention lowering", sparse_attention, sparse.LOWERINGS)
+    if sparse_attention == "contrib" and traced.decoder is not None:
+        raise LowbitError("com.microsoft.SparseAttention keeps its own key/value cache: compile the model "
+                          "without lowbit's (lowbit.compile(..., cache=False); the CLI does so for "
+                          "--sparse-attention contrib)")
     graph, weights = lower_for_export(traced)
     if sparse_attention == "contrib":
         _check_sparse_fit(graph)
