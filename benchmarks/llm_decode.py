@@ -79,7 +79,10 @@ def model_folder(work: Path) -> Path:
 def hf_engine(folder: Path):
     import transformers
 
+    import inspect
+
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def run(prompt, new):
         with torch.no_grad():
@@ -87,10 +90,10 @@ def hf_engine(folder: Path):
             out = model(prompt, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             t1 = time.perf_counter()
-            cache = out.past_key_values
+            cache = out[arg]
             for _ in range(new - 1):
-                out = model(token, past_key_values=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                out = model(token, use_cache=True, **{arg: cache})
+                cache, token = out[arg], out.logits[:, -1].argmax(-1, keepdim=True)
             t2 = time.perf_counter()
         return t1 - t0, (new - 1) / (t2 - t1)
     return run

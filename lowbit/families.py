@@ -11,7 +11,9 @@ default, ``use_cache=True`` included. ``run_family`` runs the matrix's cells on 
   fourth; ``w4a16``: the same with int4 AWQ weights; ``rotation``: ``w8a8-rot``;
 - ``onnx``: the ``w8a8`` model exported, run by ONNX Runtime at two shapes against the torch
   backend; ``triton``: ``w8a8`` on the triton backend (the interpreter on a CPU) against the
-  torch backend.
+  torch backend;
+- ``generate`` (causal LMs): greedy tokens equal transformers' ``generate``, and the ``w8a8``
+  model generates with an int8 key/value cache.
 
 A cell is ✅, a note (what lowbit said it could not do, e.g. a rotation that does not apply),
 or a failure. ``scripts/models_table.py`` writes the matrix to ``docs/models.md``;
@@ -147,16 +149,19 @@ def build_family(name: str):
 
 # ---- the coverage matrix -------------------------------------------------------------------
 
-CELLS = ("compile", "w8a8", "w4a16", "rotation", "onnx", "triton")
+CELLS = ("compile", "w8a8", "w4a16", "rotation", "onnx", "triton", "generate")
+NOT_APPLICABLE = "not a causal LM"  # a cell that does not apply to the family (generate, for encoders)
 BOUNDS = {"w8a8": 0.15, "w4a16": 0.35, "rotation": 0.15}  # relative L2 error vs eager, random weights
 
 
 @dataclass
 class Cell:
-    status: str  # "ok", "note" or "fail"
+    status: str  # "ok", "note", "fail" or "na" (the cell does not apply)
     text: str = ""
 
     def mark(self) -> str:
+        if self.status == "na":
+            return "—"
         return {"ok": "✅", "note": "note", "fail": "❌"}[self.status] + (f": {self.text}" if self.text else "")
 
 
@@ -287,9 +292,34 @@ def _cell_triton(run: _Run) -> str:
     return ""
 
 
+def _cell_generate(run: _Run) -> str:
+    """Greedy tokens of the fp32 trace equal transformers' ``generate``; the ``w8a8`` model with
+    an int8 key/value cache generates from a cache of fewer bytes."""
+    if run.family.inputs != "ids":
+        return NOT_APPLICABLE
+    fast = run.compile()
+    if fast.traced.decoder is None:
+        raise AssertionError("traced without its cache: " + "; ".join(n for n in fast.traced.notes if "cache" in n))
+    (prompt,) = run.inputs(2, 6, seed=3)
+    ours = fast.generate(prompt, max_new_tokens=12)
+    with torch.no_grad():
+        theirs = run.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                    do_sample=False)
+    if not torch.equal(ours, theirs):
+        raise AssertionError(f"greedy tokens differ from transformers': {ours[0, 6:].tolist()} vs "
+                             f"{theirs[0, 6:].tolist()}")
+    quantized = run.quantized or _quantized(run, "w8a8")[0]
+    import lowbit
+
+    q = lowbit.compile(quantized.traced, kv_cache="int8", calibration=run.calibration(), progress=False)
+    if q.generate(prompt, max_new_tokens=4).shape[1] < 7 or q.cache_bytes_per_token() >= fast.cache_bytes_per_token():
+        raise AssertionError("the int8 cache did not generate from a smaller cache")
+    return ""
+
+
 _CHECKS: dict[str, Callable[[_Run], str]] = {
     "compile": _cell_compile, "w8a8": _cell_w8a8, "w4a16": _cell_w4a16,
-    "rotation": _cell_rotation, "onnx": _cell_onnx, "triton": _cell_triton}
+    "rotation": _cell_rotation, "onnx": _cell_onnx, "triton": _cell_triton, "generate": _cell_generate}
 
 
 def run_family(name: str, workdir: str | os.PathLike, cells: tuple[str, ...] = CELLS) -> dict[str, Cell]:
@@ -302,7 +332,7 @@ def run_family(name: str, workdir: str | os.PathLike, cells: tuple[str, ...] = C
     for cell in cells:
         try:
             note = _CHECKS[cell](run)
-            results[cell] = Cell("note" if note else "ok", note)
+            results[cell] = Cell("na") if note == NOT_APPLICABLE else Cell("note" if note else "ok", note)
         except Exception as e:  # a cell's failure is its result, the other cells still run
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             results[cell] = Cell("fail", f"{type(e).__name__}: {first[:300]}")

@@ -38,6 +38,9 @@ keeps its default, `use_cache=True` included. Random weights. The cells:
   against the torch backend.
 - **triton**: `w8a8` on the triton backend (Triton's interpreter here, no GPU), within 1e-2 of
   the torch backend.
+- **generate** (causal LMs, traced as one decode step with their key/value cache): 12 greedy
+  tokens equal transformers' `generate`, and the `w8a8` model generates with an int8 cache of
+  fewer bytes; — for models that do not generate.
 
 Written by `python scripts/models_table.py`; `tests/test_families.py` runs the same matrix in CI.
 """

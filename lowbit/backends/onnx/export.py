@@ -117,6 +117,8 @@ class _ExportModule(torch.nn.Module):
             sym = bool(node.attrs.get("symmetric", True))
             colsum = getattr(self, self.colsums[id(node)])
             return (lambda x, w, s, z, b: ops.dynamic_qlinear(x, w, s, colsum, b, sym)), {}
+        if node.op == "quant.dynamic_linear" and not node.attrs.get("hadamard"):
+            return self._dynamic_then_qlinear(node)
         if node.op == "core.rms_norm" and node.operands[1] is not None and node.operand(0).tensor_type.dtype.is_float:
             eps = float(node.attrs.get("eps", 1e-6))
             return (lambda x, w: ops.rms_norm(x, w, eps)), {}
@@ -127,6 +129,21 @@ class _ExportModule(torch.nn.Module):
         if node.op == "rotate.hadamard" and self.hadamard == "matmul":
             return _hadamard_matmul, {}
         return None  # "staged": the op's own butterfly, traced as reshape/slice/add/sub
+
+    def _dynamic_then_qlinear(self, node: Node):
+        """Any other dynamic linear (int4 groups, asymmetric weights): the activation quantized
+        and dequantized per token (standard ops), then the weight's DequantizeLinear → MatMul."""
+        from lowbit.ir.dialects.quant import dequantize, dynamic_quantize
+
+        block = node.attrs.get("group_size") or 0
+        q = node.operand(1).tensor_type.dtype.short
+        act, sym = node.attrs["act_dtype"], bool(node.attrs.get("symmetric", True))
+
+        def linear(x, w, s, z, b):
+            xq, xs, xz = dynamic_quantize(x, dtype=act, symmetric=sym)
+            x = dequantize(xq, xs, None if sym else xz, axis=None, group_size=None, out_dtype=DType.from_torch(x.dtype))
+            return _as_3d(x, lambda x3: ops.qlinear(x3, w, s, z, b, block, q))
+        return linear, {}
 
     def _attention(self, node: Node):
         """sdpa as MultiHeadAttention where it fits: 4-D, static head count, not causal,
