@@ -17,7 +17,8 @@ first token; decode is the rate of the tokens after it. The key/value cache's by
 are given for every ``kv_cache`` preset (all layers, one sequence).
 
     pip install -e ".[genai]"
-    python benchmarks/llm_decode.py --workdir /tmp/llm_decode          # ~15 min on 2 cores
+    python benchmarks/llm_decode.py --workdir /tmp/llm_decode          # ~25 min on 2 cores
+    python benchmarks/llm_decode.py --workdir /tmp/llm_decode --quality 64   # byte-llama perplexity
 """
 
 from __future__ import annotations
@@ -180,6 +181,55 @@ def cache_bytes(folder: Path) -> dict[str, int]:
     return out
 
 
+def genai_perplexity(folder: Path, windows: list[torch.Tensor]) -> float:
+    """exp(mean next-byte cross-entropy) of a GenAI folder over ``windows`` (each [1, n]): the
+    prompt's logits, as GenAI returns them after the prompt."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    total, count = 0.0, 0
+    for ids in windows:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + 1)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids.numpy().astype(np.int32))
+        logits = torch.from_numpy(np.array(generator.get_output("logits"))).float().reshape(1, ids.shape[1], -1)
+        total += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return float(torch.exp(torch.tensor(total / count)))
+
+
+def quality(work: Path, windows: int) -> None:
+    """byte-llama through ONNX Runtime GenAI: lowbit's int4 recipes (calibrated on the shipped
+    calibration text) against the model builder's int4 (round to nearest) and the float model."""
+    import shutil
+
+    from lowbit.evaluate import byte_windows
+    from lowbit.zoo import BYTE_LLAMA_DIR
+
+    hf = work / "byte-llama"
+    if not (hf / "tokenizer.json").exists():
+        shutil.copytree(BYTE_LLAMA_DIR, hf, dirs_exist_ok=True)
+        byte_tokenizer().save_pretrained(hf)
+    calib = work / "byte_llama_calib.txt"
+    calib.write_text((Path(__file__).resolve().parent.parent / "lowbit" / "data" / "byte_llama_calib.txt")
+                     .read_text(errors="replace"))
+    evaluation = [w[:1] for (batch,) in byte_windows("val") for w in batch.split(1)][:windows]
+    rows = {"builder fp32": builder_folder(hf, work / "bl-builder-fp32", "fp32"),
+            "builder int4 (RTN, block 32)": builder_folder(hf, work / "bl-builder-int4", "int4")}
+    for recipe in ("w4a16", "w4a16-gptq", "w4a16-rtn"):
+        out = work / f"bl-lowbit-{recipe}"
+        if not (out / "genai_config.json").exists():
+            subprocess.run([sys.executable, "-m", "lowbit.cli", "export", str(hf), "--genai", "--recipe", recipe,
+                            "--calibration", str(calib), "--samples", "64", "--max-length", "256", "-o", str(out)],
+                           check=True, stdout=subprocess.DEVNULL)
+        rows[f"lowbit {recipe}"] = out
+    print(f"\nbyte-llama perplexity through ONNX Runtime GenAI ({len(evaluation)} held-out windows of 256 bytes)\n")
+    print("| model | perplexity |\n|---|---|")
+    for name, folder in rows.items():
+        print(f"| {name} | {genai_perplexity(folder, evaluation):.4f} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/tmp/lowbit_llm_decode")
@@ -190,10 +240,15 @@ def main() -> int:
     ap.add_argument("--engines", default="hf fp32,lowbit torch w4a16-rtn,lowbit torch w8a8-dynamic,"
                                         "lowbit genai fp32,lowbit genai w4a16-rtn,lowbit genai w4a16,"
                                         "lowbit genai w4a8,builder fp32,builder int4")
+    ap.add_argument("--quality", type=int, default=0, metavar="WINDOWS",
+                    help="only the byte-llama perplexity table, over this many held-out windows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.quality:
+        quality(work, args.quality)
+        return 0
     hf = model_folder(work)
     engines = {}
     for name in [e.strip() for e in args.engines.split(",") if e.strip()]:

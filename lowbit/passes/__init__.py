@@ -15,6 +15,7 @@ register_alias("canonicalize", ",".join([
     "addmm-to-linear",        # GPT-2's Conv1D: one linear op for every projection
     "fuse-rms-norm",          # Llama's RMSNorm arrives as pow/mean/rsqrt/mul
     "fuse-attention",         # eager attention → sdpa, so attention passes see one op
+    "fold-repeat-kv",         # grouped-query attention reads its shared heads, not copies
     "fold-batchnorm",         # inference BN is an affine map the conv/linear can absorb
     "fold-constants",         # shape/mask arithmetic on constants
     "eliminate-common-subexpressions",

@@ -6,6 +6,8 @@
   (optionally wrapped in casts to fp32 and back, as Llama writes it).
 - fuse-attention: ``softmax(q·kᵀ · c + mask) · v`` → ``sdpa(q, k, v, mask){scale=c}``
   (``/ d`` gives scale = 1/d).
+- fold-repeat-kv: ``sdpa(q, repeat_kv(k), repeat_kv(v))`` → ``sdpa(q, k, v){gqa}``: the query
+  heads of a group read their shared key/value head instead of copies of it. Exact.
 - fold-batchnorm: ``bn(conv(x, W, b))`` → ``conv(x, W', b')`` with, per output channel,
   k = γ / √(σ² + ε),  W' = k·W,  b' = k·(b − μ) + β. Same for ``linear`` followed by
   batch norm over its features.
@@ -189,6 +191,55 @@ def _rewrite_attention(b: Bindings, graph: Graph) -> None:
 FUSE_ATTENTION = Rule("fuse-attention", ("core.softmax",), _match_attention, _rewrite_attention)
 
 
+# ---- grouped-query attention -------------------------------------------------------------
+
+_RESHAPES = ("aten._unsafe_view.default", "aten.view.default", "aten.reshape.default")
+
+
+def _repeated_heads(value: Value) -> tuple[Value, int] | None:
+    """(K, n) when ``value`` is K [b, h, L, d] with each head repeated n times in place
+    (``reshape(expand(unsqueeze(K, 2)), [b, h·n, L, d])``, transformers' ``repeat_kv``)."""
+    node = value.producer
+    if node is None or node.op not in _RESHAPES:
+        return None
+    x = node.operands[0]
+    if x.producer is not None and x.producer.op == "aten.clone.default":
+        x = x.producer.operands[0]
+    expand = x.producer
+    unsqueeze = expand.operands[0].producer if expand is not None and expand.op == "aten.expand.default" else None
+    if unsqueeze is None or unsqueeze.op != "aten.unsqueeze.default" or _call(unsqueeze).args[1] not in (2, -3):
+        return None
+    src, wide, out = unsqueeze.operands[0].tensor_type.shape, x.tensor_type.shape, value.tensor_type.shape
+    n = wide[2]
+    if len(src) != 4 or len(wide) != 5 or not isinstance(n, int) or not isinstance(src[1], int) \
+            or wide[:2] != src[:2] or wide[3:] != src[2:] or out != (src[0], src[1] * n, *src[2:]):
+        return None
+    return unsqueeze.operands[0], n
+
+
+def _match_repeat_kv(node: Node, graph: Graph) -> Bindings | str:
+    if node.attrs.get("gqa"):
+        return "already grouped"
+    k, v = _repeated_heads(node.operand(1)), _repeated_heads(node.operand(2))
+    if k is None or v is None:
+        return "keys and values are not head-repeated copies"
+    if k[1] != v[1]:
+        return "keys and values are repeated differently"
+    return {"sdpa": node, "k": k[0], "v": v[0]}
+
+
+def _rewrite_repeat_kv(b: Bindings, graph: Graph) -> None:
+    node = b["sdpa"]
+    assert isinstance(node, Node)
+    node.set_operand(1, b["k"])
+    node.set_operand(2, b["v"])
+    node.attrs["gqa"] = True
+    node.touch("fold-repeat-kv")
+
+
+FOLD_REPEAT_KV = Rule("fold-repeat-kv", ("core.sdpa",), _match_repeat_kv, _rewrite_repeat_kv)
+
+
 # ---- batch norm folding ------------------------------------------------------------------
 
 def _match_batchnorm(bn: Node, graph: Graph) -> Bindings | str:
@@ -248,9 +299,10 @@ def _rule_pass(rule: Rule, summary: str) -> type[Pass]:
     return register(RulePass)
 
 
-RULES = {r.name: r for r in (ADDMM_TO_LINEAR, FUSE_RMS_NORM, FUSE_ATTENTION, FOLD_BATCHNORM)}
+RULES = {r.name: r for r in (ADDMM_TO_LINEAR, FUSE_RMS_NORM, FUSE_ATTENTION, FOLD_REPEAT_KV, FOLD_BATCHNORM)}
 AddmmToLinear = _rule_pass(ADDMM_TO_LINEAR, "addmm/mm with a constant [in, out] weight → linear")
 FuseRmsNorm = _rule_pass(FUSE_RMS_NORM, "pow/mean/rsqrt/mul → rms_norm")
 FuseAttention = _rule_pass(FUSE_ATTENTION, "matmul/softmax/matmul → sdpa")
+FoldRepeatKv = _rule_pass(FOLD_REPEAT_KV, "attention on head-repeated keys/values → grouped-query sdpa (no copies)")
 FoldBatchnorm = _rule_pass(FOLD_BATCHNORM, "fold inference batch norm into the conv/linear before it")
 

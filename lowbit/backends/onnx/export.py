@@ -146,12 +146,17 @@ class _ExportModule(torch.nn.Module):
         return linear, {}
 
     def _attention(self, node: Node):
-        """sdpa as MultiHeadAttention where it fits: 4-D, static head count, not causal,
-        no grouped heads; a boolean mask becomes an additive bias."""
+        """sdpa as MultiHeadAttention where it fits: 4-D, static head counts, not causal; grouped
+        heads (``gqa``) as one head per group over the group's query rows (a mask shared by the
+        heads); a boolean mask becomes an additive bias."""
         q, k = node.operand(0).tensor_type, node.operand(1).tensor_type
-        if (q.rank != 4 or not isinstance(q.shape[1], int) or node.attrs.get("causal")
-                or node.attrs.get("gqa") or k.shape[1] != q.shape[1]):
+        mask = node.operands[3].tensor_type if node.operands[3] is not None else None
+        grouped = bool(node.attrs.get("gqa"))
+        if (q.rank != 4 or not isinstance(q.shape[1], int) or not isinstance(k.shape[1], int)
+                or node.attrs.get("causal") or (k.shape[1] != q.shape[1]) != grouped
+                or (grouped and mask is not None and mask.shape[1] != 1)):
             return None
+        group = q.shape[1] // k.shape[1]
         d = q.shape[3]
         scale = node.attrs.get("scale")
         scale = float(scale) if scale is not None else 1.0 / float(d) ** 0.5 if isinstance(d, int) else None
@@ -163,7 +168,14 @@ class _ExportModule(torch.nn.Module):
                 mask = torch.where(mask, 0.0, MASK_FLOOR).to(q.dtype)
             elif mask is not None:
                 mask = mask.clamp(min=MASK_FLOOR)
-            return ops.mha(q, k, v, mask, scale)
+            if group == 1:
+                return ops.mha(q, k, v, mask, scale)
+            # grouped-query: a group's query heads are one head's rows (no copies of its keys)
+            b, h, s, d = q.shape
+            rows = q.reshape(b, h // group, group * s, d)
+            bias = None if mask is None else mask.expand(-1, -1, s, -1).repeat(1, 1, group, 1)
+            out = ops.mha(rows, k, v, bias, scale).reshape(b, h, s, v.shape[-1])
+            return out.transpose(1, 2).contiguous().transpose(1, 2)  # sdpa's memory layout
 
         return attention, {}
 
