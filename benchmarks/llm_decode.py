@@ -214,7 +214,7 @@ def quality(work: Path, windows: int) -> None:
     calib = work / "byte_llama_calib.txt"
     calib.write_text((Path(__file__).resolve().parent.parent / "lowbit" / "data" / "byte_llama_calib.txt")
                      .read_text(errors="replace"))
-    evaluation = [w[:1] for (batch,) in byte_windows("val") for w in batch.split(1)][:windows]
+    evaluation = [w[:1, :255] for (batch,) in byte_windows("val") for w in batch.split(1)][:windows]  # context 256
     rows = {"builder fp32": builder_folder(hf, work / "bl-builder-fp32", "fp32"),
             "builder int4 (RTN, block 32)": builder_folder(hf, work / "bl-builder-int4", "int4")}
     for recipe in ("w4a16", "w4a16-gptq", "w4a16-rtn"):
@@ -224,7 +224,7 @@ def quality(work: Path, windows: int) -> None:
                             "--calibration", str(calib), "--samples", "64", "--max-length", "256", "-o", str(out)],
                            check=True, stdout=subprocess.DEVNULL)
         rows[f"lowbit {recipe}"] = out
-    print(f"\nbyte-llama perplexity through ONNX Runtime GenAI ({len(evaluation)} held-out windows of 256 bytes)\n")
+    print(f"\nbyte-llama perplexity through ONNX Runtime GenAI ({len(evaluation)} held-out windows of 255 bytes)\n")
     print("| model | perplexity |\n|---|---|")
     for name, folder in rows.items():
         print(f"| {name} | {genai_perplexity(folder, evaluation):.4f} |")

@@ -42,7 +42,7 @@ def test_inspect_prints_table_and_dumps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fold-batchnorm" in out and "drift" in out
     assert (tmp_path / "00-input.ir").exists()
-    assert "core.batch_norm" not in (tmp_path / "05-fold-batchnorm.ir").read_text()
+    assert "core.batch_norm" not in next(tmp_path.glob("*-fold-batchnorm.ir")).read_text()
 
 
 def test_inspect_why_not(capsys):

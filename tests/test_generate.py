@@ -142,3 +142,16 @@ def test_onnxruntime_genai_generates_the_same_tokens(name, recipe, kv, tmp_path)
     prompt = spec.example_inputs[0][:1, :12]
     ours = q.generate(prompt, max_new_tokens=32, eos_token_id=[])[0, 12:].tolist()
     assert genai_generate(out, prompt, 32) == ours
+
+
+def test_generate_on_the_triton_backend(llama):
+    """The triton backend's kernels (Triton's interpreter on a CPU) in the decode loop."""
+    pytest.importorskip("triton")
+    _, fast = llama
+    calibration = [(torch.randint(1, 256, (2, 16)),)]
+    torch_q = lowbit.compile(fast.traced, recipe="w8a8-dynamic", calibration=calibration, progress=False)
+    triton_q = lowbit.compile(fast.traced, recipe="w8a8-dynamic", calibration=calibration, progress=False,
+                              backend="triton")
+    assert triton_q.kernel_nodes()
+    prompt = torch.randint(1, 256, (1, 5))
+    assert torch.equal(triton_q.generate(prompt, max_new_tokens=8), torch_q.generate(prompt, max_new_tokens=8))

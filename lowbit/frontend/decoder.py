@@ -165,8 +165,9 @@ def step_example(model: torch.nn.Module, ids: torch.Tensor) -> tuple[tuple, dict
     cache_arg = _cache_parameter(model)
     with torch.no_grad():
         out = model(input_ids=tokens[:, :past], use_cache=True)
-    cache = next((c for c in (out.get("cache"), out.get("past_key_values")) if c is not None), None) \
-        if cache_arg and hasattr(out, "get") else None  # transformers ≥ 5.2x names it "cache"
+    cache = None
+    if cache_arg and hasattr(out, "get"):  # transformers ≥ 5.2x names it "cache" (the old name warns)
+        cache = out.get("cache") if "cache" in out else out.get("past_key_values")
     if cache is None or not hasattr(cache, "layers"):
         raise TypeError(f"{type(model).__name__} returned no transformers cache")
     layers = [(layer.keys, layer.values) for layer in cache.layers]

@@ -41,27 +41,58 @@ _PAST = re.compile(r"past_\d+_(key|value)$")
 @dataclass
 class CacheSlot:
     past: Value   # the cache input
-    join: Node    # cat(past, new) along the sequence: attention's operand and the cache output
+    join: Node    # cat(past, new) along the sequence: what attention reads
     kind: str     # "key" | "value"
+    trims: tuple[Node, ...] = ()  # slices of past along the sequence before the join (a sliding window)
+    stored: Node | None = None    # the slice of the join that is the cache output (None: the join itself)
 
     @property
     def new(self) -> Value:
         return self.join.operands[1]
 
+    @property
+    def present(self) -> Value:
+        return self.join.result if self.stored is None else self.stored.result
+
+
+def _sequence_slice(node: Node) -> bool:
+    """``x[:, :, a:b]`` with literal bounds: keeps the same tokens of codes, scales and zeros."""
+    if node.op != "aten.slice.Tensor":
+        return False
+    args = node.attrs["args"].args
+    return len(node.operands) == 1 and len(args) >= 2 and args[1] in (2, -2) \
+        and all(isinstance(a, int) for a in args[1:])
+
+
+def _only_user(value: Value, keep) -> Node | None:
+    users = [u for u in value.users if not keep(u)]
+    return users[0] if len(users) == 1 else None
+
 
 def cache_slots(graph: Graph) -> list[CacheSlot]:
-    """The float cache inputs of a decode step and the join that extends each."""
+    """The float cache inputs of a decode step, the join that extends each, and the slices a
+    sliding-window layer applies on the way (its cache keeps the last tokens only)."""
     outputs = {id(v) for v in graph.outputs}
     slots = []
     for value in graph.inputs:
         match = _PAST.match(value.name)
-        joins = [u for u in value.users if not _size_of_leading_dim(u)]
-        if not match or len(joins) != 1:
+        if not match:
             continue
-        join = joins[0]
-        if join.op == "aten.cat.default" and len(join.operands) == 2 and join.operands[0] is value \
-                and id(join.result) in outputs and join.attrs["args"].args[1] in (-2, 2):
-            slots.append(CacheSlot(value, join, match.group(1)))
+        trims, x = [], value
+        join = _only_user(x, _size_of_leading_dim)
+        while join is not None and _sequence_slice(join):
+            trims.append(join)
+            x = join.result
+            join = _only_user(x, lambda u: False)
+        if join is None or join.op != "aten.cat.default" or len(join.operands) != 2 or join.operands[0] is not x \
+                or join.attrs["args"].args[1] not in (-2, 2):
+            continue
+        stored = None
+        if id(join.result) not in outputs:
+            stored = next((u for u in join.result.users if _sequence_slice(u) and id(u.result) in outputs), None)
+            if stored is None:
+                continue
+        slots.append(CacheSlot(value, join, match.group(1), tuple(trims), stored))
     return slots
 
 
@@ -184,6 +215,7 @@ class QuantizeKvCache(Pass):
         suffixes = ["", "_scale", "_zero"][:len(stored)]
         past_shape = slot.past.tensor_type.shape
         ins, outs = [], []
+        joined = []
         for value, suffix in zip(stored, suffixes):
             shape = past_shape[:-1] + (value.tensor_type.shape[-1],)
             dtype = value.tensor_type.dtype
@@ -192,22 +224,37 @@ class QuantizeKvCache(Pass):
                 graph.inputs.pop()  # placed below, where the float cache input was
             else:  # the codes take the float input's name (past_N_key): generation pairs by position
                 past = Value(slot.past.name, TensorType(shape, dtype))
-            cat = graph.append("aten.cat.default", [past, value], {"args": _cat_args()},
+            kept = past
+            for trim in slot.trims:  # a sliding window's slices, on codes and scales alike
+                kept = self._like(graph, trim, kept, loc, join)
+            cat = graph.append("aten.cat.default", [kept, value], {"args": _cat_args()},
                                [TensorType(slot.join.result.tensor_type.shape[:-1] + (value.tensor_type.shape[-1],),
                                            dtype)], loc=loc, before=join, name=f"present_{slot.past.name}{suffix}")
             cat.touch(self.name)
             ins.append(past)
-            outs.append(cat.result)
-        full = outs[0]
+            joined.append(cat.result)
+            outs.append(cat.result if slot.stored is None else self._like(graph, slot.stored, cat.result, loc, join))
+        full = joined[0]
         if four_bit:
             unpack = graph.append("quant.unpack_int4", [full], {"dtype": spec.dtype}, loc=loc, before=join)
             full = unpack.result
-        deq_parts = [full] + (outs[1:] if per_token else parts[1:])
+        deq_parts = [full] + (joined[1:] if per_token else parts[1:])
+        present = slot.present
+        graph.set_outputs(_replace_io(graph.outputs, present, outs))
+        if slot.stored is not None:
+            graph.erase(slot.stored)
         slot.join.result.replace_all_uses_with(self._dequantize(graph, slot, spec, deq_parts, before=join))
         for user in [u for u in slot.past.users if _size_of_leading_dim(u)]:
             user.set_operand(0, ins[0])  # the cache's length, read from its codes
         graph.inputs = _replace_io(graph.inputs, slot.past, ins)
-        graph.set_outputs(_replace_io(graph.outputs, slot.join.result, outs))
+
+    def _like(self, graph: Graph, slice_node: Node, value: Value, loc: Location, before: Node) -> Value:
+        """``slice_node``'s slice (literal bounds along the sequence) applied to ``value``."""
+        shape = slice_node.result.tensor_type.shape[:-1] + (value.tensor_type.shape[-1],)
+        node = graph.append("aten.slice.Tensor", [value], dict(slice_node.attrs),
+                            [TensorType(shape, value.tensor_type.dtype)], loc=loc, before=before)
+        node.touch(self.name)
+        return node.result
 
 
 def _cat_args():
