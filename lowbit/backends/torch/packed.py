@@ -80,15 +80,22 @@ def consumed(node: Node) -> tuple[str, ...]:
     return tuple(str(v.producer.attrs["name"]) for v in _weight(node) if v is not None)
 
 
-def consumed_constants(graph: Graph) -> set[str]:
-    """Constants read only by nodes a packed module takes (no one else needs them as buffers)."""
+def repacked_constants(graph: Graph, takes, consumed_by) -> set[str]:
+    """Constants read only by nodes whose weights a backend repacks (``takes(node, graph)``;
+    ``consumed_by(node)`` names the constants its packed form replaces): no one else needs
+    them as buffers. Shared by the torch backend's packed GEMMs and the triton backend."""
     readers: dict[str, list[Node]] = {}
     for node in graph.nodes:
         for v in node.operands:
             if graph.is_constant(v):
                 readers.setdefault(str(v.producer.attrs["name"]), []).append(node)
-    return {name for node in graph.nodes if kind(node, graph) for name in consumed(node)
-            if all(kind(r, graph) for r in readers.get(name, []))}
+    return {name for node in graph.nodes if takes(node, graph) for name in consumed_by(node)
+            if all(takes(r, graph) for r in readers.get(name, []))}
+
+
+def consumed_constants(graph: Graph) -> set[str]:
+    """Constants read only by nodes a packed module takes."""
+    return repacked_constants(graph, kind, consumed)
 
 
 def prepare(node: Node, graph: Graph) -> torch.nn.Module | None:

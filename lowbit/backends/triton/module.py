@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.backends.torch.module import CompiledModule
+from lowbit.backends.torch.packed import repacked_constants
 from lowbit.backends.triton import linear
 from lowbit.frontend.trace import TracedModel
 from lowbit.ir.graph import Graph, Node
@@ -88,16 +89,4 @@ class TritonModule(CompiledModule):
 
 def _packed_constants(graph: Graph) -> set[str]:
     """Constants read only by nodes whose weights are repacked (no one else needs them)."""
-    readers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for v in node.operands:
-            if graph.is_constant(v):
-                readers.setdefault(str(v.producer.attrs["name"]), []).append(node)
-    packed = set()
-    for node in graph.nodes:
-        if linear.kind(node, graph) is None:
-            continue
-        for name in linear.consumed(node):
-            if all(linear.kind(r, graph) is not None for r in readers.get(name, [])):
-                packed.add(name)
-    return packed
+    return repacked_constants(graph, lambda node, g: linear.kind(node, g) is not None, linear.consumed)
