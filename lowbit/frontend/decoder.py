@@ -31,6 +31,12 @@ from lowbit.ir.graph import Graph
 STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
+def input_ids(call: Call) -> torch.Tensor | None:
+    """The ids of a call: keyword ``input_ids`` or the first positional argument."""
+    args, kwargs = call
+    return kwargs.get("input_ids", args[0] if args else None)
+
+
 def _cache_parameter(model: torch.nn.Module) -> str | None:
     params = inspect.signature(model.forward).parameters
     return next((p for p in ("cache", "past_key_values") if p in params), None)
@@ -48,7 +54,7 @@ def cache_unsupported(model: torch.nn.Module, example: Call) -> str | None:
     extra = given - set(STEP_INPUTS)
     if extra:
         return f"the example gives {', '.join(sorted(extra))} (a decode step takes {', '.join(STEP_INPUTS)})"
-    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = input_ids(example)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
         return "the example has no input_ids matrix"
     return None
@@ -112,7 +118,7 @@ class DecoderIO:
         """The graph's inputs for a call of the model's own form (a prompt, no cache): positions
         0, 1, ... as the model's forward gives them without a cache."""
         args, kwargs = call
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = input_ids(call)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         pos = kwargs.get("position_ids", args[2] if len(args) > 2 else None)
         if mask is None:
@@ -127,8 +133,7 @@ class DecoderIO:
         export traced on an empty cache would take ``past`` for the constant 0)."""
         from lowbit.ir.interpreter import run_graph
 
-        args, kwargs = call
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = input_ids(call)
         tokens = ids.reshape(-1).repeat(16 // max(ids.numel(), 1) + 1)[:16].reshape(2, 8)
         prompt = self.step_leaves(((tokens[:, :5],), {}), graph)
         with torch.no_grad():

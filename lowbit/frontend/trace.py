@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from lowbit.errors import TraceError
 from lowbit.frontend.caches import drop_caches, without_cache
 from lowbit.frontend.convert import convert_program
-from lowbit.frontend.decoder import DecoderIO, DecoderStep, cache_unsupported, step_example
+from lowbit.frontend.decoder import DecoderIO, DecoderStep, cache_unsupported, input_ids, step_example
 from lowbit.frontend.inputs import (Call, align, check_shapes, drop_kwargs, example_call, leaf_names,
                                     plan_shapes, unnamed_kwargs)
 from lowbit.frontend.noise import quiet
@@ -223,7 +223,7 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     """Trace ``model`` as one decode step (``lowbit.frontend.decoder``); the traced model
     answers ``example``'s kind of call with an empty cache."""
     args, kwargs = example
-    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = input_ids(example)
     was_training = model.training
     model.eval()
     try:
