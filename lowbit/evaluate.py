@@ -4,7 +4,7 @@ MiniLM: cosine similarity of mean-pooled sentence embeddings on the evaluation s
 package ships (``lowbit/data/sentences_eval.txt``), calibrated on a disjoint set
 (``sentences_calibration.txt``).
 
-byte-llama: perplexity (per byte) on held-out Python source (``byte_llama_val.txt``, from
+byte-llama, byte-llama-192: perplexity (per byte) on held-out Python source (``byte_llama_val.txt``, from
 files the model was not trained on), calibrated on a disjoint slice of its training text
 (``byte_llama_calib.txt``).
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 DATA = Path(__file__).parent / "data"
+BYTE_LMS = ("byte-llama", "byte-llama-192")  # the shipped byte-level LMs: same data, same metric
 
 
 def sentences(split: str) -> list[str]:
@@ -99,11 +100,11 @@ def quality_table(name: str, recipes: list[str], batch_size: int = 32, progress:
     import lowbit
     from lowbit.zoo import load_model
 
-    if name not in ("minilm", "byte-llama"):
+    if name not in ("minilm", *BYTE_LMS):
         from lowbit.errors import LowbitError
 
         raise LowbitError(f"no quality metric for {name!r}: lowbit eval knows minilm (embedding "
-                          "cosine vs fp32) and byte-llama (perplexity on held-out text)")
+                          f"cosine vs fp32) and {', '.join(BYTE_LMS)} (perplexity on held-out text)")
     spec = load_model(name)
     if name == "minilm":
         calib, evals = minilm_batches("calibration", batch_size=batch_size), minilm_batches("eval")
@@ -130,8 +131,8 @@ def default_calibration(name: str, spec) -> tuple[list[tuple], str]:
     """The calibration set a CLI command uses for zoo model ``name``, and a description."""
     if name == "minilm":
         return minilm_batches("calibration"), "256 shipped calibration sentences"
-    if name == "byte-llama":
-        return byte_windows("calib"), "32 KB of byte-llama's training text"
+    if name in BYTE_LMS:
+        return byte_windows("calib"), "32 KB of the byte LMs' training text"
     example = dict(spec.kwargs) if spec.kwargs else spec.example_inputs
     return [example], ("the example inputs only (fine for structure, not for accuracy: "
                        "give --calibration FILE)")
@@ -143,7 +144,7 @@ def report_quality(name: str):
     perplexity on 16 held-out windows."""
     from lowbit.ir.interpreter import Executor
 
-    if name not in ("minilm", "byte-llama"):
+    if name not in ("minilm", *BYTE_LMS):
         return None
     batch = minilm_batches("eval")[0] if name == "minilm" else byte_windows("val")[0]
     reference: list[torch.Tensor] = []
@@ -151,7 +152,7 @@ def report_quality(name: str):
     def quality(graph, traced) -> tuple[str, float]:
         with torch.no_grad():
             out = traced.unflatten_outputs(Executor(graph).run(traced.flatten_inputs(batch, None)))
-        if name == "byte-llama":
+        if name in BYTE_LMS:
             return "perplexity", perplexity(lambda ids: out, [batch])
         emb = mean_pool(out.last_hidden_state, batch[1])
         if not reference:

@@ -140,18 +140,29 @@ def minilm() -> ModelSpec:
 
 
 BYTE_LLAMA_DIR = Path(__file__).parent / "data" / "byte_llama"
+BYTE_LLAMA_192_DIR = Path(__file__).parent / "data" / "byte_llama_192"
+
+
+def _byte_lm(folder: Path, description: str) -> ModelSpec:
+    import transformers as tf
+
+    model = tf.LlamaForCausalLM.from_pretrained(folder).eval()
+    text = (Path(__file__).parent / "data" / "byte_llama_val.txt").read_bytes()[:64]
+    ids = torch.tensor(list(text), dtype=torch.long).reshape(2, 32)
+    seq = Dim("seq", max=model.config.max_position_embeddings)
+    return ModelSpec(model, (ids,), ({0: "batch", 1: seq},), description=description)
 
 
 def byte_llama() -> ModelSpec:
     """A byte-level Llama (~1M params) trained by scripts/train_byte_llama.py on Python's stdlib."""
-    import transformers as tf
+    return _byte_lm(BYTE_LLAMA_DIR, "byte-level Llama, ~1M params, trained on the Python standard library")
 
-    model = tf.LlamaForCausalLM.from_pretrained(BYTE_LLAMA_DIR).eval()
-    text = (Path(__file__).parent / "data" / "byte_llama_val.txt").read_bytes()[:64]
-    ids = torch.tensor(list(text), dtype=torch.long).reshape(2, 32)
-    seq = Dim("seq", max=model.config.max_position_embeddings)
-    return ModelSpec(model, (ids,), ({0: "batch", 1: seq},),
-                     description="byte-level Llama, ~1M params, trained on the Python standard library")
+
+def byte_llama_192() -> ModelSpec:
+    """byte-llama's sibling with widths that are not powers of two: hidden 192, MLP 528, 6 query
+    and 3 key-value heads (~1.8M params), trained the same way."""
+    return _byte_lm(BYTE_LLAMA_192_DIR, "byte-level Llama with awkward widths (hidden 192, MLP 528, "
+                    "3 kv heads), ~1.8M params, trained on the Python standard library")
 
 
 ZOO: dict[str, Callable[[], ModelSpec]] = {
@@ -161,6 +172,7 @@ ZOO: dict[str, Callable[[], ModelSpec]] = {
     "tiny-vit": tiny_vit,
     "tiny-cnn": tiny_cnn,
     "byte-llama": byte_llama,
+    "byte-llama-192": byte_llama_192,
 }
 
 

@@ -28,6 +28,9 @@ Outputs
 How to rerun
     python scripts/train_byte_llama.py            # ~2-3 minutes on 2 CPU cores
     python scripts/train_byte_llama.py --steps 50 --out /tmp/byte_llama   # quick try
+    # the second shipped LM, with widths that are not powers of two (byte-llama-192):
+    python scripts/train_byte_llama.py --hidden 192 --ffn 528 --heads 6 --kv-heads 3 \
+        --out lowbit/data/byte_llama_192 --val-text /tmp/byte_llama_val.txt   # ~5 minutes
 
 The trained result is committed to the repository so tests never train; they only
 load ``lowbit/data/byte_llama`` with ``LlamaForCausalLM.from_pretrained``.
@@ -65,16 +68,18 @@ VAL_BYTES = 64 * 1024
 LOG_EVERY = 20
 
 
-def model_config():
+def model_config(hidden: int = 128, ffn: int = 384, layers: int = 4, heads: int = 4, kv_heads: int = 2):
     from transformers import LlamaConfig
 
+    if hidden % heads or heads % kv_heads:
+        raise SystemExit(f"--hidden {hidden} must split into --heads {heads}, which must split into --kv-heads {kv_heads}")
     return LlamaConfig(
         vocab_size=256,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=SEQ_LEN,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
@@ -156,6 +161,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output model directory")
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=128, help="hidden size")
+    ap.add_argument("--ffn", type=int, default=384, help="MLP width (intermediate_size)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4, help="query heads")
+    ap.add_argument("--kv-heads", type=int, default=2, help="key-value heads")
     ap.add_argument(
         "--val-text",
         default=None,
@@ -189,7 +199,7 @@ def main(argv=None) -> int:
         f"(eval on first {len(val_text_bytes):,} bytes)"
     )
 
-    model = LlamaForCausalLM(model_config())
+    model = LlamaForCausalLM(model_config(args.hidden, args.ffn, args.layers, args.heads, args.kv_heads))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}")
 
@@ -250,6 +260,8 @@ def main(argv=None) -> int:
         "batch_size": BATCH_SIZE,
         "seq_len": SEQ_LEN,
         "seed": args.seed,
+        "shape": {"hidden": args.hidden, "ffn": args.ffn, "layers": args.layers, "heads": args.heads,
+                  "kv_heads": args.kv_heads},
         "lr": LR,
         "final_train_loss": round(final_train_loss, 4),
         "final_train_loss_note": f"mean of the last {len(recent)} step losses (nats/byte)",
