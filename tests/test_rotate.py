@@ -8,28 +8,62 @@ import torch
 
 from lowbit import zoo
 from lowbit.api import build
-from lowbit.ir.dialects.hadamard import BASES, factor, hadamard_matrix, hadamard_transform
+from lowbit.ir.dialects.hadamard import _base, describe, factor, hadamard_matrix, hadamard_transform, plan
 from lowbit.passes.rotate import find_residual_stream
 
-SIZES = sorted({m * 2**k for m in BASES for k in range(15) if m * 2**k <= 16384})
+# MLP widths (and hidden sizes) of Llama-2/3, Qwen2.5/3, Mistral, Gemma 2/3, Phi-3 and TinyLlama
+FFN_WIDTHS = (11008, 13824, 28672, 14336, 8192, 5632, 4864, 8960, 18944, 27648, 29568, 3072, 6144, 9728,
+              12288, 17408, 25600, 9216, 36864, 6912, 10240, 15360, 21504, 17920, 896, 1536, 3584, 2304,
+              1152, 2560, 3840, 5376, 528)
+# Paley bases over prime powers p^e with e = 1, 2, 3 (GF(25), GF(27), GF(343)...)
+PALEY = (12, 20, 28, 36, 52, 60, 108, 140, 244, 344, 26 * 4)
 
 
-@pytest.mark.parametrize("m", BASES)
-def test_base_matrices_are_hadamard(m):
-    h = hadamard_matrix(m)
-    assert set(h.unique().tolist()) <= {-1.0, 1.0}
-    assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64))
+def _is_orthogonal_basis(kind: str, m: int) -> bool:
+    b = torch.tensor(_base(kind, m))
+    if kind != "orthogonal" and not set(b.unique().tolist()) <= {-1.0, 1.0}:
+        return False
+    return torch.allclose(b @ b.T, m * torch.eye(m, dtype=torch.float64), rtol=0, atol=1e-9 * m)
 
 
-def test_fast_transform_equals_dense_for_every_size_up_to_16384():
-    gen = torch.Generator().manual_seed(0)
-    for n in SIZES:
-        x = torch.randn(2, n, generator=gen, dtype=torch.float64)
-        dense = x @ hadamard_matrix(n).T / math.sqrt(n)
-        assert (hadamard_transform(x) - dense).abs().max() <= 1e-5, n
-    assert len(SIZES) > 80 and {16384, 384, 28 * 64, 52 * 32, 40 * 8} <= set(SIZES) and 11008 not in SIZES
-    with pytest.raises(ValueError, match="no Hadamard matrix of size 156"):
-        factor(156)
+@pytest.mark.parametrize("m", PALEY)
+def test_paley_bases_are_hadamard(m):
+    p = plan(m)
+    assert p.exact and p.base_order * p.power == m
+    assert torch.equal(hadamard_matrix(m) @ hadamard_matrix(m).T, m * torch.eye(m, dtype=torch.float64))
+
+
+def test_every_size_has_an_exact_transform():
+    """n = 64·k up to 32768 and the listed widths: every factor is a Hadamard matrix (±1, B·Bᵀ = mI)
+    or a stated orthogonal substitute (R·Rᵀ = I); the Kronecker product of such factors is one too."""
+    sizes = sorted({64 * k for k in range(1, 513)} | set(FFN_WIDTHS))
+    bases = set()
+    for n in sizes:
+        p = plan(n)
+        assert p.base_order * p.power == n and p.power & (p.power - 1) == 0, n
+        assert max((m for _, m in p.bases), default=1) <= 1024
+        bases |= set(p.bases)
+    assert all(_is_orthogonal_basis(kind, m) for kind, m in bases)
+    assert all(plan(n).exact for n in FFN_WIDTHS), [describe(n) for n in FFN_WIDTHS if not plan(n).exact]
+    exact = sum(plan(n).exact for n in sizes)
+    assert exact / len(sizes) > 0.75, exact  # substitutes only where an odd factor has no Paley base
+
+
+@pytest.mark.parametrize("n", [12, 20, 156, 172, 192, 528, 6, 7, 96 * 7, 2240, 4672, 64 * 35])
+def test_fast_transform_equals_dense(n):
+    x = torch.randn(2, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    dense = x @ hadamard_matrix(n).T / math.sqrt(n)
+    assert (hadamard_transform(x) - dense).abs().max() <= 1e-9
+    assert (hadamard_transform(x, butterflies=False) - dense).abs().max() <= 1e-9
+    assert torch.allclose(hadamard_transform(x).norm(dim=-1), x.norm(dim=-1))
+    exact = plan(n).exact
+    assert exact == (n not in (156, 172, 6, 7, 4672)), describe(n)
+    assert describe(n).startswith("Hadamard" if exact else "orthogonal (not Hadamard)")
+
+
+def test_large_widths_use_kronecker_factors():
+    assert describe(11008) == "Hadamard 11008 = Paley I(343) ⊗ H_32"
+    assert factor(5632) == (44, 128) and factor(13824) == (432, 32) and factor(576) == (36, 16)
 
 
 ROTATION = "fuse-norms,rotate-residual{seed=3},online-hadamard"

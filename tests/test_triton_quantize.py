@@ -141,16 +141,15 @@ def test_hadamard_matches_transform(device, n, dtype, tol):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n", [12, 2240])
+@pytest.mark.parametrize("n", [12, 2240, 11008, 172])
 def test_hadamard_fallback_sizes(device, n):
     x = torch.randn(3, n, device=device)
     assert torch.equal(tq.hadamard(x), hadamard_transform(x))
     assert_same_codes(tq.hadamard_quant(x, 8, False), expected(hadamard_transform(x), 8, False))
 
 
-def test_hadamard_unsupported_size():
-    with pytest.raises(ValueError, match="no Hadamard matrix of size 11008"):
-        tq.hadamard(torch.randn(2, 11008))
+def test_no_kernel_split_for_an_orthogonal_substitute():
+    assert tq.hadamard_split(172 * 16) is None  # R_43 ⊗ H_64: not ±1, not exact in half precision
 
 
 # ---- hadamard_quant: rotate and quantize in one kernel --------------------------------------

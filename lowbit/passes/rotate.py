@@ -9,7 +9,8 @@ M = I − 11ᵀ/d), so the stream has mean zero and LayerNorm's mean subtraction
 
 ``rotate-residual{seed}``: the residual stream (found from the graph: values joined by
 residual adds and read by norms) is rotated by a randomized Hadamard Q = diag(±1)·H/√d
-(a seeded random orthogonal Q where no Hadamard of size d is known): x' = x·Q. Then
+(H of any size d, see ``lowbit.ir.dialects.hadamard``; a note names the orthogonal substitute
+where it is not a Hadamard matrix): x' = x·Q. Then
     embedding rows  E' = E·Q        readers  W' = W·Q        writers  W' = Qᵀ·W,  b' = b·Q
 and the outputs are unchanged. A weight shared by a writer and a reader (tied embeddings) is
 copied first, so each side gets its own transform.
@@ -35,7 +36,7 @@ from typing import ClassVar
 import networkx as nx
 import torch
 
-from lowbit.ir.dialects.hadamard import factor, hadamard_transform
+from lowbit.ir.dialects.hadamard import describe, hadamard_transform, plan
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import Pass, PassContext, register
 
@@ -254,15 +255,19 @@ class FuseNorms(Pass):
 
 
 def randomized_hadamard(d: int, seed: int) -> torch.Tensor:
-    """Q = diag(±1)·H/√d, or a random orthogonal matrix where no Hadamard of size d exists."""
+    """Q = diag(±1)·H/√d (H: ``plan(d)``, a Hadamard matrix or its orthogonal substitute)."""
     gen = torch.Generator().manual_seed(seed)
-    try:
-        factor(d)
-        signs = torch.randint(0, 2, (d,), generator=gen).double() * 2 - 1
-        return hadamard_transform(torch.diag(signs))  # rows: diag(s) · Hᵀ/√d
-    except ValueError:
-        q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r))
+    signs = torch.randint(0, 2, (d,), generator=gen).double() * 2 - 1
+    return hadamard_transform(torch.diag(signs))  # rows: diag(s) · Hᵀ/√d
+
+
+def note_substitutes(ctx: PassContext, pass_name: str, sizes: dict[int, list[str]]) -> None:
+    """Say which rotations are not exact Hadamard matrices (size → where it is used)."""
+    for n, where in sizes.items():
+        if not plan(n).exact:
+            more = f" and {len(where) - 2} more" if len(where) > 2 else ""
+            ctx.note(f"{pass_name}: {', '.join(where[:2])}{more}: no Hadamard matrix of size {n} is built; "
+                     f"rotating by {describe(n)}")
 
 
 @register
@@ -291,6 +296,7 @@ class RotateResidual(Pass):
                          "linears: run fuse-norms first")
                 return False
         d = int(stream.values[0].tensor_type.shape[-1])
+        note_substitutes(ctx, self.name, {d: ["the residual stream"]})
         q = randomized_hadamard(d, self.seed)
         for v in stream.entries:
             right_multiply(graph, v, q, self.name)
@@ -325,17 +331,14 @@ class OnlineHadamard(Pass):
             if self._selected(node, graph):
                 groups.setdefault(id(node.operand(0)), []).append(node)
         changed = False
+        sizes: dict[int, list[str]] = {}
         for linears in groups.values():
             x = linears[0].operand(0)
             where = ", ".join(n.loc.module for n in linears)
             if not all(graph.is_constant(n.operands[1]) and n.operands[0] is x for n in linears):
                 ctx.note(f"{self.name}: {where} has no constant weight to absorb the rotation")
                 continue
-            try:
-                factor(int(x.tensor_type.shape[-1]))
-            except ValueError as e:
-                ctx.note(f"{self.name}: {where}: {e}")
-                continue
+            sizes.setdefault(int(x.tensor_type.shape[-1]), []).append(where)
             h = graph.append("rotate.hadamard", [x], loc=linears[0].loc.copy(), before=linears[0])
             h.touch(self.name)
             for node in linears:
@@ -344,20 +347,21 @@ class OnlineHadamard(Pass):
                 node.touch(self.name)
             changed = True
         if self.qk:
-            changed |= self._rotate_qk(graph, ctx)
+            changed |= self._rotate_qk(graph, ctx, sizes)
+        note_substitutes(ctx, self.name, sizes)
         return changed
 
-    def _rotate_qk(self, graph: Graph, ctx: PassContext) -> bool:
+    def _rotate_qk(self, graph: Graph, ctx: PassContext, sizes: dict[int, list[str]]) -> bool:
         """softmax(Q·Kᵀ) is unchanged by Q' = Q·H, K' = K·H (H orthogonal, over head_dim)."""
         changed = False
         for node in list(graph.nodes):
             if node.op != "core.sdpa":
                 continue
-            try:
-                factor(int(node.operand(0).tensor_type.shape[-1]))
-            except (ValueError, TypeError) as e:
-                ctx.note(f"{self.name}: {node.loc.module}: query/key not rotated: {e}")
+            head_dim = node.operand(0).tensor_type.shape[-1]
+            if not isinstance(head_dim, int):
+                ctx.note(f"{self.name}: {node.loc.module}: query/key not rotated: head dim {head_dim} is not static")
                 continue
+            sizes.setdefault(head_dim, []).append(f"{node.loc.module} query/key")
             for i in (0, 1):
                 user, index = _cache_entry(graph, node) if i == 1 else (node, 0)
                 if user.operand(index).producer is not None and user.operand(index).producer.op == "rotate.hadamard":

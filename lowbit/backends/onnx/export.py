@@ -184,16 +184,11 @@ HADAMARD_LOWERINGS = ("matmul", "staged")
 
 
 def _hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
-    """x·H_nᵀ/√n as two MatMuls with the small factors (H_n = H_m ⊗ H_{2^k}): the m × 2^k
-    reshape of each row times H_{2^k}/√2^k on the right and H_m/√m on the left."""
-    from lowbit.ir.dialects.hadamard import factor, hadamard_matrix
+    """x·H_nᵀ/√n as one MatMul per Kronecker factor of H_n (its bases and H_{2^k}), each on
+    its axis of the reshaped row."""
+    from lowbit.ir.dialects.hadamard import hadamard_transform
 
-    n = x.shape[-1]
-    m, p = factor(n)
-    y = x.reshape(-1, m, p) @ (hadamard_matrix(p) / math.sqrt(p)).to(x.dtype).T
-    if m > 1:
-        y = (hadamard_matrix(m) / math.sqrt(m)).to(x.dtype) @ y
-    return y.reshape(x.shape)
+    return hadamard_transform(x, butterflies=False)
 
 
 def _as_3d(x: torch.Tensor, fn) -> torch.Tensor:

@@ -45,7 +45,7 @@ import math
 import torch
 
 from lowbit.backends.triton.runtime import cdiv, triton_available, use_triton
-from lowbit.ir.dialects.hadamard import factor, hadamard_matrix, hadamard_transform
+from lowbit.ir.dialects.hadamard import base_matrix, factor, hadamard_transform, plan
 from lowbit.ir.dialects.quant import EPS, dynamic_quantize
 from lowbit.ir.dialects.rotate import sylvester_hadamard
 from lowbit.ir.types import DType
@@ -77,10 +77,9 @@ def hadamard_split(n: int) -> tuple[int, int] | None:
     E.g. 4096 → (64, 64), 8192 → (64, 128), 768 → (24, 32), 1280 → (20, 64); 2240 = 140·16 and
     32768 have none.
     """
-    try:
-        _, p = factor(n)
-    except ValueError:
+    if not plan(n).exact:  # an orthogonal substitute's entries are not exact in half precision
         return None
+    _, p = factor(n)
     best = None
     b = MIN_DOT
     while b <= min(p, MAX_B):
@@ -94,10 +93,12 @@ def hadamard_split(n: int) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=64)
 def _hadamard_operands(a: int, b: int, dtype: torch.dtype, device: torch.device):
-    """The ±1 operands, exact in every float dtype: H_a zero-padded to [pad(a), pad(a)], H_b."""
+    """The operands (±1, exact in every float dtype, where the plan is a Hadamard matrix):
+    H_a = B ⊗ H_{a/m} (B: the bases of n = a·b, of order m) zero-padded to [pad(a), pad(a)], H_b."""
     a_pad = _next_pow2(max(a, MIN_DOT))
+    base = base_matrix(a * b)
     ha = torch.zeros(a_pad, a_pad, dtype=torch.float64)
-    ha[:a, :a] = hadamard_matrix(a)
+    ha[:a, :a] = torch.kron(base, sylvester_hadamard(a // base.shape[0]).double())
     return ha.to(device=device, dtype=dtype), sylvester_hadamard(b).to(device=device, dtype=dtype)
 
 
@@ -347,8 +348,6 @@ def _rows(x: torch.Tensor, bits: int | None = None, rotate: bool = False) -> tor
         raise TypeError(f"expected a float32/float16/bfloat16 activation, got {x.dtype}")
     if bits is not None and bits not in (4, 8):
         raise ValueError(f"per-token activation codes are 4 or 8 bits, got {bits}")
-    if rotate:
-        factor(x.shape[-1])  # ValueError naming the supported sizes
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 

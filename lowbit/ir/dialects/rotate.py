@@ -1,7 +1,9 @@
 """The ``rotate`` dialect: orthogonal transforms applied online.
 
 ``rotate.hadamard`` multiplies the last dim by the normalized Hadamard matrix: y = x·H_nᵀ/√n
-for n = m·2^k (see ``hadamard``), with the O(n log n) butterfly for the power-of-two part.
+for any n (see ``hadamard``: Kronecker products of Paley bases and Sylvester's H_{2^k}, an
+orthogonal substitute where no Hadamard matrix is built), with the O(n log n) butterfly for the
+power-of-two part.
 For n = 2^k, H is symmetric and (H/√n)² = I, so applying it twice gives back x.
 """
 
@@ -41,14 +43,9 @@ def sylvester_hadamard(n: int) -> torch.Tensor:
 
 
 def _hadamard_verify(node):
-    from lowbit.ir.dialects.hadamard import factor
-
-    n = tensor(node.operands[0].type, "input").shape[-1]
-    if isinstance(n, int):
-        try:
-            factor(n)
-        except ValueError as e:
-            raise VerifyError(f"rotate.hadamard: {e}") from None
+    shape = tensor(node.operands[0].type, "input").shape
+    if not shape or isinstance(shape[-1], int) and shape[-1] < 1:
+        raise VerifyError(f"rotate.hadamard: needs a last dim of size ≥ 1, got shape {list(shape)}")
 
 
 @define("rotate.hadamard", operands=["input"], infer=same_as_input, verify=_hadamard_verify)
