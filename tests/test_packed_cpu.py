@@ -141,7 +141,7 @@ def test_other_devices_run_the_reference_and_state_dict_loads_repack():
 @pytest.fixture(scope="module")
 def llama():
     """Hidden 128, FFN 256: int4/group128 weights are one group per channel on six linears
-    (int8pack_mm) and two groups on down_proj (int4pack_mm); the head too is quantized."""
+    (int8pack_mm) and two groups on down_proj (int4pack_mm); the output head stays float."""
     spec = zoo.tiny_llama(layers=1, hidden=128)
     calibration = [(zoo._token_inputs(256, seed=i),) for i in range(2)]
     return {recipe: lowbit.compile(spec.model, spec.example_inputs, recipe=recipe, calibration=calibration,
@@ -149,8 +149,8 @@ def llama():
             for recipe in ("w4a16", "w8a8-dynamic")}
 
 
-@pytest.mark.parametrize("recipe,kernels", [("w4a16", {"int8pack_mm": 7, "int4pack_mm": 1}),
-                                            ("w8a8-dynamic", {"int8pack_mm": 8})])
+@pytest.mark.parametrize("recipe,kernels", [("w4a16", {"int8pack_mm": 6, "int4pack_mm": 1}),
+                                            ("w8a8-dynamic", {"int8pack_mm": 7})])
 def test_llama_runs_on_the_packed_kernels_and_equals_the_reference(llama, recipe, kernels):
     fast = llama[recipe]
     ref = CompiledModule(fast.traced, pack=False)

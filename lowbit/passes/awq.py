@@ -22,7 +22,7 @@ from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.smooth import Region, apply_scales, find_regions
 from lowbit.quant.calibrate import RowSample, calibrate
 from lowbit.quant.spec import QSpec, parse_qspec
-from lowbit.quant.weights import fake_quantize
+from lowbit.quant.weights import fake_quantize, group_view
 
 
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], spec: QSpec, grid: int) -> torch.Tensor:
@@ -41,23 +41,26 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], spec: QSpec, grid
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QSpec, steps: int = 11) -> torch.Tensor:
-    """Clipped weights: per row and group, the range ratio with the least output error."""
-    group = spec.group_size if spec.granularity == "group" else w.shape[1]
-    rows, groups = w.shape[0], w.shape[1] // group
-    xg = x.reshape(x.shape[0], groups, group)
+    """Clipped weights: per row and group, the range ratio with the least output error (a short
+    last group, where the group does not divide the in features, is searched on its own)."""
+    rows, cols = w.shape
+    group = spec.group_size if spec.granularity == "group" else cols
+    groups = -(-cols // group)
+    pad = groups * group - cols
+    xg = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], groups, group)
     best_err = torch.full((rows, groups), float("inf"))
     best_ratio = torch.ones(rows, groups)
     for r in torch.linspace(1.0, 0.5, steps).tolist():
         clip = torch.full((rows, groups) if spec.granularity == "group" else (rows,), r)
-        e = (w - fake_quantize(w, spec, clip)).reshape(rows, groups, group)
+        e = torch.nn.functional.pad(w - fake_quantize(w, spec, clip), (0, pad)).reshape(rows, groups, group)
         err = torch.einsum("ogk,ngk->ogn", e, xg).pow(2).sum(-1)  # [rows, groups]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.tensor(r), best_ratio)
-    view = w.reshape(rows, groups, group)
-    lo = view.amin(-1, keepdim=True).clamp_max(0) * best_ratio[..., None]
-    hi = view.amax(-1, keepdim=True).clamp_min(0) * best_ratio[..., None]
-    return torch.maximum(torch.minimum(view, hi), lo).reshape_as(w)
+    view = group_view(w, group)
+    lo = (view.amin(-1).clamp_max(0) * best_ratio).repeat_interleave(group, 1)[:, :cols]
+    hi = (view.amax(-1).clamp_min(0) * best_ratio).repeat_interleave(group, 1)[:, :cols]
+    return torch.maximum(torch.minimum(w, hi), lo)
 
 
 @register
@@ -84,9 +87,7 @@ class Awq(Pass):
         samples = self._sample(graph, batches, [r.x for r in regions], ctx)
         for r in regions:
             weights = [graph.tensor(u.operand(1)).float() for u in r.consumers]
-            layer_spec = spec if weights[0].shape[1] % (spec.group_size or 1) == 0 else \
-                QSpec(spec.dtype, "channel", None, spec.symmetric)
-            apply_scales(graph, r, search_scale(samples[r.x.name], weights, layer_spec, self.grid), self.name)
+            apply_scales(graph, r, search_scale(samples[r.x.name], weights, spec, self.grid), self.name)
         if self.clip:
             linears = [n for n in graph.nodes if n.op == "core.linear" and graph.is_constant(n.operands[1])]
             samples = self._sample(graph, batches, [n.operand(0) for n in linears], ctx)
@@ -103,8 +104,6 @@ class Awq(Pass):
     def _clip(self, graph: Graph, node: Node, x: torch.Tensor, spec: QSpec) -> None:
         w = node.operand(1)
         tensor = graph.tensor(w)
-        if spec.granularity == "group" and tensor.shape[1] % spec.group_size:
-            spec = QSpec(spec.dtype, "channel", None, spec.symmetric)  # as insert-qdq will do
         graph.set_tensor(w, search_clip(tensor.float(), x, spec).to(tensor.dtype))
         node.touch(self.name)
 

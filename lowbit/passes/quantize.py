@@ -50,6 +50,32 @@ def static_rel_error(stats: TensorStats, spec: QSpec) -> float:
     return math.sqrt(err.item() / max((n * c ** 2).sum().item(), 1e-30))
 
 
+_SHAPE_OPS = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.slice.Tensor",
+              "aten.contiguous.default", "aten.clone.default", "aten._to_copy.default", "aten.squeeze.dim",
+              "aten.unsqueeze.default", "aten.select.int")
+
+
+def output_heads(graph: Graph) -> set[int]:
+    """ids of the linears whose result is a graph output (through reshapes, slices, casts): a
+    language model's lm_head, a classifier's last layer."""
+    heads = set()
+    for v in graph.outputs:
+        p = v.producer
+        while p is not None and p.op in _SHAPE_OPS:
+            p = p.operand(0).producer
+        if p is not None and p.op == "core.linear":
+            heads.add(id(p))
+    return heads
+
+
+def _block_of(module: str) -> str:
+    """The repeated block a module path belongs to: the path up to its first numeric part
+    (``model.layers.3.mlp.up_proj`` → ``model.layers.3``); the whole path if none."""
+    parts = module.split(".")
+    i = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+    return ".".join(parts[: i + 1])
+
+
 def _matches(loc: str, patterns: str) -> bool:
     return any(fnmatch.fnmatchcase(loc, p.strip()) for p in patterns.split(";") if p.strip())
 
@@ -71,7 +97,10 @@ class InsertQdq(Pass):
     dynamic_acts: str = "none"  # the spec of activations quantized per token (default: acts' dtype)
     rounding: str = "rtn"    # rtn | gptq
     damp: float = 0.01       # GPTQ: damping, as a fraction of mean(diag H)
-    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
+    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal (static groups)
+    sequential: bool = False  # GPTQ: block by block, each on the outputs of the quantized blocks before
+    head: bool = False       # quantize the output head (a linear writing a graph output: lm_head)
+    embeddings: str = "none"  # a weight spec for embedding tables (rows as output channels)
 
     def __post_init__(self) -> None:
         parse_qspec(self.weights, f"{self.name}.weights")
@@ -80,18 +109,29 @@ class InsertQdq(Pass):
                 parse_qspec(getattr(self, key), f"{self.name}.{key}")
         for pattern, spec in self._overrides():
             parse_qspec(spec, f"{self.name}.weights_override[{pattern}]")
+        if self.embeddings != "none" and parse_qspec(self.embeddings, f"{self.name}.embeddings").granularity \
+                not in ("channel", "group", "tensor"):
+            raise ValueError(f"{self.name}.embeddings: rows take channel, group or tensor scales")
         if self.rounding not in ("rtn", "gptq"):
             raise ValueError(f"{self.name}.rounding: {self.rounding!r} is not one of rtn, gptq")
 
-    def _targets(self, graph: Graph) -> list[Node]:
-        return [n for n in graph.nodes if n.op == "core.linear" and graph.is_constant(n.operands[1])
-                and not _matches(n.loc.module, self.skip)]
+    def _targets(self, graph: Graph, ctx: PassContext) -> list[Node]:
+        linears = [n for n in graph.nodes if n.op == "core.linear" and graph.is_constant(n.operands[1])
+                   and not _matches(n.loc.module, self.skip)]
+        heads = output_heads(graph)
+        if heads and not self.head:
+            kept = [n.loc.module or n.results[0].name for n in linears if id(n) in heads]
+            if kept:
+                ctx.note(f"{self.name}: the output head ({', '.join(kept)}) stays float (head=true quantizes it)")
+            linears = [n for n in linears if id(n) not in heads]
+        return linears
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
-        linears = self._targets(graph)
+        linears = self._targets(graph, ctx)
         convs = [n for n in graph.nodes if n.op == "core.conv2d" and graph.is_constant(n.operands[1])
                  and not _matches(n.loc.module, self.skip)]
-        hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" else {}
+        sequential = self.rounding == "gptq" and self.sequential
+        hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" and not sequential else {}
         if self.acts != "none":
             acts = parse_qspec(self.acts, f"{self.name}.acts")
             static_only = self._conv_inputs(ctx, convs, acts)  # calibrated in the same pass as the linears'
@@ -102,16 +142,15 @@ class InsertQdq(Pass):
             self._quantize_activations(graph, ctx, [(n, i) for n in attention for i in (1, 2)],
                                        parse_qspec(self.kv, f"{self.name}.kv"), "")
         wspec = parse_qspec(self.weights, f"{self.name}.weights")
-        per_channel: list[str] = []  # layers whose in features do not split into groups
-        for node in tqdm(linears, desc=f"{self.name} weights", disable=not ctx.progress or not hessians,
-                         leave=False):
-            spec = self._layer_spec(node, wspec, graph, per_channel)
-            self._quantize_weight(graph, node, spec, hessians.get(id(node)))
-        if per_channel:  # one note for all, not one a layer
-            ctx.note(f"{self.name}: {len(per_channel)} layer(s) quantized per channel, their in features "
-                     f"not a multiple of the group: {', '.join(per_channel[:4])}"
-                     + (", ..." if len(per_channel) > 4 else ""))
+        if sequential:
+            self._quantize_sequentially(graph, ctx, linears, wspec)
+        else:
+            for node in tqdm(linears, desc=f"{self.name} weights", disable=not ctx.progress or not hessians,
+                             leave=False):
+                self._quantize_weight(graph, node, self._layer_spec(node, wspec), hessians.get(id(node)))
         self._quantize_conv_weights(graph, ctx, convs, wspec)
+        if self.embeddings != "none":
+            self._quantize_embeddings(graph, ctx, parse_qspec(self.embeddings, f"{self.name}.embeddings"))
         remove_dead_nodes(graph)  # the float weights
         return bool(linears or convs)
 
@@ -119,7 +158,7 @@ class InsertQdq(Pass):
         """Convolution weights [out, in/groups, kh, kw]: one scale per output channel (a group
         spec too: groups run along a linear's in features), round to nearest."""
         for node in convs:
-            spec = self._layer_spec(node, wspec, graph, [])
+            spec = self._layer_spec(node, wspec)
             if spec.granularity == "group":
                 spec = QSpec(spec.dtype, "channel", None, spec.symmetric)
             self._quantize_weight(graph, node, spec, None)
@@ -146,19 +185,37 @@ class InsertQdq(Pass):
             out.append((pattern.strip(), spec.strip()))
         return out
 
-    def _layer_spec(self, node: Node, spec: QSpec, graph: Graph, per_channel: list[str]) -> QSpec:
-        """The spec for one layer: an override's if its pattern matches; per channel where the
-        in features do not split into groups."""
+    def _layer_spec(self, node: Node, spec: QSpec) -> QSpec:
+        """The spec for one layer: an override's if its pattern matches. Groups that do not
+        divide the in features keep their size; the last one is short."""
         for pattern, text in self._overrides():
             if _matches(node.loc.module, pattern):
-                spec = parse_qspec(text, f"{self.name}.weights_override[{pattern}]")
-                break
-        cols = graph.tensor(node.operand(1)).shape[1]
-        if spec.granularity == "group" and cols % spec.group_size:
-            per_channel.append(f"{node.loc.module or node.results[0].name} ({cols} in features, "
-                                     f"group {spec.group_size})")
-            return QSpec(spec.dtype, "channel", None, spec.symmetric)
+                return parse_qspec(text, f"{self.name}.weights_override[{pattern}]")
         return spec
+
+    def _quantize_sequentially(self, graph: Graph, ctx: PassContext, linears: list[Node], wspec: QSpec) -> None:
+        """GPTQ block by block (``model.layers.3``...): each block's Hessians come from running
+        the calibration set through the graph with every block before it already quantized."""
+        blocks: dict[str, list[Node]] = {}
+        for node in linears:
+            blocks.setdefault(_block_of(node.loc.module), []).append(node)
+        batches = ctx.require_calibration(f"{self.name}{{rounding=gptq,sequential=true}}")
+        for block, nodes in tqdm(blocks.items(), desc=f"{self.name} blocks", disable=not ctx.progress, leave=False):
+            inputs = list({id(n.operand(0)): n.operand(0) for n in nodes}.values())
+            stats = calibrate(graph, batches, inputs, progress=False, observer=HessianStats)
+            for node in nodes:
+                st = stats.get(node.operand(0).name)
+                self._quantize_weight(graph, node, self._layer_spec(node, wspec), st.h if st else None)
+
+    def _quantize_embeddings(self, graph: Graph, ctx: PassContext, spec: QSpec) -> None:
+        """Embedding tables [vocab, dim] stored quantized, one scale per row (or row and group),
+        dequantized where they are read."""
+        tables = [n for n in graph.nodes if n.op == "core.embedding" and graph.is_constant(n.operands[0])
+                  and not _matches(n.loc.module, self.skip)]
+        for node in tables:
+            self._quantize_weight(graph, node, spec, None, index=0)
+        if not tables:
+            ctx.note(f"{self.name}: embeddings={self.embeddings} but the graph has no constant embedding table")
 
     def _hessians(self, graph: Graph, ctx: PassContext, linears: list[Node]) -> dict[int, torch.Tensor]:
         """GPTQ's H = Σ xᵀx per linear (keyed by id(node): QDQ inserted on an input later renames
@@ -168,8 +225,9 @@ class InsertQdq(Pass):
                           progress=ctx.progress, desc=f"{self.name} hessians", observer=HessianStats)
         return {id(n): stats[n.operand(0).name].h for n in linears if n.operand(0).name in stats}
 
-    def _quantize_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None) -> None:
-        w = node.operand(1)
+    def _quantize_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None,
+                         index: int = 1) -> None:
+        w = node.operand(index)
         name = str(w.producer.attrs["name"])
         full = graph.tensor(w).float()
         flat = full.reshape(full.shape[0], -1)  # a convolution's [out, in, kh, kw] as rows
@@ -185,7 +243,7 @@ class InsertQdq(Pass):
         dq = graph.append("quant.dequantize", [qv, sv, zv], {**attrs, "out_dtype": w.tensor_type.dtype},
                           loc=loc, before=node, name=f"{node.results[0].name}_w")
         dq.touch(self.name)
-        node.set_operand(1, dq.result)
+        node.set_operand(index, dq.result)
         node.touch(self.name)
 
     def _quantize_activations(self, graph: Graph, ctx: PassContext, uses: list[tuple[Node, int]],

@@ -27,6 +27,11 @@ def _check_finite(t: object, what: str, batch: int) -> None:
         raise CalibrationError(f"calibration batch {batch}: {what} holds NaN or Inf")
 
 
+class _AllSeen(Exception):
+    """Raised by the hook once every wanted value of a batch is observed: the rest of the graph
+    need not run."""
+
+
 class Observer(Protocol):
     def update(self, x: torch.Tensor) -> None: ...
 
@@ -80,6 +85,9 @@ def calibrate(graph: Graph, batches: Iterable[Sequence[object]], values: Sequenc
     executor = Executor(graph)
     batch_no = 0
 
+    inner = {id(v) for v in values} - {id(v) for v in graph.inputs}
+    remaining: set[int] = set()
+
     def hook(node: Node, outputs: tuple) -> None:
         for r, out in zip(node.results, outputs):
             name = wanted.get(id(r))
@@ -87,6 +95,9 @@ def calibrate(graph: Graph, batches: Iterable[Sequence[object]], values: Sequenc
                 where = f"%{r.name} ({node.op}{' at ' + node.loc.module if node.loc.module else ''})"
                 _check_finite(out, where, batch_no)
                 stats[name].update(out)
+                remaining.discard(id(r))
+                if not remaining:
+                    raise _AllSeen
 
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     seen = 0
@@ -99,7 +110,12 @@ def calibrate(graph: Graph, batches: Iterable[Sequence[object]], values: Sequenc
                 _check_finite(x, f"input %{v.name}", batch_no)
                 if id(v) in wanted:
                     stats[v.name].update(x)
-            executor.run(inputs, hook)
+            remaining.update(inner)
+            if remaining:
+                try:
+                    executor.run(inputs, hook)
+                except _AllSeen:
+                    pass
     if seen == 0 and values:
         raise CalibrationError("the calibration set is empty")
     return stats

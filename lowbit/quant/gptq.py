@@ -4,8 +4,10 @@ columns not yet quantized, weighted by the inverse Hessian of the layer's inputs
 With H = 2·XᵀX (+ λ·mean(diag H)·I damping) and U the upper Cholesky factor of H⁻¹, for
 column i:  q_i = Q(w_i),  e = (w_i − q_i) / U_ii,  w_j −= e·U_ij for j > i
 (done in blocks of columns for speed). With groups, each group's scale is taken from the
-weights as updated when the loop reaches the group. ``act_order`` visits columns by
-decreasing diag(H) (group scales are then fixed up front from the original weights).
+weights as updated when the loop reaches the group (a short last group where the group size
+does not divide the columns). ``act_order`` visits columns by decreasing diag(H), with "static
+groups": the group scales are then fixed up front from the original weights, in column order.
+Scales follow the spec's observer (``mse``: the shrunk range with the least round-trip error).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0
 
 def _row_params(w: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero point) of ``w`` as doubles; zero point 0 when symmetric."""
-    scale, zp, _ = weight_qparams(w.float(), QSpec(spec.dtype, "channel", None, spec.symmetric))
+    scale, zp, _ = weight_qparams(w.float(), QSpec(spec.dtype, "channel", None, spec.symmetric,
+                                                   observer=spec.observer))
     return scale.double(), (zp.double() if zp is not None else torch.zeros_like(scale.double()))
 
 

@@ -53,9 +53,9 @@ def _(q, scale, zero_point, qdtype):
 def _dequantize_kn(w_kn, scale, zero_point, block):
     """[in, out] codes → float, scales per out column or per (block of in, out column)."""
     w = w_kn.float()
-    if block > 0:
-        s = scale.repeat_interleave(block, 0)
-        z = zero_point.repeat_interleave(block, 0).float() if zero_point is not None else None
+    if block > 0:  # the last block may be short (ONNX's blocked DequantizeLinear allows it)
+        s = scale.repeat_interleave(block, 0)[:w.shape[0]]
+        z = zero_point.repeat_interleave(block, 0)[:w.shape[0]].float() if zero_point is not None else None
     else:
         s, z = scale, (zero_point.float() if zero_point is not None else None)
     return (w - z if z is not None else w) * s

@@ -7,7 +7,8 @@ that read the integer weight as it is stored. One small ``nn.Module`` per IR nod
 - ``Int8Linear``: one scale per output channel (or per tensor), codes minus zero point within
   int8 (int8 symmetric; int4 with or without a zero point) → ``aten._weight_int8pack_mm``:
   y = (x · (W_q − z)ᵀ) · s.
-- ``Int4Linear``: int4 codes in groups of 32/64/128/256 along K, N a multiple of 16 (what the
+- ``Int4Linear``: int4 codes in groups of 32/64/128/256 along K (a short last group padded with
+  zero inputs), N a multiple of 16 (what the
   kernel takes) → ``aten._weight_int4pack_mm_for_cpu``, which computes w = (u − 8)·s + z' from
   u = q − qmin ∈ [0, 15] and one (s, z') pair per group and output: z' = (8 + qmin − z)·s.
 
@@ -63,8 +64,7 @@ def kind(node: Node, graph: Graph) -> str | None:
     if _per_channel(node, k) and (hi - lo <= 127 if zero is not None else -128 <= lo and hi <= 127):
         return "int8"
     group = node.attrs.get("group_size")
-    if hi - lo <= 15 and node.attrs.get("axis") in (1, -1) and group in INT4_GROUPS and k % group == 0 \
-            and n % 16 == 0:
+    if hi - lo <= 15 and node.attrs.get("axis") in (1, -1) and group in INT4_GROUPS and n % 16 == 0:
         return "int4"
     return None
 
@@ -72,7 +72,7 @@ def kind(node: Node, graph: Graph) -> str | None:
 def _per_channel(node: Node, k: int) -> bool:
     """One scale per output channel or per tensor (a single group spanning K is one per channel)."""
     axis, group = node.attrs.get("axis"), node.attrs.get("group_size")
-    return group is None and axis in (0, None) or group == k and axis in (1, -1)
+    return group is None and axis in (0, None) or group is not None and group >= k and axis in (1, -1)
 
 
 def consumed(node: Node) -> tuple[str, ...]:
@@ -194,6 +194,7 @@ class Int4Linear(PackedLinear):
         wq, scale, zero = (_const(graph, v) for v in _weight(node))
         self.low = node.operand(1).tensor_type.dtype.int_range[0]
         self.group_size = node.attrs["group_size"]
+        self.pad = -wq.shape[1] % self.group_size  # K padded to whole groups (zero inputs)
         self.register_buffer("weight_q", wq)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero)
@@ -205,6 +206,7 @@ class Int4Linear(PackedLinear):
         """u = q − qmin packed two per byte in the kernel's layout; [K/G, N, 2] pairs (s, z') with
         (u − 8)·s + z' = (q − z)·s, i.e. z' = (8 + qmin − z)·s."""
         codes = (self.weight_q.cpu().to(torch.int32) - self.low).contiguous()
+        codes = torch.nn.functional.pad(codes, (0, self.pad), value=8)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).to(self.weight_q.device)
         s = self.scale.float()
         z = 0.0 if self.zero_point is None else self.zero_point.float()
@@ -219,5 +221,7 @@ class Int4Linear(PackedLinear):
         return self.weight_q, self.scale, self.zero_point
 
     def mm(self, x2d):
+        if self.pad:
+            x2d = torch.nn.functional.pad(x2d, (0, self.pad))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_size,
                                                           self.scale_and_zeros.to(x2d.dtype))

@@ -65,12 +65,13 @@ def _integer_gemm(node: Node, mode: str, adtype: DType | None) -> bool:
 
 
 def _int4_gemm(node: Node, mode: str) -> bool:
-    """int4 weights the packed GEMM takes: K a multiple of 32, groups of 32/64/128 or per channel."""
+    """int4 weights the packed GEMM takes: groups of 32/64/128 (K padded to whole groups), or per
+    channel with K a multiple of 32."""
     wq = _weight(node)[0]
     k, group = wq.type.shape[-1], node.attrs.get("group_size")
-    if wq.type.dtype not in (DType.i4, DType.u4) or mode == "static" or not isinstance(k, int) or k % 32:
+    if wq.type.dtype not in (DType.i4, DType.u4) or mode == "static" or not isinstance(k, int):
         return False
-    return group is None and node.attrs.get("axis") in (0, None) or group in (32, 64, 128) and k % group == 0
+    return group is None and node.attrs.get("axis") in (0, None) and k % 32 == 0 or group in (32, 64, 128)
 
 
 def consumed(node: Node) -> tuple[str, ...]:
@@ -167,6 +168,8 @@ class Int4Linear(torch.nn.Module):
         self.symmetric = bool(node.attrs.get("symmetric", True))
         self.hadamard = bool(node.attrs.get("hadamard", False))
         self.group_size = node.attrs.get("group_size")
+        self.pad = -wq.shape[1] % self.group_size if self.group_size else 0  # zero inputs fill the last group
+        wq = torch.nn.functional.pad(wq, (0, self.pad))
         scale = scale.float().reshape(wq.shape[0], -1)
         zero = None if zero is None else zero.float().reshape(wq.shape[0], -1)
         packed = pack_int4(wq, scale if self.group_size else scale.reshape(-1),
@@ -184,5 +187,7 @@ class Int4Linear(torch.nn.Module):
         if self.mode == "dynamic":  # the activation's per-token rounding, then float weights' GEMM
             q, s, z = _quantize_dynamic(x2d, self.act_dtype, self.symmetric, self.hadamard)
             x2d = ((q.float() - z.float().reshape(-1, 1)) * s.reshape(-1, 1)).to(x.dtype)
+        if self.pad:
+            x2d = torch.nn.functional.pad(x2d, (0, self.pad))
         y = w4a16_mm(x2d, self.qweight, _thawed(self.scales), _thawed(self.zeros), self.group_size or 0, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])

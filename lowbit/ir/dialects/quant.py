@@ -26,13 +26,15 @@ def expand_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None,
     """Broadcast a per-tensor / per-channel / per-group scale (or zero point) against ``x``.
 
     Per channel: ``scale`` has shape [x.shape[axis]]. Per group: ``scale`` has x's shape with
-    dim ``axis`` divided by ``group_size`` (each group shares one scale).
+    dim ``axis`` = ⌈x.shape[axis] / group_size⌉ (each group shares one scale; a last group that
+    is short, when the size is not a multiple of the group, has its own scale as MatMulNBits and
+    ONNX's blocked DequantizeLinear do).
     """
     if axis is None:
         return scale
     axis = axis % x.dim()
     if group_size is not None:
-        return scale.repeat_interleave(group_size, dim=axis)
+        return scale.repeat_interleave(group_size, dim=axis).narrow(axis, 0, x.shape[axis])
     shape = [1] * x.dim()
     shape[axis] = -1
     return scale.reshape(shape)

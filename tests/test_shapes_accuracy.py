@@ -1,0 +1,136 @@
+"""Accuracy on shapes that are not powers of two: groups that do not divide the in features (in
+the reference, the torch backend's packed GEMM and ONNX Runtime's MatMulNBits), MSE-searched
+scales, GPTQ with static groups, sequential calibration, the output-head and embedding options,
+and rotation against no rotation on both shipped byte-level LMs."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import zoo
+from lowbit.api import build
+from lowbit.evaluate import byte_windows, perplexity
+from lowbit.quant.gptq import gptq_quantize
+from lowbit.quant.spec import parse_qspec
+from lowbit.quant.weights import MSE_NORM, dequantize_codes, fake_quantize, group_view, weight_qparams
+
+
+def _correlated(n: int, d: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(16, d, generator=torch.Generator().manual_seed(99))
+    return torch.randn(n, 16, generator=gen) @ mix + 0.05 * torch.randn(n, d, generator=gen)
+
+
+def test_groups_that_do_not_divide_keep_their_size():
+    w = torch.randn(24, 200, generator=torch.Generator().manual_seed(0))
+    spec = parse_qspec("int4/group64/asym")
+    scale, zp, attrs = weight_qparams(w, spec)
+    assert scale.shape == zp.shape == (24, 4) and attrs == {"axis": 1, "group_size": 64}
+    # the short last group (8 inputs) has its own range
+    last, _, _ = weight_qparams(w[:, 192:], parse_qspec("int4/channel/asym"))
+    assert torch.allclose(scale[:, -1], last)
+    grouped = (fake_quantize(w, spec) - w).pow(2).mean()
+    channel = (fake_quantize(w, parse_qspec("int4/channel/asym")) - w).pow(2).mean()
+    assert grouped < 0.8 * channel
+
+
+@pytest.mark.parametrize("spec_text,gain", [("int4/group64/asym", 0.97), ("int4/channel", 0.97),
+                                             ("int8/channel", 0.999)])
+def test_mse_scales_never_lose_to_minmax(spec_text, gain):
+    w = torch.randn(32, 200, generator=torch.Generator().manual_seed(1)) ** 3  # heavy tails
+    minmax, mse = parse_qspec(spec_text), parse_qspec(spec_text + "/mse")
+    group = minmax.group_size or 200
+
+    def err(spec):
+        return (group_view(fake_quantize(w, spec) - w, group)).abs().pow(MSE_NORM).sum(-1)
+    assert (err(mse) <= err(minmax) * (1 + 1e-6)).all()
+    assert err(mse).sum() < gain * err(minmax).sum()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_a_short_last_group(act_order):
+    spec = parse_qspec("int4/group64/asym/mse")
+    w = torch.randn(32, 200, generator=torch.Generator().manual_seed(0))
+    x = _correlated(1024, 200, 1)
+    q, scale, zp, attrs = gptq_quantize(w, x.T.double() @ x.double(), spec, act_order=act_order)
+    assert scale.shape == (32, 4) and q.shape == w.shape
+    held_out = _correlated(512, 200, 2)
+
+    def out_err(w_hat):
+        return ((held_out @ (w - w_hat).T).norm() / (held_out @ w.T).norm()).item()
+    assert out_err(dequantize_codes(q, scale, zp, attrs)) < 0.7 * out_err(fake_quantize(w, spec))
+
+
+def test_short_groups_run_packed_on_cpu_and_as_matmulnbits(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from lowbit.backends.onnx import compare_with_torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48),
+                                torch.nn.ReLU(), torch.nn.Linear(48, 16)).eval()
+    x = torch.randn(4, 200)
+    calib = [(torch.randn(8, 200),) for _ in range(4)]
+    reference = lowbit.compile(model, (x,), recipe="w4a16-rtn", calibration=calib, progress=False)
+    packed = lowbit.compile(model, (x,), recipe="w4a16-rtn", calibration=calib, progress=False, backend="torch")
+    linears = [n for n in reference.graph.nodes if n.op == "quant.linear"]
+    assert [n.attrs["group_size"] for n in linears] == [128, 128]  # the head (48 → 16) stays float
+    assert any("output head" in note for note in reference.traced.notes)
+    kernels = [type(m).__name__ for m in packed.modules()]
+    assert kernels.count("Int4Linear") == 2, kernels
+    with torch.no_grad():
+        assert torch.allclose(packed(x), reference(x), rtol=1e-2, atol=1e-2)
+    path = tmp_path / "m.onnx"
+    reference.export_onnx(path)
+    assert compare_with_torch(path, reference, [x])["max_abs"] < 1e-2
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [n for n in onnx.load(tmp_path / "opt.onnx").graph.node if n.op_type == "MatMulNBits"]
+    assert len(fused) == 2 and {a.i for n in fused for a in n.attribute if a.name == "K"} == {200, 64}
+
+
+def _byte_lm(name: str):
+    spec = zoo.ZOO[name]()
+    return spec, byte_windows("calib"), byte_windows("val")
+
+
+def _ppl(spec, recipe_or_pipeline, calib, evals, **kw) -> float:
+    key = "pipeline" if "{" in recipe_or_pipeline else "recipe"
+    q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                       calibration=calib, progress=False, **{key: recipe_or_pipeline}, **kw)
+    return perplexity(q, evals)
+
+
+def test_output_head_and_embedding_options():
+    spec = zoo.byte_llama()
+    common = dict(dynamic_shapes=spec.dynamic_shapes, calibration=[spec.example_inputs], progress=False)
+    traced, _ = build(spec.model, spec.example_inputs, pipeline="insert-qdq{weights=int8/channel}", **common)
+    head = next(n for n in traced.graph.nodes if n.loc.module == "lm_head" and n.op == "core.linear")
+    assert head.operand(1).producer.op == "core.constant"
+    assert any("output head (lm_head) stays float" in n for n in traced.notes)
+    traced, records = build(spec.model, spec.example_inputs, **common, pipeline=(
+        "insert-qdq{weights=int8/channel,head=true,embeddings=int4/group64/asym}"))
+    head = next(n for n in traced.graph.nodes if n.loc.module == "lm_head" and n.op == "core.linear")
+    emb = next(n for n in traced.graph.nodes if n.op == "core.embedding")
+    assert head.operand(1).producer.op == emb.operand(0).producer.op == "quant.dequantize"
+    assert emb.operand(0).producer.operand(0).tensor_type.dtype.name == "i4"
+    assert 0 < records[-1].drift < 0.2
+
+
+def test_sequential_gptq_calibrates_each_block_on_quantized_inputs():
+    spec, calib, evals = _byte_lm("byte-llama-192")
+    fp32 = perplexity(spec.model, evals)
+    plain = "insert-qdq{weights=int4/group64/asym,acts=int8/token/dynamic,rounding=gptq}"
+    seq = plain.replace("gptq}", "gptq,sequential=true}")
+    one, two = _ppl(spec, plain, calib, evals), _ppl(spec, seq, calib, evals)
+    assert one != two  # later blocks saw the quantized earlier ones
+    assert max(one, two) < 1.03 * fp32, (fp32, one, two)
+
+
+@pytest.mark.parametrize("name", ["byte-llama", "byte-llama-192"])
+def test_rotation_never_makes_a_recipe_worse(name):
+    spec, calib, evals = _byte_lm(name)
+    ppl = {r: _ppl(spec, r, calib, evals) for r in ("w4a4", "w4a4-rot", "w4a8", "w4a8-rot")}
+    assert ppl["w4a4-rot"] <= ppl["w4a4"] and ppl["w4a8-rot"] <= ppl["w4a8"], ppl
