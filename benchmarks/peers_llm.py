@@ -425,7 +425,7 @@ def render(meta: dict, results: dict) -> str:
     quick = " — QUICK smoke run (not comparable numbers)" if meta["quick"] else ""
     tools, configs = meta.get("tools", TOOLS), meta.get("configs", list(CONFIGS))
     header = [f"# lowbit vs peer quantization tools: byte-level Llama perplexity{quick}", "",
-              f"Generated {meta['generated']} by `python benchmarks/peers_llm.py {' '.join(meta['argv'])}`"
+              f"Generated {meta['generated']} by `{' '.join(['python benchmarks/peers_llm.py', *meta['argv']])}`"
               + (f" (lowbit at {meta['lowbit_source']})" if meta.get("lowbit_source") else "") + ". "
               "Evaluation: every 256-byte window of `byte_llama_val.txt` "
               f"({'first ' + str(QUICK_EVAL) + ' windows' if meta['quick'] else '256 windows, 65,280 predicted bytes'}); "

@@ -152,7 +152,7 @@ def main() -> None:
         for name, algo in METHODS:
             out = work / f"{algo}.onnx"
             note = ("symmetric: ORT's INC-derived RTN/GPTQ pack asymmetric zero points across columns "
-                    "and fail when a column has an odd number of 128-blocks (K = 128, 384 here)"
+                    "and fail when a column has an odd number of 128-blocks (K = 128, 384, 528 in these models)"
                     if algo in ("rtn", "gptq") else "")
             run_method(config, name, lambda algo=algo, out=out: (quantize(fp32, out, algo, cal),
                                                                  ort_perplexity(out, val))[1], note)
