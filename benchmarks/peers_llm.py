@@ -6,6 +6,7 @@ package ships (``lowbit/data/byte_llama``, ``lowbit/data/byte_llama_192``).
     python benchmarks/peers_llm.py --tools lowbit,llm-compressor --configs w4a16,w4a4-token-rot
     python benchmarks/peers_llm.py --skip-install       # reuse the peer venvs as they are
     python benchmarks/peers_llm.py --render benchmarks/results/peers_llm.json   # redo the markdown
+    python benchmarks/peers_llm.py --tools lowbit --merge benchmarks/results/peers_llm.json  # lowbit again
 
 Each peer runs in its own virtual environment (``--venv-dir``, default ``~/.cache/lowbit/peers``),
 created on first use: ``pip install torch==2.13.0`` first (the small CPU build), then the peer with
@@ -53,8 +54,8 @@ CALIB, VAL = DATA / "byte_llama_calib.txt", DATA / "byte_llama_val.txt"
 
 # configuration -> lowbit recipes run for it (built-in names or recipe files); edit freely
 LOWBIT_RECIPES: dict[str, list[str]] = {
-    "w4a16": ["w4a16", "w4a16-gptq", "w4a16-rtn"],
-    "w8a8-static": ["w8a8-static"],
+    "w4a16": ["w4a16", "w4a16-gptq", "w4a16-awq-gptq", "w4a16-rtn"],
+    "w8a8-static": ["w8a8-static", "w8a8-gptq"],
     "w4a8": ["w4a8", "w4a8-rot"],
     "w4a4-token": ["w4a4"],
     "w4a4-token-rot": ["w4a4-rot"],
@@ -326,6 +327,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers_llm.md"))
     ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown (to --out) from a "
                     "JSON this script wrote (after editing the report's layout)")
+    ap.add_argument("--merge", metavar="JSON", help="start from a JSON this script wrote: the tools "
+                    "run now replace their rows there, the other tools' rows are kept (e.g. rerun "
+                    "lowbit after changing a recipe: --tools lowbit --merge old.json)")
     args = ap.parse_args()
     if args.render:
         saved = json.loads(Path(args.render).read_text())
@@ -400,6 +404,8 @@ def main() -> None:
             print(f"[peers] {name}: {tool} done in {info['seconds']:.0f} s, {len(done)} results"
                   + (f" ({info['error']})" if info.get("error") else ""), file=sys.stderr, flush=True)
 
+    if args.merge:
+        results = merge(json.loads(Path(args.merge).read_text()), results, tools)
     meta = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "argv": sys.argv[1:], "quick": args.quick, "tools": tools, "configs": configs,
             "lowbit_recipes": {k: v for k, v in LOWBIT_RECIPES.items() if k in configs},
@@ -407,6 +413,20 @@ def main() -> None:
             "venv_dir": str(venv_dir),
             "install": {t: install_command(t, venv_dir / t) for t in tools if t in PEER_TOOLS}}
     write(meta, results, Path(args.out))
+
+
+def merge(saved: dict, fresh: dict, tools: list[str]) -> dict:
+    """``saved``'s models with the rows, fp32 values and tool entries of ``tools`` replaced by
+    ``fresh``'s (models only in ``fresh`` are added)."""
+    models = saved["models"]
+    for name, result in fresh.items():
+        old = models.setdefault(name, result)
+        if old is result:
+            continue
+        old["rows"] = [r for r in old["rows"] if r["tool"] not in tools] + result["rows"]
+        old["fp32"] = {k: v for k, v in old["fp32"].items() if k.split(" (")[0] not in tools} | result["fp32"]
+        old["tools"] = {k: v for k, v in old["tools"].items() if k not in tools} | result["tools"]
+    return models
 
 
 def git_state() -> str:

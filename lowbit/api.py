@@ -20,6 +20,11 @@ from lowbit.passes.pipeline import parse_pipeline
 
 
 BACKENDS = ("torch", "triton")  # ONNX is an export target: CompiledModule.export_onnx
+ROTATIONS = ("fuse-norms", "rotate-residual", "online-hadamard")
+ROTATION_MODES = ("auto", "always")
+ROTATION_GAIN = 0.01   # rotation is kept when it lowers the calibration output error by more than this
+GUARD_BATCHES = 8      # calibration batches the two results are compared on (at most)
+GUARD_HOLDOUT = 4      # with this many batches or more, 1/4 of them is held out for the comparison
 
 
 def full_pipeline(pipeline: str | None, recipe: str | None = None, kv_cache: str | None = None,
@@ -58,10 +63,23 @@ def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, 
           kwargs: Mapping | None = None, dynamic_shapes: object = None, verify: bool = True,
           dump_dir: str | os.PathLike | None = None, measure_drift: bool = True,
           progress: bool = True, observer=None, kv_cache: str | None = None,
-          kv_storage: str = "quantized", cache: bool | None = None) -> tuple[TracedModel, list[PassRecord]]:
+          kv_storage: str = "quantized", cache: bool | None = None,
+          rotation: str = "auto") -> tuple[TracedModel, list[PassRecord]]:
     """Trace ``model`` and run ``canonicalize`` + ``recipe`` + ``pipeline`` on it; returns the
     traced model (its graph transformed) and one record per pass. ``observer(traced, samples)``,
-    if given, returns the callback the pass manager calls after each pass (the HTML report)."""
+    if given, returns the callback the pass manager calls after each pass (the HTML report).
+
+    ``rotation="auto"``: a pipeline that rotates (``fuse-norms``, ``rotate-residual``,
+    ``online-hadamard``) and then quantizes is also run without its rotations, both on 3/4 of
+    the calibration batches, and the rotation is kept only if its outputs on the other quarter
+    are closer to the float model's by more than ``ROTATION_GAIN`` (relative; KL divergence for
+    a causal LM); the chosen pipeline then runs on every batch, and a note gives both errors.
+    (With fewer than 4 batches nothing is held out: the rotation is kept, unchecked, and a
+    note says so.)
+    Rotation then does not make a recipe worse on data like the user's, and costs no online
+    transforms where it buys nothing. ``"always"`` keeps the rotations unchecked."""
+    if rotation not in ROTATION_MODES:
+        raise ValueError(f"rotation={rotation!r}: choose one of {', '.join(ROTATION_MODES)}")
     passes = parse_pipeline(full_pipeline(pipeline, recipe, kv_cache, kv_storage))  # a bad pipeline fails before tracing
     if isinstance(model, TracedModel):  # traced once, compiled with several recipes
         traced = dataclasses.replace(model, graph=clone_graph(model.graph), notes=list(model.notes))
@@ -74,13 +92,79 @@ def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, 
     samples = traced.example_leaves() if measure_drift else None
     batches = None if calls is None else [traced.flatten_inputs(*c, what=f"calibration batch {i}")
                                           for i, c in enumerate(calls)]
-    ctx = PassContext(example_inputs=samples, calibration=batches, progress=progress)
-    manager = PassManager(passes, verify_each=verify, dump_dir=dump_dir, sample_inputs=samples, ctx=ctx,
-                          observer=None if observer is None else observer(traced, samples),
-                          compared_outputs=1 if traced.decoder is not None else None)
-    records = manager.run(traced.graph)
-    traced.notes = traced.notes + ctx.notes
+    plain = _without_rotations(passes) if rotation == "auto" and batches else None
+    original = clone_graph(traced.graph) if plain is not None else None
+
+    def run(pipeline_passes, graph, dump, report, data=batches):
+        ctx = PassContext(example_inputs=samples, calibration=data, progress=progress)
+        manager = PassManager(pipeline_passes, verify_each=verify, dump_dir=dump, sample_inputs=samples,
+                              ctx=ctx, observer=None if report is None else report(traced, samples),
+                              compared_outputs=1 if traced.decoder is not None else None)
+        return manager.run(graph), ctx.notes
+
+    if plain is not None and len(batches) < GUARD_HOLDOUT:
+        plain = None
+        ctx_note = [f"rotation not checked: {len(batches)} calibration batch(es), the check holds out "
+                    f"1/{GUARD_HOLDOUT} of at least {GUARD_HOLDOUT}"]
+    else:
+        ctx_note = []
+    if plain is None:
+        records, notes = run(passes, traced.graph, dump_dir, observer)
+        notes = notes + ctx_note
+    else:  # both pipelines on most batches, compared on the rest; the better one runs on all of them
+        held = len(batches) // GUARD_HOLDOUT
+        fit, check = batches[:-held], batches[-held:]
+        decoder = traced.decoder is not None
+        errors = []
+        for candidate in (passes, plain):
+            graph = clone_graph(original)
+            run(candidate, graph, None, None, fit)
+            errors.append(_calibration_error(graph, original, check, decoder))
+        keep = errors[0] < (1 - ROTATION_GAIN) * errors[1]
+        where = f"{len(check)} held-out calibration batch(es)"
+        verdict = (f"rotation {'kept' if keep else 'dropped'}: output error on {where} {errors[0]:.4g} rotated, "
+                   f"{errors[1]:.4g} without (kept only when lower by more than {ROTATION_GAIN:.0%}; "
+                   "rotation='always' keeps it)")
+        records, notes = run(passes if keep else plain, traced.graph, dump_dir, observer)
+        notes = notes + [verdict]
+    traced.notes = traced.notes + notes
     return traced, records
+
+
+def _without_rotations(passes: list) -> list | None:
+    """The pipeline without its rotation passes, or None if it does not rotate before a lossy
+    pass (``online-hadamard{qk=true}``, the key cache's rotation, stays, on keys only)."""
+    rotates = [i for i, p in enumerate(passes) if p.name in ROTATIONS
+               and not (p.name == "online-hadamard" and p.where == "none")]
+    if not rotates or not any(not p.lossless for p in passes[rotates[0]:]):
+        return None
+    out = []
+    for i, p in enumerate(passes):
+        if i not in rotates:
+            out.append(p)
+        elif p.name == "online-hadamard" and p.qk:
+            out.append(dataclasses.replace(p, where="none"))
+    return out
+
+
+def _calibration_error(graph, original, batches, decoder: bool) -> float:
+    """How far ``graph``'s outputs are from ``original``'s on the first ``GUARD_BATCHES``
+    calibration batches: a causal LM's by the mean KL divergence of its next-token distributions
+    (what perplexity feels), anything else by the mean relative L2 error of its outputs."""
+    from lowbit.ir.interpreter import Executor
+    from lowbit.passes.manager import relative_error
+
+    run, ref = Executor(graph), Executor(original)
+    errors = []
+    with torch.no_grad():
+        for batch in batches[:GUARD_BATCHES]:
+            y, y0 = run.run(list(batch)), ref.run(list(batch))
+            if decoder:
+                logp, logp0 = (torch.log_softmax(t.double(), -1) for t in (y[0], y0[0]))
+                errors.append((logp0.exp() * (logp0 - logp)).sum(-1).mean().item())
+            else:
+                errors.append(relative_error(y, y0))
+    return sum(errors) / len(errors)
 
 
 def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, recipe: str | None = None,
@@ -88,7 +172,7 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
             kwargs: Mapping | None = None, dynamic_shapes: object = None,
             verify: bool = True, dump_dir: str | os.PathLike | None = None,
             progress: bool = True, backend: str = "torch", kv_cache: str | None = None,
-            kv_storage: str = "quantized", cache: bool | None = None) -> CompiledModule:
+            kv_storage: str = "quantized", cache: bool | None = None, rotation: str = "auto") -> CompiledModule:
     """Trace ``model``, run ``canonicalize``, the ``recipe`` and then ``pipeline``, and return a
     module that runs the result on ``backend``: "torch" (the reference ops, any device) or
     "triton" (quantized linears, Hadamard rotations and block-sparse attention as Triton
@@ -115,6 +199,10 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
     ``kv_storage="float"`` keeps the same values as floats (for ONNX Runtime GenAI's cache).
     ``cache=False`` traces without the cache (a prompt-only graph; see ``lowbit.trace``).
 
+    A recipe that rotates (``w4a4-rot``...) keeps its rotations only where they lower the
+    output error on the calibration batches (``rotation="auto"``, see ``build``; ``"always"``
+    skips the check).
+
     ``model`` may also be a ``TracedModel`` (``lowbit.trace``, or ``compiled.traced``): it is
     copied and not traced again, so one trace serves several recipes; its dims stay as traced.
     """
@@ -129,7 +217,7 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
     traced, records = build(model, example_inputs, pipeline=pipeline, recipe=recipe,
                             calibration=calibration, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                             verify=verify, dump_dir=dump_dir, measure_drift=False, progress=progress,
-                            kv_cache=kv_cache, kv_storage=kv_storage, cache=cache)
+                            kv_cache=kv_cache, kv_storage=kv_storage, cache=cache, rotation=rotation)
     if backend == "triton":
         return TritonModule(traced, records)
     return CompiledModule(traced, records)

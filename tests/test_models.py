@@ -50,7 +50,7 @@ def test_symbolic_dims_are_named(traced):
     name, _, t = traced
     dims = {d for v in t.graph.inputs for d in v.tensor_type.shape if isinstance(d, str)}
     assert "batch" in dims
-    if name in ("tiny-llama", "tiny-gpt2", "minilm", "byte-llama"):
+    if name in ("tiny-llama", "tiny-gpt2", "minilm", "byte-llama", "byte-llama-192"):
         assert "seq" in dims
 
 
@@ -73,6 +73,7 @@ def test_canonical_ops_present(traced):
     assert not any(op.startswith("aten.dropout") or op == "aten.addmm.default" for op in ops)
     expected = {"tiny-llama": {"core.rms_norm", "core.sdpa", "core.linear"},
                 "byte-llama": {"core.rms_norm", "core.sdpa", "core.linear"},
+                "byte-llama-192": {"core.rms_norm", "core.sdpa", "core.linear"},
                 "tiny-gpt2": {"core.layer_norm", "core.sdpa", "core.linear"},
                 "minilm": {"core.layer_norm", "core.sdpa", "core.linear", "core.gelu"},
                 "tiny-vit": {"core.layer_norm", "core.sdpa", "core.conv2d"},

@@ -63,7 +63,7 @@ def test_fast_transform_equals_dense(n):
 
 def test_large_widths_use_kronecker_factors():
     assert describe(11008) == "Hadamard 11008 = Paley I(343) ⊗ H_32"
-    assert factor(5632) == (44, 128) and factor(13824) == (432, 32) and factor(576) == (36, 16)
+    assert factor(5632) == (44, 128) and factor(13824) == (108, 128) and factor(576) == (36, 16) and factor(2304) == (36, 64)
 
 
 ROTATION = "fuse-norms,rotate-residual{seed=3},online-hadamard"

@@ -75,10 +75,11 @@ def test_short_groups_run_packed_on_cpu_and_as_matmulnbits(tmp_path):
     reference = lowbit.compile(model, (x,), recipe="w4a16-rtn", calibration=calib, progress=False)
     packed = lowbit.compile(model, (x,), recipe="w4a16-rtn", calibration=calib, progress=False, backend="torch")
     linears = [n for n in reference.graph.nodes if n.op == "quant.linear"]
-    assert [n.attrs["group_size"] for n in linears] == [128, 128]  # the head (48 → 16) stays float
+    # 200 inputs: groups of 128 and 72; 64 inputs: one scale per channel; the head (48 → 16) float
+    assert [n.attrs["group_size"] for n in linears] == [128, None]
     assert any("output head" in note for note in reference.traced.notes)
     kernels = [type(m).__name__ for m in packed.modules()]
-    assert kernels.count("Int4Linear") == 2, kernels
+    assert kernels.count("Int4Linear") == 1 and kernels.count("Int8Linear") == 1, kernels
     with torch.no_grad():
         assert torch.allclose(packed(x), reference(x), rtol=1e-2, atol=1e-2)
     path = tmp_path / "m.onnx"
@@ -88,7 +89,7 @@ def test_short_groups_run_packed_on_cpu_and_as_matmulnbits(tmp_path):
     options.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     fused = [n for n in onnx.load(tmp_path / "opt.onnx").graph.node if n.op_type == "MatMulNBits"]
-    assert len(fused) == 2 and {a.i for n in fused for a in n.attribute if a.name == "K"} == {200, 64}
+    assert len(fused) == 1 and {a.i for n in fused for a in n.attribute if a.name == "K"} == {200}
 
 
 def _byte_lm(name: str):
@@ -129,8 +130,48 @@ def test_sequential_gptq_calibrates_each_block_on_quantized_inputs():
     assert max(one, two) < 1.03 * fp32, (fp32, one, two)
 
 
+def _kl_to_float(q, model, evals) -> float:
+    """Mean KL(float ‖ quantized) of the next-byte distributions over the evaluation windows."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for (ids,) in evals:
+            logp0 = torch.log_softmax(model(ids).logits.double(), -1)
+            logp = torch.log_softmax(q(ids).logits.double(), -1)
+            total += (logp0.exp() * (logp0 - logp)).sum(-1).sum().item()
+            count += ids.numel()
+    return total / count
+
+
 @pytest.mark.parametrize("name", ["byte-llama", "byte-llama-192"])
-def test_rotation_never_makes_a_recipe_worse(name):
+def test_rotation_makes_the_4_bit_recipes_closer_to_float(name):
+    """On held-out text: w4a4-rot has a lower perplexity than w4a4; both rotated recipes' next-byte
+    distributions are closer (KL) to the float model's than the unrotated ones'. (At w4a8 the
+    perplexities of both are within ±0.1% of fp32, where they move by as much between equally good
+    roundings; the KL is the finer measure.)"""
     spec, calib, evals = _byte_lm(name)
-    ppl = {r: _ppl(spec, r, calib, evals) for r in ("w4a4", "w4a4-rot", "w4a8", "w4a8-rot")}
-    assert ppl["w4a4-rot"] <= ppl["w4a4"] and ppl["w4a8-rot"] <= ppl["w4a8"], ppl
+    compiled = {r: lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                                  recipe=r, calibration=calib, progress=False)
+                for r in ("w4a4", "w4a4-rot", "w4a8", "w4a8-rot")}
+    assert any("rotation kept" in n for n in compiled["w4a8-rot"].traced.notes)
+    assert perplexity(compiled["w4a4-rot"], evals) < perplexity(compiled["w4a4"], evals)
+    kl = {r: _kl_to_float(q, spec.model, evals) for r, q in compiled.items()}
+    assert kl["w4a4-rot"] < kl["w4a4"] and kl["w4a8-rot"] < kl["w4a8"], kl
+
+
+def test_rotation_guard_keeps_the_better_pipeline():
+    """rotation='auto' runs the recipe without its rotations too and keeps the rotation only where
+    it lowers the held-out calibration error, saying which in a note; 'always' keeps it unchecked."""
+    spec = zoo.tiny_llama()
+    calib = [(zoo._token_inputs(256, seed=i),) for i in range(4)]
+    for mode in ("auto", "always"):
+        traced, _ = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, recipe="w4a8-rot",
+                          calibration=calib, progress=False, rotation=mode)
+        rotated = any(n.op == "rotate.hadamard" for n in traced.graph.nodes)
+        verdicts = [n for n in traced.notes if n.startswith("rotation ")]
+        if mode == "always":
+            assert rotated and not verdicts
+        else:
+            assert len(verdicts) == 1 and "1 held-out calibration batch" in verdicts[0]
+            assert rotated == verdicts[0].startswith("rotation kept"), verdicts
+    with pytest.raises(ValueError, match="rotation='sometimes'"):
+        build(spec.model, spec.example_inputs, recipe="w4a8-rot", rotation="sometimes")

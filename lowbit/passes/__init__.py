@@ -18,6 +18,7 @@ register_alias("canonicalize", ",".join([
     "fold-repeat-kv",         # grouped-query attention reads its shared heads, not copies
     "fold-batchnorm",         # inference BN is an affine map the conv/linear can absorb
     "fold-constants",         # shape/mask arithmetic on constants
+    "addmm-to-linear",        # again: a matmul whose weight was transposed by a folded op (Falcon)
     "eliminate-common-subexpressions",
     "eliminate-dead-code",
 ]))

@@ -1,6 +1,7 @@
 """Canonicalization patterns: ATen idioms → the core ops passes reason about.
 
-- addmm-to-linear: ``addmm(b, x, W)`` with constant W [in, out] → ``linear(x, Wᵀ, b)``
+- addmm-to-linear: ``addmm(b, x, W)`` with constant W [in, out] → ``linear(x, Wᵀ, b)`` (also
+  ``mm`` and ``matmul(x, W)``: Falcon's bias-free linears are ``x @ Wᵀ``)
   (GPT-2's Conv1D). Exact: x·W + b = x·(Wᵀ)ᵀ + b.
 - fuse-rms-norm: ``w · (x · rsqrt(mean(x², -1) + ε))`` → ``rms_norm(x, w){eps=ε}``
   (optionally wrapped in casts to fp32 and back, as Llama writes it).
@@ -47,12 +48,14 @@ def _constant_scalar(value: Value | None, graph: Graph) -> float | None:
 # ---- addmm → linear ----------------------------------------------------------------------
 
 def _match_addmm(node: Node, graph: Graph) -> Bindings | str:
-    call = _call(node)
-    if node.op == "aten.addmm.default" and (len(call.args) > 3 or call.kwargs):
+    if node.op == "aten.addmm.default" and (len(_call(node).args) > 3 or _call(node).kwargs):
         return "addmm has beta/alpha arguments"
     weight = node.operands[-1]
     if not graph.is_constant(weight):
         return "the weight (second matrix) is not a constant"
+    if node.op == "core.matmul" and (graph.tensor(weight).dim() != 2 or not graph.tensor(weight).is_floating_point()
+                                     or node.operand(0).tensor_type.rank < 1):
+        return "a matmul's constant is not a 2-D float matrix"
     return {"node": node, "weight": weight}
 
 
@@ -71,7 +74,7 @@ def _rewrite_addmm(b: Bindings, graph: Graph) -> None:
     graph.erase(node)
 
 
-ADDMM_TO_LINEAR = Rule("addmm-to-linear", ("aten.addmm.default", "aten.mm.default"),
+ADDMM_TO_LINEAR = Rule("addmm-to-linear", ("aten.addmm.default", "aten.mm.default", "core.matmul"),
                        _match_addmm, _rewrite_addmm)
 
 

@@ -68,6 +68,16 @@ def output_heads(graph: Graph) -> set[int]:
     return heads
 
 
+def _unquantized(v: Value) -> Value:
+    """The value a linear's input QDQ reads (the input itself if it has none): GPTQ's Hessian is
+    taken on the activations before their own rounding, as llm-compressor's is."""
+    p = v.producer
+    if p is not None and p.op == "quant.dequantize" and p.operand(0).producer is not None \
+            and p.operand(0).producer.op in ("quant.quantize", "quant.dynamic_quantize"):
+        return p.operand(0).producer.operand(0)
+    return v
+
+
 def _block_of(module: str) -> str:
     """The repeated block a module path belongs to: the path up to its first numeric part
     (``model.layers.3.mlp.up_proj`` → ``model.layers.3``); the whole path if none."""
@@ -99,6 +109,7 @@ class InsertQdq(Pass):
     damp: float = 0.01       # GPTQ: damping, as a fraction of mean(diag H)
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal (static groups)
     sequential: bool = False  # GPTQ: block by block, each on the outputs of the quantized blocks before
+    rounded_inputs: bool = False  # sequential GPTQ: Hessians of the inputs after their own QDQ
     head: bool = False       # quantize the output head (a linear writing a graph output: lm_head)
     embeddings: str = "none"  # a weight spec for embedding tables (rows as output channels)
 
@@ -147,7 +158,7 @@ class InsertQdq(Pass):
         else:
             for node in tqdm(linears, desc=f"{self.name} weights", disable=not ctx.progress or not hessians,
                              leave=False):
-                self._quantize_weight(graph, node, self._layer_spec(node, wspec), hessians.get(id(node)))
+                self._quantize_weight(graph, node, self._layer_spec(node, wspec, graph), hessians.get(id(node)))
         self._quantize_conv_weights(graph, ctx, convs, wspec)
         if self.embeddings != "none":
             self._quantize_embeddings(graph, ctx, parse_qspec(self.embeddings, f"{self.name}.embeddings"))
@@ -185,27 +196,35 @@ class InsertQdq(Pass):
             out.append((pattern.strip(), spec.strip()))
         return out
 
-    def _layer_spec(self, node: Node, spec: QSpec) -> QSpec:
+    def _layer_spec(self, node: Node, spec: QSpec, graph: Graph | None = None) -> QSpec:
         """The spec for one layer: an override's if its pattern matches. Groups that do not
-        divide the in features keep their size; the last one is short."""
+        divide the in features keep their size; the last one is short. A group as wide as the
+        in features or wider is one scale per output channel, and stored as such."""
         for pattern, text in self._overrides():
             if _matches(node.loc.module, pattern):
-                return parse_qspec(text, f"{self.name}.weights_override[{pattern}]")
+                spec = parse_qspec(text, f"{self.name}.weights_override[{pattern}]")
+                break
+        if graph is not None and spec.granularity == "group" and \
+                spec.group_size >= graph.tensor(node.operand(1)).reshape(graph.tensor(node.operand(1)).shape[0], -1).shape[1]:
+            return QSpec(spec.dtype, "channel", None, spec.symmetric, observer=spec.observer)
         return spec
 
     def _quantize_sequentially(self, graph: Graph, ctx: PassContext, linears: list[Node], wspec: QSpec) -> None:
         """GPTQ block by block (``model.layers.3``...): each block's Hessians come from running
-        the calibration set through the graph with every block before it already quantized."""
+        the calibration set through the graph with every block before it already quantized
+        (weights and activations), taken on each linear's input before its own QDQ, or after it
+        with ``rounded_inputs`` (better for 4-bit activations on the shipped LMs)."""
         blocks: dict[str, list[Node]] = {}
         for node in linears:
             blocks.setdefault(_block_of(node.loc.module), []).append(node)
         batches = ctx.require_calibration(f"{self.name}{{rounding=gptq,sequential=true}}")
         for block, nodes in tqdm(blocks.items(), desc=f"{self.name} blocks", disable=not ctx.progress, leave=False):
-            inputs = list({id(n.operand(0)): n.operand(0) for n in nodes}.values())
+            source = (lambda v: v) if self.rounded_inputs else _unquantized
+            inputs = list({id(source(n.operand(0))): source(n.operand(0)) for n in nodes}.values())
             stats = calibrate(graph, batches, inputs, progress=False, observer=HessianStats)
             for node in nodes:
-                st = stats.get(node.operand(0).name)
-                self._quantize_weight(graph, node, self._layer_spec(node, wspec), st.h if st else None)
+                st = stats.get(source(node.operand(0)).name)
+                self._quantize_weight(graph, node, self._layer_spec(node, wspec, graph), st.h if st else None)
 
     def _quantize_embeddings(self, graph: Graph, ctx: PassContext, spec: QSpec) -> None:
         """Embedding tables [vocab, dim] stored quantized, one scale per row (or row and group),

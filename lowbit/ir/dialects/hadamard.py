@@ -145,7 +145,7 @@ def _base(kind: str, m: int) -> np.ndarray:
 
 # ---- plans ---------------------------------------------------------------------------------
 
-KEEP_TWOS = 4
+KEEP_TWOS = (6, 4)
 MAX_BASE = 1024  # a larger base costs more per element than the rotation is worth (a dense GEMM)
 
 @dataclass(frozen=True)
@@ -201,8 +201,9 @@ def plan(n: int) -> Plan:
     if n < 1:
         raise ValueError(f"no Hadamard transform of size {n}")
     o, twos = _odd_part(n)
-    # keep H_16 or more outside the bases where n allows it: the GPU kernels need that split
-    found = (_cover(o, twos - KEEP_TWOS) if twos >= KEEP_TWOS + 2 else None) or _cover(o, twos)
+    # keep H_64, else H_16, outside the bases where n allows it: the GPU kernels need that split
+    found = next((c for keep in KEEP_TWOS if twos >= keep + 2 and (c := _cover(o, twos - keep))), None) \
+        or _cover(o, twos)
     substitute = 1
     if found is None:  # the fewest odd factors in a random orthogonal, the rest Hadamard
         options = [(r, _cover(o // r, twos)) for r in range(3, o + 1, 2) if o % r == 0]
