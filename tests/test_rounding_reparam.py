@@ -104,7 +104,7 @@ def test_recipes_run_on_llama(recipe):
     if recipe.startswith("w4"):  # hidden 64, MLP 128: a group of 128 spans each row: per channel
         g = traced.graph
         deq = [n for n in g.nodes if n.op == "quant.dequantize" and g.is_constant(n.operand(0))]
-        assert deq and all(n.attrs["group_size"] is None and n.attrs["axis"] == 0 for n in deq)
+        assert deq and all(n.attrs.get("group_size") is None and n.attrs.get("axis") == 0 for n in deq)
 
 
 def test_gptq_runs_when_activations_are_quantized_too():

@@ -76,7 +76,7 @@ def test_short_groups_run_packed_on_cpu_and_as_matmulnbits(tmp_path):
     packed = lowbit.compile(model, (x,), recipe="w4a16-rtn", calibration=calib, progress=False, backend="torch")
     linears = [n for n in reference.graph.nodes if n.op == "quant.linear"]
     # 200 inputs: groups of 128 and 72; 64 inputs: one scale per channel; the head (48 → 16) float
-    assert [n.attrs["group_size"] for n in linears] == [128, None]
+    assert [n.attrs.get("group_size") for n in linears] == [128, None]
     assert any("output head" in note for note in reference.traced.notes)
     kernels = [type(m).__name__ for m in packed.modules()]
     assert kernels.count("Int4Linear") == 1 and kernels.count("Int8Linear") == 1, kernels
