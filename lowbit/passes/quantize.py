@@ -204,8 +204,7 @@ class InsertQdq(Pass):
             if _matches(node.loc.module, pattern):
                 spec = parse_qspec(text, f"{self.name}.weights_override[{pattern}]")
                 break
-        if graph is not None and spec.granularity == "group" and \
-                spec.group_size >= graph.tensor(node.operand(1)).reshape(graph.tensor(node.operand(1)).shape[0], -1).shape[1]:
+        if graph is not None and spec.granularity == "group" and spec.group_size >= graph.tensor(node.operand(1))[0].numel():
             return QSpec(spec.dtype, "channel", None, spec.symmetric, observer=spec.observer)
         return spec
 
