@@ -6,9 +6,12 @@ import math
 import pytest
 import torch
 
+from conftest import rel_err, sample_inputs
 from lowbit import zoo
 from lowbit.api import build
+from lowbit.ir import DType, Graph, TensorType, clone_graph, run_graph, verify
 from lowbit.ir.dialects.hadamard import _base, describe, factor, hadamard_matrix, hadamard_transform, plan
+from lowbit.passes import PASSES, PassContext
 from lowbit.passes.rotate import find_residual_stream
 
 # MLP widths (and hidden sizes) of Llama-2/3, Qwen2.5/3, Mistral, Gemma 2/3, Phi-3 and TinyLlama
@@ -124,6 +127,46 @@ def test_residual_stream_found_from_the_graph():
     assert not isinstance(stream, str), stream
     assert {n.op for n in stream.norms} == {"core.layer_norm"} and len(stream.norms) == 2 * 2 + 1
     assert sorted(e.producer.op for e in stream.entries).count("core.embedding") == 2
+
+
+def _input_stream_graph(final_norm: str) -> tuple[Graph, object]:
+    """x → LayerNorm → linear, added back to x, then ``final_norm`` → head: the input enters the stream."""
+    g = Graph()
+    x = g.add_input("x", TensorType(("batch", 8), DType.f32))
+    gen = torch.Generator().manual_seed(0)
+
+    def norm(v, op):
+        gamma = g.constant(torch.rand(8, generator=gen) + 0.5, "g")
+        if op == "core.rms_norm":
+            return g.append(op, [v, gamma], {"eps": 1e-6}).result
+        beta = g.constant(torch.randn(8, generator=gen), "b")
+        return g.append(op, [v, gamma, beta], {"normalized_shape": (8,), "eps": 1e-5}).result
+
+    lin = g.append("core.linear", [norm(x, "core.layer_norm"), g.constant(torch.randn(8, 8, generator=gen), "w"),
+                                   None])
+    add = g.append("core.add", [x, lin.result])
+    head = g.append("core.linear", [norm(add.result, final_norm), g.constant(torch.randn(4, 8, generator=gen), "h"),
+                                    None])
+    g.set_outputs([head.result])
+    return g, x
+
+
+@pytest.mark.parametrize("final_norm", ["core.layer_norm", "core.rms_norm"])
+def test_stream_entered_by_a_graph_input_is_found_and_fused(final_norm):
+    g, x = _input_stream_graph(final_norm)
+    stream = find_residual_stream(g)
+    assert not isinstance(stream, str), stream
+    assert x in stream.entries and len(stream.norms) == 2
+    inputs = sample_inputs(g, {"batch": 3})
+    work, ctx = clone_graph(g), PassContext(progress=False)
+    changed = PASSES["fuse-norms"]().run(work, ctx)
+    verify(work)
+    assert rel_err(run_graph(work, inputs)[0], run_graph(g, inputs)[0]) < 1e-5
+    if final_norm == "core.rms_norm":  # centering for the LayerNorm would change the RMSNorm
+        assert not changed and any("both LayerNorm and RMSNorm" in n for n in ctx.notes)
+    else:  # the input is centered by a linear after it; both norms lose their scales
+        assert changed and all(n.operands[1] is None for n in work.nodes if n.op in ("core.rms_norm",))
+        assert not any(n.op == "core.layer_norm" for n in work.nodes)
 
 
 def test_tied_embedding_gets_its_own_copy():

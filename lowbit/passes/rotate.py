@@ -85,11 +85,12 @@ class ResidualStream:
 def find_residual_stream(graph: Graph) -> ResidualStream | str:
     """The residual stream of a pre-norm model, or why there is none that can be rotated."""
     g = nx.Graph()
+    by_id = {id(v): v for n in graph.nodes for v in n.results}
     for node in graph.nodes:
         if node.op == "core.add" and _same_last_dim(node):
             for v in node.operands:
                 g.add_edge(id(node.result), id(v))
-    by_id = {id(v): v for n in graph.nodes for v in n.results}
+                by_id[id(v)] = v     # graph inputs and constants too
     read_by_norm = {id(n.operand(0)) for n in graph.nodes if n.op in NORMS}
     components = [c for c in nx.connected_components(g) if c & read_by_norm]
     if not components:
@@ -206,6 +207,10 @@ class FuseNorms(Pass):
             ctx.note(f"{self.name}: {stream}")
             return False
         changed = False
+        if len({n.op for n in stream.norms}) > 1:
+            ctx.note(f"{self.name}: the residual stream is read by both LayerNorm and RMSNorm; centering it for "
+                     "the LayerNorms would change the RMSNorms, so no norm is folded")
+            return False
         if any(n.op == "core.layer_norm" for n in stream.norms):
             d = int(stream.values[0].tensor_type.shape[-1])
             center = torch.eye(d, dtype=torch.float64) - 1.0 / d
