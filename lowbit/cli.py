@@ -100,21 +100,38 @@ def _export(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit.backends.onnx import compare_with_torch, export_onnx, fusion_report
     from lowbit.backends.onnx.validate import check
+    from lowbit.saving import META as SAVED_META
     from lowbit.zoo import load_model
 
-    spec = load_model(args.model)
-    calibration, where = _calibration(args, spec)
-    model, example, kwargs = spec.model, spec.example_inputs, spec.kwargs
-    if args.dtype == "float16":  # traced in half precision, so the ONNX model computes in it
-        model, example, kwargs = model.half(), _half(example), _half(kwargs)
-        calibration = [_half(batch) for batch in calibration] if calibration is not None else None
-    print(f"compiling {args.model} with {args.recipe or 'no recipe'} (calibration: {where}) ...", file=sys.stderr)
-    compiled = lowbit.compile(model, example, kwargs=kwargs or None, dynamic_shapes=spec.dynamic_shapes,
-                              recipe=args.recipe, pipeline=args.pipeline, calibration=calibration,
-                              kv_cache=args.kv_cache, kv_storage="float" if args.genai else "quantized",
-                              cache=False if args.sparse_attention == "contrib" else None)  # the op keeps its own
-    for note in compiled.traced.notes:
-        print(f"note: {note}")
+    if args.output is None and args.save is None:
+        raise SystemExit("lowbit export: give -o/--output (ONNX), --save (a lowbit save), or both")
+    saved = (Path(args.model) / SAVED_META).is_file()
+    if saved:  # a saved model: no tracing, no calibration
+        if args.recipe or args.pipeline or args.kv_cache or args.calibration or args.genai or args.dtype != "float32":
+            raise SystemExit(f"lowbit export: {args.model} is a saved lowbit model, already compiled: "
+                             "--recipe, --pipeline, --kv-cache, --calibration, --dtype and --genai do not apply")
+        compiled = lowbit.load(args.model)
+    else:
+        spec = load_model(args.model)
+        calibration, where = _calibration(args, spec)
+        model, example, kwargs = spec.model, spec.example_inputs, spec.kwargs
+        if args.dtype == "float16":  # traced in half precision, so the ONNX model computes in it
+            model, example, kwargs = model.half(), _half(example), _half(kwargs)
+            calibration = [_half(batch) for batch in calibration] if calibration is not None else None
+        print(f"compiling {args.model} with {args.recipe or 'no recipe'} (calibration: {where}) ...",
+              file=sys.stderr)
+        compiled = lowbit.compile(model, example, kwargs=kwargs or None, dynamic_shapes=spec.dynamic_shapes,
+                                  recipe=args.recipe, pipeline=args.pipeline, calibration=calibration,
+                                  kv_cache=args.kv_cache, kv_storage="float" if args.genai else "quantized",
+                                  cache=False if args.sparse_attention == "contrib" else None)  # the op keeps its own
+        for note in compiled.traced.notes:
+            print(f"note: {note}")
+    if args.save is not None:
+        print(f"saved {compiled.save(args.save)} (lowbit.load reads it back)")
+    if args.output is None:
+        return 0
+    if args.format == "compressed-tensors":
+        return _export_compressed_tensors(args, None if saved else spec, compiled)
     if args.genai:
         return _export_genai(args, spec, compiled)
     out = Path(args.output) / "model.onnx"
@@ -134,6 +151,27 @@ def _export(args: argparse.Namespace) -> int:
           f"cosine {diff['cosine']:.6f}")
     if weights.layers:
         print(fusion_report(path, weights.layers).text())
+    return 0
+
+
+def _export_compressed_tensors(args: argparse.Namespace, spec, compiled) -> int:
+    """Write the compressed-tensors folder, then load it with transformers (when
+    compressed-tensors is installed) and compare its logits with lowbit's torch backend."""
+    from pathlib import Path
+
+    from lowbit.backends.compressed_tensors import compare_with_transformers
+
+    source = Path(args.model) if Path(args.model).is_dir() else None
+    out = compiled.save_pretrained(args.output, tokenizer=spec.tokenizer if spec is not None and source is None
+                                   else None, source_dir=source)
+    print(f"wrote {out} ({', '.join(sorted(f.name for f in out.iterdir()))})")
+    try:
+        diff = compare_with_transformers(out, compiled)
+    except ImportError:
+        print("compressed-tensors is not installed: pip install compressed-tensors to check the folder")
+        return 0
+    print(f"transformers vs lowbit torch backend on the example inputs: max |diff| {diff['max_abs']:.2e}, "
+          f"relative {diff['relative']:.2e}")
     return 0
 
 
@@ -243,9 +281,14 @@ def make_parser() -> argparse.ArgumentParser:
     _add_calibration_options(p)
     p.set_defaults(fn=_inspect)
     x = sub.add_parser("export", help="compile a model and write ONNX that ONNX Runtime runs fast")
-    x.add_argument("model", help="zoo name, file.py:factory, package.module:factory, or a transformers dir")
+    x.add_argument("model", help="zoo name, file.py:factory, package.module:factory, a transformers dir, "
+                   "or a folder written by --save (exported without compiling again)")
     x.add_argument("--recipe", help="built-in recipe name or a .yaml/.toml file (default: fp32)")
-    x.add_argument("-o", "--output", required=True, help="output folder (model.onnx is written there)")
+    x.add_argument("-o", "--output", help="output folder (model.onnx is written there)")
+    x.add_argument("--save", metavar="DIR", help="also save the compiled model here (lowbit.load reads it)")
+    x.add_argument("--format", choices=["onnx", "compressed-tensors"], default="onnx",
+                   help="what -o holds: ONNX (model.onnx), or a compressed-tensors checkpoint that "
+                        "transformers, vLLM and SGLang load (causal LMs)")
     x.add_argument("--pipeline", help="passes to run after the recipe, e.g. 'sparse-attention{causal=true}'")
     x.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="precision the model is traced and exported in (SparseAttention on CUDA needs float16)")

@@ -29,6 +29,10 @@ class ModelSpecError(LowbitError):
     """A MODEL argument names no known model, file, module or directory."""
 
 
+class CheckpointError(LowbitError):
+    """A saved model could not be written or read; the message names the folder and what is wrong."""
+
+
 class InputError(LowbitError, ValueError):
     """An input (example, calibration batch or run-time call) does not fit the traced model;
     the message names the input, the dim and what is allowed."""

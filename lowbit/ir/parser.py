@@ -65,10 +65,11 @@ class _Cursor:
 
 
 class _Parser:
-    def __init__(self, tensors: dict[str, torch.Tensor] | None):
+    def __init__(self, tensors: dict[str, torch.Tensor] | None, require_tensors: bool = False):
         self.graph = Graph()
         self.values: dict[str, Value] = {}
         self.tensors = tensors or {}
+        self.require_tensors = require_tensors
 
     # ---- values and types ------------------------------------------------------------
     def ref(self, c: _Cursor) -> Value:
@@ -272,6 +273,8 @@ class _Parser:
             raise c.error('core.constant needs a name="..." attribute')
         t = node.result.tensor_type
         tensor = self.tensors.get(name)
+        if tensor is None and self.require_tensors:
+            raise c.error(f"no tensor {name!r} for this constant")
         if tensor is None:
             tensor = _seeded_tensor(name, t)
         elif tuple(tensor.shape) != t.shape:
@@ -292,9 +295,11 @@ def _seeded_tensor(name: str, t: TensorType) -> torch.Tensor:
     return torch.randint(lo, hi + 1, shape, generator=gen).to(t.dtype.storage)
 
 
-def parse_graph(text: str, tensors: dict[str, torch.Tensor] | None = None) -> Graph:
-    """Parse the printer's output. Errors name the line and column and show a caret."""
-    p = _Parser(tensors)
+def parse_graph(text: str, tensors: dict[str, torch.Tensor] | None = None, *,
+                require_tensors: bool = False) -> Graph:
+    """Parse the printer's output. Errors name the line and column and show a caret. A constant
+    missing from ``tensors`` gets seeded random data, or with ``require_tensors`` is an error."""
+    p = _Parser(tensors, require_tensors)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip() and not ln.strip().startswith("//")]
     if not lines:
         raise ParseError("empty graph text")

@@ -110,6 +110,25 @@ class CompiledModule(torch.nn.Module):
             raise ValueError("this compiled model has no key/value cache")
         return cache_bytes_per_token(self.graph, self.traced.decoder)
 
+    def save(self, directory):
+        """Write this model to a folder ``lowbit.load`` reads back without the model's code or
+        calibration data (``lowbit.saving``); returns the folder."""
+        from lowbit.saving import save
+
+        return save(self.traced, directory)
+
+    def save_pretrained(self, directory, format: str = "compressed-tensors", tokenizer=None, source_dir=None):
+        """Write a checkpoint other runtimes load: ``format="compressed-tensors"`` (a transformers
+        causal LM; vLLM, SGLang and transformers read it, see
+        ``lowbit.backends.compressed_tensors``); the tokenizer's files from ``tokenizer`` or
+        ``source_dir``. Returns the folder. (``save`` writes lowbit's own format.)"""
+        if format != "compressed-tensors":
+            raise ValueError(f"format={format!r}: lowbit writes 'compressed-tensors' checkpoints "
+                             "(and its own format with save())")
+        from lowbit.backends.compressed_tensors import export_compressed_tensors
+
+        return export_compressed_tensors(self.traced, directory, tokenizer=tokenizer, source_dir=source_dir)
+
     def export_genai(self, out_dir, tokenizer=None, source_dir=None, hadamard: str = "matmul"):
         """Write a folder ONNX Runtime GenAI loads (``lowbit.backends.onnx.genai``)."""
         from lowbit.backends.onnx.genai import export_genai

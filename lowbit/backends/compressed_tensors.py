@@ -1,0 +1,460 @@
+"""A compiled transformers causal LM as a compressed-tensors checkpoint: the folder vLLM,
+SGLang and transformers (with ``compressed-tensors`` installed) load.
+
+    q = lowbit.compile(model, ..., recipe="w4a16", calibration=batches)
+    q.save_pretrained("out/llama-w4a16", format="compressed-tensors", tokenizer=tokenizer)
+
+The folder holds the model's own ``config.json`` plus a ``quantization_config``, and
+safetensors in the format's layouts:
+
+- weight-only int4/int8 (``quant.linear``): ``pack-quantized``: ``weight_packed`` (int32, 32/bits
+  values per word), ``weight_scale`` [out, groups] or [out, 1], ``weight_zero_point`` (packed
+  along the output dim) when asymmetric, ``weight_shape``;
+- int8 weights with int8 activations (``quant.dynamic_linear`` per token,
+  ``quant.static_linear`` per tensor): ``int-quantized``: ``weight`` int8, ``weight_scale``,
+  and for static activations ``input_scale`` (and ``input_zero_point``);
+- fp8 weights: ``float-quantized``: ``weight`` float8_e4m3fn, ``weight_scale`` (and ``input_scale``).
+
+Every transform folded into weights (SmoothQuant/AWQ scales, fused norms, the rotated residual
+stream) is already in the graph's constants, so the checkpoint is the plain architecture with
+those weights: a norm whose scale was folded away gets the weight that makes it the identity
+scale (found by running the model's own norm module). What the format cannot express — online
+Hadamard rotations, block-sparse attention, a quantized key/value cache, a layer the
+architecture does not have — is refused with a message naming it; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.frontend.trace import TracedModel
+from lowbit.io import distinct_tensors
+from lowbit.ir.graph import Graph, Node
+from lowbit.ir.types import DType
+
+LINEARS = ("core.linear", "quant.linear", "quant.dynamic_linear", "quant.static_linear")
+NORMS = ("core.rms_norm", "core.layer_norm")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+class ExportError(LowbitError):
+    """The compiled model cannot be written in the asked format; the message names the node or layer."""
+
+
+@dataclass
+class _Linear:
+    node: Node
+    weight: torch.Tensor            # float weight, or the integer/fp8 codes
+    scale: torch.Tensor | None
+    zero_point: torch.Tensor | None
+    bias: torch.Tensor | None
+    axis: int | None
+    group_size: int | None
+    act: dict | None                # the input_activations entry, or None (weight-only)
+    act_scale: torch.Tensor | None = None
+    act_zero: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> DType:
+        """The weight's IR dtype (int4 codes live in int8 tensors)."""
+        return self.node.operands[3 if self.node.op == "quant.static_linear" else 1].tensor_type.dtype
+
+
+# ---- what the graph holds -------------------------------------------------------------------------
+
+def _const(graph: Graph, node: Node, i: int, what: str) -> torch.Tensor | None:
+    v = node.operands[i] if i < len(node.operands) else None
+    if v is None:
+        return None
+    if not graph.is_constant(v):
+        raise ExportError(f"{node.op} at {node.loc.module or '?'} (%{node.result.name}): its {what} is computed "
+                          "in the graph, not a constant: the checkpoint format holds constant weights only")
+    return graph.tensor(v)
+
+
+def _act_args(dtype: DType, symmetric: bool, dynamic: bool) -> dict:
+    kind = "float" if dtype.is_float else "int"
+    return {"num_bits": dtype.bits, "type": kind, "symmetric": symmetric,
+            "strategy": "token" if dynamic else "tensor", "dynamic": dynamic, "group_size": None,
+            "block_structure": None, "actorder": None, "observer": None if dynamic else "minmax",
+            "observer_kwargs": {}}
+
+
+def _linears(graph: Graph) -> dict[str, _Linear]:
+    out: dict[str, _Linear] = {}
+    for node in graph.nodes:
+        if node.op not in LINEARS:
+            continue
+        module = node.loc.module
+        if node.op == "core.linear":
+            weight = node.operands[1]
+            if weight is None or not graph.is_constant(weight):
+                continue  # attention's matmuls written as linears of two activations: not a layer
+            entry = _Linear(node, graph.tensor(weight), None, None, _const(graph, node, 2, "bias"), None, None, None)
+        elif node.op == "quant.static_linear":
+            act_dtype = node.attrs["act_dtype"]
+            act_zero = _const(graph, node, 2, "activation zero point")
+            entry = _Linear(node, _const(graph, node, 3, "weight"), _const(graph, node, 4, "scale"),
+                            _const(graph, node, 5, "zero point"), _const(graph, node, 6, "bias"),
+                            node.attrs.get("axis"), node.attrs.get("group_size"),
+                            _act_args(act_dtype, act_zero is None or not bool(act_zero.any()), False),
+                            _const(graph, node, 1, "activation scale"), act_zero)
+        else:
+            act = None
+            if node.op == "quant.dynamic_linear":
+                if node.attrs.get("hadamard"):
+                    raise ExportError(f"{module}: its input is rotated online by a Hadamard transform, which "
+                                      "this export does not write (compile without online-hadamard)")
+                act = _act_args(node.attrs["act_dtype"], bool(node.attrs.get("symmetric", True)), True)
+            entry = _Linear(node, _const(graph, node, 1, "weight"), _const(graph, node, 2, "scale"),
+                            _const(graph, node, 3, "zero point"), _const(graph, node, 4, "bias"),
+                            node.attrs.get("axis"), node.attrs.get("group_size"), act)
+        if not module:
+            raise ExportError(f"{node.op} %{node.result.name} has no module path: it is not a layer of the model")
+        if module in out:
+            raise ExportError(f"{module} runs as two linears in the graph (%{out[module].node.result.name}, "
+                              f"%{node.result.name}): the checkpoint has one weight per layer")
+        out[module] = entry
+    return out
+
+
+def _refuse_extras(graph: Graph) -> None:
+    """Ops a plain architecture's checkpoint cannot express (after the quantized linears are fused)."""
+    for node in graph.nodes:
+        where = f"{node.loc.module or '?'} (%{node.results[0].name})"
+        if node.op.startswith("rotate."):
+            raise ExportError(f"{where}: an online {node.op} rotation: compressed-tensors' transform_config is "
+                              "not written by this export; use a recipe without online-hadamard (the residual "
+                              "rotation folds into the weights and exports)")
+        if node.op.startswith("attn.") and "sparse" in node.op:
+            raise ExportError(f"{where}: block-sparse attention has no compressed-tensors form")
+        if node.op in ("quant.quantize", "quant.dynamic_quantize", "quant.dequantize"):
+            raise ExportError(f"{where}: a {node.op} that is not part of a quantized linear (a quantized "
+                              "key/value cache, or an activation quantized for another op) has no place in "
+                              "the checkpoint; compile without it")
+
+
+def _fused(graph: Graph) -> Graph:
+    """A copy of ``graph`` with every quantize/dequantize around a linear fused into it."""
+    from lowbit.ir.parser import clone_graph
+    from lowbit.passes.manager import PassManager
+    from lowbit.passes.pipeline import parse_pipeline
+
+    graph = clone_graph(graph)
+    PassManager(parse_pipeline("fuse-quantized-linear,fuse-static-linear")).run(graph)
+    return graph
+
+
+# ---- the checkpoint's tensors ---------------------------------------------------------------------
+
+def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """compressed-tensors' dense packing: signed ``bits``-bit values (offset by 2^(bits−1)) laid
+    end to end in int32 words along ``dim``, element i at bit i·bits."""
+    v = values.to(torch.int64) + (1 << (bits - 1))
+    if dim == 0:
+        v = v.T
+    rows, cols = v.shape
+    per_word = 32 // bits
+    words = -(-cols * bits // 32)
+    v = torch.nn.functional.pad(v, (0, words * per_word - cols)).reshape(rows, words, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    packed = (v << shifts).sum(-1)
+    packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+    return (packed.T if dim == 0 else packed).contiguous()
+
+
+def _signed(t: torch.Tensor, dtype: DType) -> torch.Tensor:
+    """Codes (or a zero point) in the signed range compressed-tensors stores: an unsigned code u
+    is u − 2^(bits−1), which leaves (q − z)·s unchanged when both move."""
+    if dtype.int_range[0] < 0:
+        return t.to(torch.int8)
+    return (t.to(torch.int16) - (1 << (dtype.bits - 1))).to(torch.int8)
+
+
+def _weight_args(lin: _Linear, dtype: DType, symmetric: bool) -> dict:
+    if lin.group_size is not None:
+        strategy = "group"
+    elif lin.axis is not None:
+        strategy = "channel"
+    else:
+        strategy = "tensor"
+    return {"num_bits": dtype.bits, "type": "float" if dtype.is_float else "int", "symmetric": symmetric,
+            "strategy": strategy, "group_size": lin.group_size, "dynamic": False, "block_structure": None,
+            "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+
+
+def _scale_2d(t: torch.Tensor, lin: _Linear, rows: int) -> torch.Tensor:
+    """Scales (or zero points) as compressed-tensors shapes them: [out, groups], [out, 1], or [1]."""
+    if lin.group_size is not None:
+        if lin.axis not in (1, -1):
+            raise ExportError(f"{lin.node.loc.module}: groups along the output dim have no compressed-tensors form")
+        return t.reshape(rows, -1)
+    if lin.axis is not None:
+        if lin.axis not in (0, -2):
+            raise ExportError(f"{lin.node.loc.module}: scales along the input dim have no compressed-tensors form")
+        return t.reshape(rows, 1)
+    return t.reshape(1)
+
+
+def _quantized_tensors(module: str, lin: _Linear, float_dtype: torch.dtype) -> tuple[dict, dict]:
+    """The layer's tensors and its scheme (weights, input_activations, format)."""
+    rows, dtype = lin.weight.shape[0], lin.dtype
+    cols = lin.weight.shape[-1]
+    if lin.group_size is not None and cols % lin.group_size:
+        raise ExportError(f"{module}: {cols} input features in groups of {lin.group_size} leave a short last "
+                          "group, which compressed-tensors (and vLLM's kernels) cannot hold; quantize with a "
+                          f"group that divides {cols} (or per channel)")
+    tensors: dict[str, torch.Tensor] = {}
+    if dtype.is_float:
+        if dtype != DType.f8e4m3:
+            raise ExportError(f"{module}: {dtype.short} weights: compressed-tensors and vLLM take float8_e4m3fn")
+        if lin.zero_point is not None and bool(lin.zero_point.float().any()):
+            raise ExportError(f"{module}: an fp8 weight with a zero point has no compressed-tensors form")
+        fmt, symmetric = "float-quantized", True
+        tensors["weight"] = lin.weight
+    else:
+        q = _signed(lin.weight, dtype)
+        zp = lin.zero_point if lin.zero_point is not None or dtype.int_range[0] < 0 else \
+            torch.zeros(lin.scale.shape, dtype=torch.uint8)  # unsigned codes without a zero point: z = 0
+        zp = None if zp is None else _signed(zp, dtype)
+        symmetric = zp is None or not bool(zp.any())
+        if lin.act is None or dtype.bits < 8:
+            fmt = "pack-quantized"
+            tensors["weight_packed"] = pack_int32(q, dtype.bits)
+            tensors["weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
+            if not symmetric:
+                z = _scale_2d(zp.expand_as(lin.scale) if zp.dim() == 0 else zp, lin, rows)
+                tensors["weight_zero_point"] = (pack_int32(z, dtype.bits, dim=0) if z.dim() == 2
+                                                else z.to(torch.int8))
+        else:
+            fmt = "int-quantized"
+            tensors["weight"] = q
+            if not symmetric:
+                tensors["weight_zero_point"] = _scale_2d(zp.expand_as(lin.scale) if zp.dim() == 0 else zp, lin, rows)
+    tensors["weight_scale"] = _scale_2d(lin.scale, lin, rows).to(float_dtype)
+    if lin.act_scale is not None:
+        tensors["input_scale"] = lin.act_scale.reshape(1).to(float_dtype)
+        if not lin.act["symmetric"]:
+            act_dtype = lin.node.attrs["act_dtype"]
+            tensors["input_zero_point"] = _signed(lin.act_zero, act_dtype).reshape(1)
+    scheme = {"weights": _weight_args(lin, dtype, symmetric), "input_activations": lin.act,
+              "output_activations": None, "format": fmt}
+    return tensors, scheme
+
+
+# ---- the architecture ------------------------------------------------------------------------------
+
+def _hf_config(traced: TracedModel):
+    import transformers
+
+    if traced.decoder is None or not traced.decoder.model_config.get("model_type"):
+        raise ExportError("compressed-tensors export is for transformers causal LMs compiled with their cache "
+                          "(lowbit.compile(model) of an AutoModelForCausalLM); this model has no transformers config")
+    config = dict(traced.decoder.model_config)
+    config.pop("quantization_config", None)
+    return transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def _skeleton(config) -> torch.nn.Module:
+    import transformers
+
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _norm_reference(node: Node, graph: Graph, x: torch.Tensor) -> torch.Tensor:
+    """What the graph's norm computes on ``x`` (its scale folded away: ones)."""
+    eps = float(node.attrs["eps"])
+    gamma = torch.ones(x.shape[-1]) if node.operands[1] is None else graph.tensor(node.operands[1]).float()
+    if node.op == "core.rms_norm":
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gamma
+    beta = node.operands[2] if len(node.operands) > 2 else None
+    y = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * gamma
+    return y if beta is None else y + graph.tensor(beta).float()
+
+
+def _norm_params(skeleton: torch.nn.Module, module: str, node: Node, graph: Graph) -> dict[str, torch.Tensor]:
+    """The parameters that make the model's own norm module compute what the graph's norm does:
+    w = γ (ones where γ was folded into the next layers), or w = γ − 1 for norms that scale by
+    1 + w; found by running the module, so a norm of another form is an error, not a guess."""
+    probe = copy.deepcopy(skeleton.get_submodule(module)).to_empty(device="cpu").float()
+    width = int(node.result.tensor_type.shape[-1])
+    x = torch.randn(4, width, generator=torch.Generator().manual_seed(0))
+    want = _norm_reference(node, graph, x)
+    gamma = torch.ones(width) if node.operands[1] is None else graph.tensor(node.operands[1]).float()
+    beta = node.operands[2] if node.op == "core.layer_norm" and len(node.operands) > 2 else None
+    params = dict(probe.named_parameters(recurse=False))
+    for candidate in (gamma, gamma - 1):
+        values = {"weight": candidate}
+        if "bias" in params:
+            values["bias"] = torch.zeros(width) if beta is None else graph.tensor(beta).float()
+        if set(values) != set(params):
+            break
+        with torch.no_grad():
+            for name, value in values.items():
+                params[name].copy_(value)
+            got = probe(x)
+        if torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5):
+            return values
+    raise ExportError(f"{module}: cannot find parameters that make {type(probe).__name__} compute the graph's "
+                      f"{node.op} (a norm of a form this export does not know)")
+
+
+def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[dict, dict[str, dict], list[str]]:
+    graph = _fused(traced.graph)
+    _refuse_extras(graph)
+    linears = _linears(graph)
+    skeleton = _skeleton(config)
+    expected = dict(skeleton.state_dict())
+    norms = {n.loc.module: n for n in graph.nodes if n.op in NORMS and n.loc.module}
+    embeddings = {n.loc.module: n for n in graph.nodes if n.op == "core.embedding" and n.loc.module}
+    for module, lin in linears.items():
+        if f"{module}.weight" not in expected:
+            raise ExportError(f"the graph has a linear at {module!r} (%{lin.node.result.name}) that "
+                              f"{type(skeleton).__name__} does not have (a transform lowbit inserted): the "
+                              "checkpoint cannot hold it")
+    out: dict[str, torch.Tensor] = {}
+    schemes: dict[str, dict] = {}
+    ignore: list[str] = []
+    done: set[str] = set()
+    for module, lin in linears.items():
+        done |= {f"{module}.weight", f"{module}.bias"}
+        if lin.bias is not None:
+            out[f"{module}.bias"] = lin.bias.to(float_dtype)
+        if lin.scale is None:  # a float linear
+            out[f"{module}.weight"] = lin.weight.to(float_dtype)
+            ignore.append(module)
+            continue
+        tensors, scheme = _quantized_tensors(module, lin, float_dtype)
+        out.update({f"{module}.{k}": v for k, v in tensors.items()})
+        schemes[module] = scheme
+    for module, node in embeddings.items():
+        out[f"{module}.weight"] = graph.tensor(node.operands[0]).to(float_dtype)
+        done.add(f"{module}.weight")
+    for module, node in norms.items():
+        if f"{module}.weight" in expected:
+            for name, value in _norm_params(skeleton, module, node, graph).items():
+                out[f"{module}.{name}"] = value.to(float_dtype)
+                done.add(f"{module}.{name}")
+    for key in expected:
+        if key not in done and key in graph.tensors:
+            t = graph.tensors[key]
+            out[key] = t.to(float_dtype) if t.is_floating_point() else t
+            done.add(key)
+    missing = [k for k in expected if k not in done]
+    if missing:
+        raise ExportError(f"the compiled graph has no value for {len(missing)} parameter(s) of "
+                          f"{type(skeleton).__name__}: {', '.join(missing[:5])}")
+    for key, meta in expected.items():
+        if key in out and tuple(out[key].shape) != tuple(meta.shape):
+            raise ExportError(f"{key}: the graph holds shape {tuple(out[key].shape)}, "
+                              f"{type(skeleton).__name__} has {tuple(meta.shape)}")
+    return out, schemes, ignore
+
+
+def _tie(out: dict, config) -> None:
+    """Keep tied embeddings tied only where the graph still has them equal."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    heads = [k for k in out if k.endswith("lm_head.weight")]
+    embeds = [k for k in out if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")]
+    if heads and embeds and torch.equal(out[heads[0]], out[embeds[0]]):
+        del out[heads[0]]
+    else:
+        config.tie_word_embeddings = False
+
+
+def _quantization_config(schemes: dict[str, dict], ignore: list[str]) -> dict:
+    groups: list[tuple[str, list[str]]] = []
+    for module, scheme in schemes.items():
+        text = json.dumps(scheme, sort_keys=True)
+        for key, targets in groups:
+            if key == text:
+                targets.append(module)
+                break
+        else:
+            groups.append((text, [module]))
+    formats = {json.loads(k)["format"] for k, _ in groups}
+    config_groups = {f"group_{i}": {**json.loads(k), "targets": targets} for i, (k, targets) in enumerate(groups)}
+    return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": config_groups, "ignore": sorted(ignore),
+            "kv_cache_scheme": None, "global_compression_ratio": None}
+
+
+def export_compressed_tensors(traced: TracedModel, out_dir: str | os.PathLike, *, tokenizer=None,
+                              source_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``traced`` (a compiled transformers causal LM) as a compressed-tensors folder; the
+    tokenizer's files come from ``tokenizer`` (saved with ``save_pretrained``) or ``source_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder: give a new one")
+    config = _hf_config(traced)
+    float_dtype = next((t.dtype for t in traced.graph.tensors.values() if t.is_floating_point()
+                        and t.element_size() > 1), torch.float32)
+    tensors, schemes, ignore = _state_dict(traced, config, float_dtype)
+    if not schemes:
+        raise ExportError("no layer of this model is quantized: there is nothing for compressed-tensors to hold "
+                          "(compile with a recipe, or save the float model with transformers)")
+    _tie(tensors, config)
+    config.dtype = float_dtype
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
+    try:
+        config_dict = config.to_dict()
+        config_dict["quantization_config"] = _quantization_config(schemes, ignore)
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
+        save_file(distinct_tensors(tensors), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif source_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(source_dir) / name).is_file():
+                    shutil.copy2(Path(source_dir) / name, tmp / name)
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
+        raise
+    return out
+
+
+def compare_with_transformers(folder: str | os.PathLike, compiled) -> dict[str, float]:
+    """Load ``folder`` with transformers (compressed-tensors must be installed) and compare its
+    logits on the compiled model's example with the compiled model's. Asymmetric int4 folders
+    load through compressed-tensors' dequantizing route (its default route cannot take their
+    packed zero points)."""
+    import compressed_tensors  # noqa: F401  (ImportError: the caller says how to install it)
+    import transformers
+
+    config = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
+    asym = any(g["format"] == "pack-quantized" and not g["weights"]["symmetric"]
+               for g in config["config_groups"].values())
+    kw = {"quantization_config": transformers.CompressedTensorsConfig(dequantize=True)} if asym else {}
+    with warnings.catch_warnings():  # "the quantization_config from the model will be used": as meant
+        warnings.simplefilter("ignore", UserWarning)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
+    args, kwargs = compiled.traced.example_inputs, compiled.traced.example_kwargs
+    with torch.no_grad():
+        theirs = model(*args, **kwargs).logits.float()
+        ours = compiled(*args, **kwargs).logits.float()
+    return {"max_abs": (theirs - ours).abs().max().item(),
+            "relative": ((theirs - ours).norm() / ours.norm().clamp_min(1e-30)).item()}
