@@ -146,10 +146,10 @@ def test_packing_matches_compressed_tensors():
 def test_byte_llama_perplexity_through_transformers(tmp_path):
     from lowbit.evaluate import byte_windows, perplexity
 
-    spec = zoo.byte_llama()
-    q = lowbit.compile(spec.model, spec.example_inputs, pipeline="insert-qdq{weights=int4/group32/sym}",
-                       calibration=byte_windows("calib")[:2], progress=False)
-    loaded = _load(q.save_pretrained(tmp_path / "ct"))
+    spec = zoo.byte_llama()  # the w4a16 recipe: AWQ scales folded, int4 asymmetric groups of 128
+    q = lowbit.compile(spec.model, spec.example_inputs, recipe="w4a16", calibration=byte_windows("calib")[:2],
+                       progress=False)
+    loaded = _load(q.save_pretrained(tmp_path / "ct"), dequantize=True)
     windows = byte_windows("val")[:4]
     assert f"{perplexity(loaded, windows):.4f}" == f"{perplexity(q, windows):.4f}"
 

@@ -357,11 +357,24 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
     if missing:
         raise ExportError(f"the compiled graph has no value for {len(missing)} parameter(s) of "
                           f"{type(skeleton).__name__}: {', '.join(missing[:5])}")
+    _as_whole_groups(schemes, linears)
     for key, meta in expected.items():
         if key in out and tuple(out[key].shape) != tuple(meta.shape):
             raise ExportError(f"{key}: the graph holds shape {tuple(out[key].shape)}, "
                               f"{type(skeleton).__name__} has {tuple(meta.shape)}")
     return out, schemes, ignore
+
+
+def _as_whole_groups(schemes: dict[str, dict], linears: dict[str, _Linear]) -> None:
+    """A layer lowbit holds per channel because the recipe's group is as wide as its row
+    (``group128`` on 128 input features) is written as that group (the same scales), so that
+    the model has one scheme where the recipe had one: loaders that take one scheme for every
+    layer (transformers' dequantizing route) then read every layer right."""
+    sizes = {sc["weights"]["group_size"] for sc in schemes.values() if sc["weights"]["strategy"] == "group"}
+    for module, scheme in schemes.items():
+        w = scheme["weights"]
+        if w["strategy"] == "channel" and linears[module].weight.shape[-1] in sizes:
+            scheme["weights"] = {**w, "strategy": "group", "group_size": int(linears[module].weight.shape[-1])}
 
 
 def _tie(out: dict, config) -> None:
