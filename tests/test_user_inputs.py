@@ -172,3 +172,18 @@ def test_cli_calibration_errors_are_clear(model_dir, tmp_path, capsys):
     assert "has no non-blank line" in capsys.readouterr().err
     assert main(["inspect", "tiny-cnn", "--recipe", "w8a8", "--calibration", str(empty)]) == 2
     assert "the model has no tokenizer" in capsys.readouterr().err
+
+
+def test_cli_writes_a_compressed_tensors_folder_with_the_tokenizer(model_dir, tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    folder, text = model_dir
+    out = tmp_path / "ct"
+    assert main(["export", str(folder), "--pipeline", "insert-qdq{weights=int4/group32/sym}", "--calibration",
+                 str(text), "--samples", "8", "--max-length", "16", "--format", "compressed-tensors",
+                 "-o", str(out)]) == 0
+    assert "max |diff| 0.00e+00" in capsys.readouterr().out  # transformers loads it, same logits
+    copied = {f.name for f in folder.iterdir() if f.name.startswith(("tokenizer", "vocab", "special_tokens"))}
+    assert copied and copied <= {f.name for f in out.iterdir()}
+    tokenizer = tf.AutoTokenizer.from_pretrained(out)
+    assert tokenizer("hello world")["input_ids"] == tf.AutoTokenizer.from_pretrained(folder)(
+        "hello world")["input_ids"]
