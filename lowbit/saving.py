@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ from torch.utils import _pytree as pytree
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.frontend.decoder import DecoderIO
 from lowbit.frontend.trace import TracedModel
-from lowbit.io import distinct_tensors
+from lowbit.io import distinct_tensors, staged_folder
 from lowbit.ir.parser import parse_graph
 from lowbit.ir.printer import print_graph
 from lowbit.ir.verify import verify
@@ -86,34 +84,11 @@ def save(traced: TracedModel, directory: str | os.PathLike) -> Path:
             "model_config": traced.decoder.model_config,
         },
     }
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as e:
-        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from e
-    try:
+    with staged_folder(out, CheckpointError) as tmp:
         (tmp / GRAPH).write_text(print_graph(graph))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / META).write_text(json.dumps(meta, indent=1, default=_json_default))
-        _replace_dir(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from e
-        raise
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an earlier save at ``out`` is removed only once the new one is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _spec_dumps(spec: pytree.TreeSpec, what: str) -> str:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +36,12 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.frontend.trace import TracedModel
-from lowbit.io import distinct_tensors
+from lowbit.io import distinct_tensors, staged_folder, write_tokenizer
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.types import DType
 
 LINEARS = ("core.linear", "quant.linear", "quant.dynamic_linear", "quant.static_linear")
 NORMS = ("core.rms_norm", "core.layer_norm")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json",
-                   "chat_template.jinja")
-
-
 class ExportError(LowbitError):
     """The compiled model cannot be written in the asked format; the message names the node or layer."""
 
@@ -424,29 +417,12 @@ def export_compressed_tensors(traced: TracedModel, out_dir: str | os.PathLike, *
                           "(compile with a recipe, or save the float model with transformers)")
     _tie(tensors, config)
     config.dtype = float_dtype
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
-    try:
+    with staged_folder(out, ExportError) as tmp:
         config_dict = config.to_dict()
         config_dict["quantization_config"] = _quantization_config(schemes, ignore)
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
-        save_file(distinct_tensors(tensors), str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        elif source_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(source_dir) / name).is_file():
-                    shutil.copy2(Path(source_dir) / name, tmp / name)
-        os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
-        raise
+        save_file(distinct_tensors(tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_tokenizer(tmp, tokenizer, source_dir)
     return out
 
 

@@ -23,10 +23,7 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError
 from lowbit.frontend.trace import TracedModel
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
-
+from lowbit.io import write_tokenizer
 
 def check_exportable(traced: TracedModel) -> None:
     """A decode step with a float cache, or an error that says what to do instead."""
@@ -99,12 +96,7 @@ def export_genai(traced: TracedModel, out_dir: str | os.PathLike, *, tokenizer=N
     try:
         save_atomically(model, work / "model.onnx")
         (work / "genai_config.json").write_text(json.dumps(genai_config(traced, context_length), indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(work)
-        elif source_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(source_dir) / name).is_file():
-                    shutil.copy(Path(source_dir) / name, work / name)
+        write_tokenizer(work, tokenizer, source_dir)
         for f in sorted(work.iterdir(), key=lambda p: p.name == "genai_config.json"):  # the config last
             os.replace(f, out / f.name)
     finally:
