@@ -131,6 +131,30 @@ def test_folded_rotation_and_norms_export_as_plain_weights(tmp_path):
     assert torch.equal(_logits(loaded, IDS), q(IDS).logits)
 
 
+def test_online_hadamards_are_written_as_the_transform_config(tmp_path):
+    """QuaRot-style rotation with online Hadamards before o_proj and down_proj: the folder's
+    transform_config names them; transformers ignores it on CPU (logits far off), and with
+    compressed-tensors' own helper applying its online part the logits are lowbit's."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+
+    q = _compile(zoo.tiny_llama(layers=2, hidden=64).model,
+                 "fuse-norms,rotate-residual,online-hadamard,insert-qdq{weights=int4/group32/sym}",
+                 rotation="always")
+    folder = q.save_pretrained(tmp_path / "ct")
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]["transform_config"]
+    targets = {name: scheme["apply"][0]["targets"] for name, scheme in config["config_groups"].items()}
+    assert targets == {"hadamard_64": [f"model.layers.{i}.self_attn.o_proj" for i in range(2)],
+                       "hadamard_128": [f"model.layers.{i}.mlp.down_proj" for i in range(2)]}
+    model, want = _load(folder), q(IDS).logits
+    rel = lambda got: ((got - want).norm() / want.norm()).item()  # noqa: E731
+    assert rel(_logits(model, IDS)) > 0.1
+    transforms = TransformConfig.model_validate(config)
+    for scheme in transforms.config_groups.values():  # the weight-side inverse is in the saved weights
+        scheme.apply = [a for a in scheme.apply if a.is_online()]
+    apply_transform_config(model, transforms)
+    assert rel(_logits(model, IDS)) < 1e-5
+
+
 def test_packing_matches_compressed_tensors():
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
@@ -156,8 +180,11 @@ def test_byte_llama_perplexity_through_transformers(tmp_path):
 
 def test_what_the_format_cannot_hold_is_refused(tmp_path):
     llama = zoo.tiny_llama(layers=1, hidden=64).model
-    with pytest.raises(ExportError, match="rotate.hadamard rotation"):
-        _compile(llama, None, recipe="w4a8-rot", rotation="always").save_pretrained(tmp_path / "a")
+    spec = zoo.byte_llama_192()  # online Hadamards of 192 = 3·64 (no Sylvester matrix) before q/k/v first
+    rotated = lowbit.compile(spec.model, spec.example_inputs, progress=False, calibration=[spec.example_inputs],
+                             pipeline="online-hadamard,insert-qdq{weights=int4/group16/sym}")
+    with pytest.raises(ExportError, match="q_proj.*rotate.hadamard rotation that compressed-tensors"):
+        rotated.save_pretrained(tmp_path / "a")
     with pytest.raises(ExportError, match="key/value cache"):
         _compile(llama, "insert-qdq{weights=int4/group32/sym}", kv_cache="int8").save_pretrained(tmp_path / "b")
     with pytest.raises(ExportError, match="nothing for compressed-tensors to hold"):

@@ -18,9 +18,11 @@ safetensors in the format's layouts:
 Every transform folded into weights (SmoothQuant/AWQ scales, fused norms, the rotated residual
 stream) is already in the graph's constants, so the checkpoint is the plain architecture with
 those weights: a norm whose scale was folded away gets the weight that makes it the identity
-scale (found by running the model's own norm module). What the format cannot express — online
-Hadamard rotations, block-sparse attention, a quantized key/value cache, a layer the
-architecture does not have — is refused with a message naming it; nothing is dropped.
+scale (found by running the model's own norm module). An online Hadamard of a power-of-two
+width is written as the format's ``transform_config``. What the format cannot express —
+other online rotations, block-sparse attention, a quantized key/value cache, groups that do
+not divide a row, a layer the architecture does not have — is refused with a message naming
+it; nothing is dropped.
 """
 
 from __future__ import annotations
@@ -123,20 +125,57 @@ def _linears(graph: Graph) -> dict[str, _Linear]:
     return out
 
 
-def _refuse_extras(graph: Graph) -> None:
-    """Ops a plain architecture's checkpoint cannot express (after the quantized linears are fused)."""
+def _refuse_extras(graph: Graph, online: dict[Node, list[str]]) -> None:
+    """Ops a plain architecture's checkpoint cannot express (after the quantized linears are
+    fused); ``online``: the Hadamard rotations written as input transforms."""
     for node in graph.nodes:
         where = f"{node.loc.module or '?'} (%{node.results[0].name})"
-        if node.op.startswith("rotate."):
-            raise ExportError(f"{where}: an online {node.op} rotation: compressed-tensors' transform_config is "
-                              "not written by this export; use a recipe without online-hadamard (the residual "
-                              "rotation folds into the weights and exports)")
+        if node.op.startswith("rotate.") and node not in online:
+            raise ExportError(f"{where}: an online {node.op} rotation that compressed-tensors' transform_config "
+                              "cannot express (only a Sylvester Hadamard of a power-of-two size, read by linears "
+                              "only, as their input transform)")
         if node.op.startswith("attn.") and "sparse" in node.op:
             raise ExportError(f"{where}: block-sparse attention has no compressed-tensors form")
         if node.op in ("quant.quantize", "quant.dynamic_quantize", "quant.dequantize"):
             raise ExportError(f"{where}: a {node.op} that is not part of a quantized linear (a quantized "
                               "key/value cache, or an activation quantized for another op) has no place in "
                               "the checkpoint; compile without it")
+
+
+def _online_hadamards(graph: Graph, linears: dict[str, _Linear]) -> dict[Node, list[str]]:
+    """Each ``rotate.hadamard`` that compressed-tensors' ``hadamard`` transform is (Sylvester's
+    H/√n, n a power of two) and that only linears read: the modules whose input it rotates. The
+    inverse is already in those linears' weights."""
+    from lowbit.passes.rotate import linear_readers
+
+    by_node = {id(lin.node): module for module, lin in linears.items()}
+    out = {}
+    for node in graph.nodes:
+        n = node.result.tensor_type.shape[-1] if node.op == "rotate.hadamard" else None
+        if not isinstance(n, int) or n & (n - 1):
+            continue
+        readers = linear_readers(node.result, LINEARS)
+        if readers and all(id(u) in by_node for u in readers):
+            out[node] = [by_node[id(u)] for u in readers]
+    return out
+
+
+def _transform_config(online: dict[Node, list[str]]) -> dict | None:
+    """compressed-tensors' ``transform_config``: per size, a Hadamard on the listed linears'
+    inputs (online) and its inverse on their weights (already applied to the saved weights)."""
+    by_size: dict[int, list[str]] = {}
+    for node, modules in online.items():
+        by_size.setdefault(int(node.result.tensor_type.shape[-1]), []).extend(modules)
+    if not by_size:
+        return None
+    groups = {}
+    for n, modules in sorted(by_size.items()):
+        groups[f"hadamard_{n}"] = {
+            "type": "hadamard", "randomize": False, "requires_grad": False, "head_dim": None,
+            "precision": "float32",
+            "apply": [{"targets": modules, "location": "input", "inverse": False, "ignore": []},
+                      {"targets": modules, "location": "weight_input", "inverse": True, "ignore": []}]}
+    return {"config_groups": groups}
 
 
 def _fused(graph: Graph) -> Graph:
@@ -305,10 +344,12 @@ def _norm_params(skeleton: torch.nn.Module, module: str, node: Node, graph: Grap
                       f"{node.op} (a norm of a form this export does not know)")
 
 
-def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[dict, dict[str, dict], list[str]]:
+def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[dict, dict[str, dict], list[str],
+                                                                               dict | None]:
     graph = _fused(traced.graph)
-    _refuse_extras(graph)
     linears = _linears(graph)
+    online = _online_hadamards(graph, linears)
+    _refuse_extras(graph, online)
     skeleton = _skeleton(config)
     expected = dict(skeleton.state_dict())
     norms = {n.loc.module: n for n in graph.nodes if n.op in NORMS and n.loc.module}
@@ -351,11 +392,12 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
         raise ExportError(f"the compiled graph has no value for {len(missing)} parameter(s) of "
                           f"{type(skeleton).__name__}: {', '.join(missing[:5])}")
     _as_whole_groups(schemes, linears)
+    transforms = _transform_config(online)
     for key, meta in expected.items():
         if key in out and tuple(out[key].shape) != tuple(meta.shape):
             raise ExportError(f"{key}: the graph holds shape {tuple(out[key].shape)}, "
                               f"{type(skeleton).__name__} has {tuple(meta.shape)}")
-    return out, schemes, ignore
+    return out, schemes, ignore, transforms
 
 
 def _as_whole_groups(schemes: dict[str, dict], linears: dict[str, _Linear]) -> None:
@@ -411,7 +453,7 @@ def export_compressed_tensors(traced: TracedModel, out_dir: str | os.PathLike, *
     config = _hf_config(traced)
     float_dtype = next((t.dtype for t in traced.graph.tensors.values() if t.is_floating_point()
                         and t.element_size() > 1), torch.float32)
-    tensors, schemes, ignore = _state_dict(traced, config, float_dtype)
+    tensors, schemes, ignore, transforms = _state_dict(traced, config, float_dtype)
     if not schemes:
         raise ExportError("no layer of this model is quantized: there is nothing for compressed-tensors to hold "
                           "(compile with a recipe, or save the float model with transformers)")
@@ -420,6 +462,8 @@ def export_compressed_tensors(traced: TracedModel, out_dir: str | os.PathLike, *
     with staged_folder(out, ExportError) as tmp:
         config_dict = config.to_dict()
         config_dict["quantization_config"] = _quantization_config(schemes, ignore)
+        if transforms is not None:
+            config_dict["quantization_config"]["transform_config"] = transforms
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
         save_file(distinct_tensors(tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_tokenizer(tmp, tokenizer, source_dir)

@@ -50,16 +50,17 @@ def _is_view(node: Node | None) -> bool:
             and str(node.results[0].tensor_type.shape[-1]) == str(node.operand(0).tensor_type.shape[-1]))
 
 
-def linear_readers(v: Value) -> list[Node] | None:
-    """The linears reading ``v`` (through last-dim-keeping reshapes), or None if anything else does."""
+def linear_readers(v: Value, ops: tuple[str, ...] = ("core.linear",)) -> list[Node] | None:
+    """The linears (nodes of ``ops``) whose input ``v`` is (through last-dim-keeping reshapes),
+    or None if anything else reads it."""
     out = []
     for u in v.users:
         if _is_view(u):
-            more = linear_readers(u.results[0])
+            more = linear_readers(u.results[0], ops)
             if more is None:
                 return None
             out += more
-        elif u.op == "core.linear" and u.operands[0] is v and all(o is not v for o in u.operands[1:]):
+        elif u.op in ops and u.operands[0] is v and all(o is not v for o in u.operands[1:]):
             out.append(u)
         else:
             return None
