@@ -84,10 +84,14 @@ def save(traced: TracedModel, directory: str | os.PathLike) -> Path:
             "model_config": traced.decoder.model_config,
         },
     }
+    try:
+        meta_text = json.dumps(meta, indent=1, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the model's description (notes, config) cannot be written as JSON: {e}") from e
     with staged_folder(out, CheckpointError) as tmp:
         (tmp / GRAPH).write_text(print_graph(graph))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        (tmp / META).write_text(json.dumps(meta, indent=1, default=_json_default))
+        (tmp / META).write_text(meta_text)
     return out
 
 
