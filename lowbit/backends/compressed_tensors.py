@@ -104,7 +104,8 @@ def _linears(graph: Graph) -> dict[str, _Linear]:
             entry = _Linear(node, _const(graph, node, 3, "weight"), _const(graph, node, 4, "scale"),
                             _const(graph, node, 5, "zero point"), _const(graph, node, 6, "bias"),
                             node.attrs.get("axis"), node.attrs.get("group_size"),
-                            _act_args(act_dtype, act_zero is None or not bool(act_zero.any()), False),
+                            _act_args(act_dtype, act_dtype.is_float or act_dtype.int_range[0] < 0
+                                      and (act_zero is None or not bool(act_zero.any())), False),
                             _const(graph, node, 1, "activation scale"), act_zero)
         else:
             act = None
@@ -279,8 +280,8 @@ def _quantized_tensors(module: str, lin: _Linear, float_dtype: torch.dtype) -> t
     if lin.act_scale is not None:
         tensors["input_scale"] = lin.act_scale.reshape(1).to(float_dtype)
         if not lin.act["symmetric"]:
-            act_dtype = lin.node.attrs["act_dtype"]
-            tensors["input_zero_point"] = _signed(lin.act_zero, act_dtype).reshape(1)
+            zero = lin.act_zero if lin.act_zero is not None else torch.zeros(1, dtype=torch.uint8)
+            tensors["input_zero_point"] = _signed(zero, lin.node.attrs["act_dtype"]).reshape(1)
     scheme = {"weights": _weight_args(lin, dtype, symmetric), "input_activations": lin.act,
               "output_activations": None, "format": fmt}
     return tensors, scheme
