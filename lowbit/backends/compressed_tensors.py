@@ -44,6 +44,8 @@ from lowbit.ir.types import DType
 
 LINEARS = ("core.linear", "quant.linear", "quant.dynamic_linear", "quant.static_linear")
 NORMS = ("core.rms_norm", "core.layer_norm")
+
+
 class ExportError(LowbitError):
     """The compiled model cannot be written in the asked format; the message names the node or layer."""
 
@@ -263,19 +265,18 @@ def _quantized_tensors(module: str, lin: _Linear, float_dtype: torch.dtype) -> t
             torch.zeros(lin.scale.shape, dtype=torch.uint8)  # unsigned codes without a zero point: z = 0
         zp = None if zp is None else _signed(zp, dtype)
         symmetric = zp is None or not bool(zp.any())
+        z = None if symmetric else _scale_2d(zp.expand_as(lin.scale) if zp.dim() == 0 else zp, lin, rows)
         if lin.act is None or dtype.bits < 8:
             fmt = "pack-quantized"
             tensors["weight_packed"] = pack_int32(q, dtype.bits)
             tensors["weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
-            if not symmetric:
-                z = _scale_2d(zp.expand_as(lin.scale) if zp.dim() == 0 else zp, lin, rows)
-                tensors["weight_zero_point"] = (pack_int32(z, dtype.bits, dim=0) if z.dim() == 2
-                                                else z.to(torch.int8))
+            if z is not None:
+                tensors["weight_zero_point"] = pack_int32(z, dtype.bits, dim=0) if z.dim() == 2 else z
         else:
             fmt = "int-quantized"
             tensors["weight"] = q
-            if not symmetric:
-                tensors["weight_zero_point"] = _scale_2d(zp.expand_as(lin.scale) if zp.dim() == 0 else zp, lin, rows)
+            if z is not None:
+                tensors["weight_zero_point"] = z
     tensors["weight_scale"] = _scale_2d(lin.scale, lin, rows).to(float_dtype)
     if lin.act_scale is not None:
         tensors["input_scale"] = lin.act_scale.reshape(1).to(float_dtype)
