@@ -182,12 +182,15 @@ def _transform_config(online: dict[Node, list[str]]) -> dict | None:
 
 
 def _fused(graph: Graph) -> Graph:
-    """A copy of ``graph`` with every quantize/dequantize around a linear fused into it."""
-    from lowbit.ir.parser import clone_graph
+    """A copy of ``graph`` with every quantize/dequantize around a linear fused into it. The
+    fusions only rewire nodes, so the copy shares the constants' tensors (a model's weights are
+    not held twice while it is written)."""
+    from lowbit.ir.parser import parse_graph
+    from lowbit.ir.printer import print_graph
     from lowbit.passes.manager import PassManager
     from lowbit.passes.pipeline import parse_pipeline
 
-    graph = clone_graph(graph)
+    graph = parse_graph(print_graph(graph), dict(graph.tensors), require_tensors=True)
     PassManager(parse_pipeline("fuse-quantized-linear,fuse-static-linear")).run(graph)
     return graph
 
