@@ -58,13 +58,13 @@ def calibration_calls(calibration: Iterable | None, example: Call) -> list[Call]
     return calls
 
 
-def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, pipeline: str | None = None,
+def build(model: torch.nn.Module | TracedModel | str | os.PathLike, example_inputs: object = (), *, pipeline: str | None = None,
           recipe: str | None = None, calibration: Iterable | None = None,
           kwargs: Mapping | None = None, dynamic_shapes: object = None, verify: bool = True,
           dump_dir: str | os.PathLike | None = None, measure_drift: bool = True,
           progress: bool = True, observer=None, kv_cache: str | None = None,
           kv_storage: str = "quantized", cache: bool | None = None,
-          rotation: str = "auto") -> tuple[TracedModel, list[PassRecord]]:
+          rotation: str = "auto", work_dir: str | os.PathLike | None = None) -> tuple[TracedModel, list[PassRecord]]:
     """Trace ``model`` and run ``canonicalize`` + ``recipe`` + ``pipeline`` on it; returns the
     traced model (its graph transformed) and one record per pass. ``observer(traced, samples)``,
     if given, returns the callback the pass manager calls after each pass (the HTML report).
@@ -81,6 +81,13 @@ def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, 
     if rotation not in ROTATION_MODES:
         raise ValueError(f"rotation={rotation!r}: choose one of {', '.join(ROTATION_MODES)}")
     passes = parse_pipeline(full_pipeline(pipeline, recipe, kv_cache, kv_storage))  # a bad pipeline fails before tracing
+    if isinstance(model, (str, os.PathLike)):  # a model folder: traced without loading its weights
+        from lowbit.frontend.weights import weightless_model
+
+        model = weightless_model(model)
+        if example_inputs == () and kwargs is None and calibration is not None:
+            calibration = list(calibration)
+            example_inputs = calibration[0] if calibration else ()
     if isinstance(model, TracedModel):  # traced once, compiled with several recipes
         traced = dataclasses.replace(model, graph=clone_graph(model.graph), notes=list(model.notes))
         calls = calibration_calls(calibration, (traced.example_inputs, traced.example_kwargs))
@@ -95,8 +102,9 @@ def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, 
     plain = _without_rotations(passes) if rotation == "auto" and batches else None
     original = clone_graph(traced.graph) if plain is not None else None
 
-    def run(pipeline_passes, graph, dump, report, data=batches):
-        ctx = PassContext(example_inputs=samples, calibration=data, progress=progress)
+    def run(pipeline_passes, graph, dump, report, data=batches, work=None):
+        ctx = PassContext(example_inputs=samples, calibration=data, progress=progress,
+                          work_dir=None if work is None else str(work))
         manager = PassManager(pipeline_passes, verify_each=verify, dump_dir=dump, sample_inputs=samples,
                               ctx=ctx, observer=None if report is None else report(traced, samples),
                               compared_outputs=1 if traced.decoder is not None else None)
@@ -109,7 +117,7 @@ def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, 
     else:
         ctx_note = []
     if plain is None:
-        records, notes = run(passes, traced.graph, dump_dir, observer)
+        records, notes = run(passes, traced.graph, dump_dir, observer, work=work_dir)
         notes = notes + ctx_note
     else:  # both pipelines on most batches, compared on the rest; the better one runs on all of them
         held = len(batches) // GUARD_HOLDOUT
@@ -125,7 +133,7 @@ def build(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, 
         verdict = (f"rotation {'kept' if keep else 'dropped'}: output error on {where} {errors[0]:.4g} rotated, "
                    f"{errors[1]:.4g} without (kept only when lower by more than {ROTATION_GAIN:.0%}; "
                    "rotation='always' keeps it)")
-        records, notes = run(passes if keep else plain, traced.graph, dump_dir, observer)
+        records, notes = run(passes if keep else plain, traced.graph, dump_dir, observer, work=work_dir)
         notes = notes + [verdict]
     traced.notes = traced.notes + notes
     return traced, records
@@ -167,12 +175,13 @@ def _calibration_error(graph, original, batches, decoder: bool) -> float:
     return sum(errors) / len(errors)
 
 
-def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *, recipe: str | None = None,
+def compile(model: torch.nn.Module | TracedModel | str | os.PathLike, example_inputs: object = (), *, recipe: str | None = None,
             calibration: Iterable | None = None, pipeline: str | None = None,
             kwargs: Mapping | None = None, dynamic_shapes: object = None,
             verify: bool = True, dump_dir: str | os.PathLike | None = None,
             progress: bool = True, backend: str = "torch", kv_cache: str | None = None,
-            kv_storage: str = "quantized", cache: bool | None = None, rotation: str = "auto") -> CompiledModule:
+            kv_storage: str = "quantized", cache: bool | None = None, rotation: str = "auto",
+            work_dir: str | os.PathLike | None = None) -> CompiledModule:
     """Trace ``model``, run ``canonicalize``, the ``recipe`` and then ``pipeline``, and return a
     module that runs the result on ``backend``: "torch" (the reference ops, any device) or
     "triton" (quantized linears, Hadamard rotations and block-sparse attention as Triton
@@ -205,6 +214,12 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
 
     ``model`` may also be a ``TracedModel`` (``lowbit.trace``, or ``compiled.traced``): it is
     copied and not traced again, so one trace serves several recipes; its dims stay as traced.
+
+    ``model`` may be a transformers model folder (a path): it is traced without loading its
+    weights, which are read from its safetensors files when used, and calibration runs block
+    by block, so a model larger than memory quantizes (docs/scale.md). Without an example, the
+    first calibration batch is the example. ``work_dir``: GPTQ saves its state there after each
+    block, and a run interrupted later resumes from the last finished block.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -217,7 +232,8 @@ def compile(model: torch.nn.Module | TracedModel, example_inputs: object = (), *
     traced, records = build(model, example_inputs, pipeline=pipeline, recipe=recipe,
                             calibration=calibration, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                             verify=verify, dump_dir=dump_dir, measure_drift=False, progress=progress,
-                            kv_cache=kv_cache, kv_storage=kv_storage, cache=cache, rotation=rotation)
+                            kv_cache=kv_cache, kv_storage=kv_storage, cache=cache, rotation=rotation,
+                            work_dir=work_dir)
     if backend == "triton":
         return TritonModule(traced, records)
     return CompiledModule(traced, records)

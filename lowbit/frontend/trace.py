@@ -26,7 +26,9 @@ from lowbit.frontend.decoder import DecoderIO, DecoderStep, cache_unsupported, i
 from lowbit.frontend.inputs import (Call, align, check_shapes, drop_kwargs, example_call, leaf_names,
                                     plan_shapes, unnamed_kwargs)
 from lowbit.frontend.noise import quiet
+from lowbit.frontend.weights import bind_weights, is_weightless
 from lowbit.ir.graph import Graph
+from lowbit.ir.store import TensorStore
 
 
 @dataclass
@@ -209,6 +211,11 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
 
 def _finish(traced: TracedModel, model: torch.nn.Module, ignored: list[str], canonicalize: bool) -> TracedModel:
     traced.ignored_kwargs = tuple(ignored)
+    if is_weightless(model):  # weights stay in the model's files; what passes write goes to disk too
+        n = bind_weights(traced.graph, model)
+        traced.graph.tensors.offload_to()
+        traced.notes.append(f"{n} weights are read from the model's safetensors files when used; "
+                            "large tensors the passes write are kept in temporary files")
     if ignored:
         traced.notes.insert(0, f"{', '.join(ignored)}: not a parameter of {type(model).__name__}.forward (only "
                                "**kwargs would take it): left out of the trace, and ignored when given")
@@ -267,4 +274,4 @@ def _drop_wrapper_prefix(graph: Graph, attr: str) -> None:
             old = str(node.attrs["name"])
             renamed[old] = strip(old)
             node.attrs["name"] = renamed[old]
-    graph.tensors = {renamed.get(k, k): v for k, v in graph.tensors.items()}
+    graph.tensors = TensorStore({renamed.get(k, k): graph.tensors.raw(k) for k in graph.tensors})

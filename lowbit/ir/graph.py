@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.ir.attrs import AttrValue, CallArgs
+from lowbit.ir.store import LazyTensor, TensorStore
 from lowbit.ir.types import DType, TensorType, Type
 
 
@@ -153,7 +154,7 @@ class Graph:
         self.name = name
         self.inputs: list[Value] = []
         self.outputs: list[Value] = []
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.tensors = TensorStore()  # in memory, or read from files when used (ir/store.py)
         self._head: Node | None = None
         self._tail: Node | None = None
         self._names: set[str] = set()
@@ -328,12 +329,24 @@ class Graph:
         return sum(1 for _ in self.nodes)
 
     def param_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(self.tensors.nbytes(name) for name in self.tensors)
 
     def __str__(self) -> str:
         from lowbit.ir.printer import print_graph
 
         return print_graph(self)
+
+
+def constant_digest(graph: Graph, name: str, digest=tensor_digest) -> str:
+    """``digest`` of the constant ``name``; a constant read from a file is hashed once."""
+    item = graph.tensors.raw(name)
+    if not isinstance(item, LazyTensor):
+        return digest(item)
+    if digest is not tensor_digest:
+        return digest(item.load())
+    if item.digest is None:
+        item.digest = tensor_digest(item.load())
+    return item.digest
 
 
 def tensor_type_of(tensor: torch.Tensor, dtype: DType | None = None) -> TensorType:

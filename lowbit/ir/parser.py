@@ -324,6 +324,7 @@ def clone_graph(graph: Graph) -> Graph:
     """An independent copy of ``graph`` (its tensors cloned), through the text form."""
     from lowbit.ir.printer import print_graph
 
-    copy = parse_graph(print_graph(graph), {k: v.clone() for k, v in graph.tensors.items()})
+    copy = parse_graph(print_graph(graph), {k: graph.tensors.raw(k) for k in graph.tensors})
+    copy.tensors = graph.tensors.copy()  # tensors in memory cloned; ones read from files shared
     copy.name = graph.name
     return copy

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 from lowbit.ir.attrs import AttrValue, CallArgs, EnumAttr, Ref
-from lowbit.ir.graph import Graph, Node, Value, tensor_digest
+from lowbit.ir.graph import Graph, Node, Value, constant_digest, tensor_digest
 from lowbit.ir.opdef import is_opaque
 from lowbit.ir.types import DType, TensorType, Type
 
@@ -67,9 +67,9 @@ def format_node(node: Node, graph: Graph | None = None, digest=tensor_digest) ->
     types = [format_type(r.type) for r in node.results]
     line += " : " + (types[0] if len(types) == 1 else "(" + ", ".join(types) + ")")
     if node.op == "core.constant" and graph is not None:
-        tensor = graph.tensors.get(str(node.attrs["name"]))
-        if tensor is not None:
-            line += f" #{digest(tensor)}"
+        name = str(node.attrs["name"])
+        if name in graph.tensors:
+            line += f" #{constant_digest(graph, name, digest)}"
     if node.loc.module:
         line += f"  @{node.loc.module}"
     return line

@@ -3,6 +3,8 @@ op's own rules. Raises ``VerifyError`` naming the node and its module path."""
 
 from __future__ import annotations
 
+import torch
+
 from lowbit.errors import VerifyError
 from lowbit.ir.attrs import CallArgs, attr_matches
 from lowbit.ir.dialects.infer import dims_equal
@@ -94,12 +96,13 @@ def _verify_constant(graph: Graph, node: Node) -> None:
     name = str(node.attrs["name"])
     if name not in graph.tensors:
         raise VerifyError(f"constant {name!r} has no tensor in the graph")
-    tensor = graph.tensors[name]
+    shape, dtype = graph.tensors.meta(name)
     declared = node.result.tensor_type
-    if tuple(tensor.shape) != declared.shape or tensor.dtype != declared.dtype.storage:
+    if shape != declared.shape or dtype != declared.dtype.storage:
         raise VerifyError(f"constant {name!r} is declared {declared}, but its tensor is "
-                          f"{tensor_type_of(tensor)}")
-    if declared.dtype.bits < 8 and tensor.numel():
+                          f"{tensor_type_of(torch.empty(shape, dtype=dtype, device='meta'))}")
+    if declared.dtype.bits < 8 and not graph.tensors.is_lazy(name) and graph.tensors[name].numel():
+        tensor = graph.tensors[name]
         lo, hi = declared.dtype.int_range
         if tensor.min().item() < lo or tensor.max().item() > hi:
             raise VerifyError(f"constant {name!r} holds values outside the {declared.dtype.short} range")

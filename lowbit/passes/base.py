@@ -30,6 +30,7 @@ class PassContext:
     seed: int = 0
     progress: bool = True
     notes: list[str] = field(default_factory=list)
+    work_dir: str | None = None  # where long calibration sweeps save their state, to resume
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -26,11 +26,12 @@ from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.cleanup import remove_dead_nodes
 from tqdm.auto import tqdm
 
-from lowbit.quant.calibrate import HessianStats, calibrate
+from lowbit.quant.calibrate import Sweep, block_of, calibrate
+from lowbit.quant.checkpoint import Rounded, SweepCheckpoint, fingerprint
 from lowbit.quant.gptq import gptq_quantize
 from lowbit.quant.observers import EPS, TensorStats, scale_zero_point
 from lowbit.quant.spec import QSpec, parse_qspec
-from lowbit.quant.weights import apply_qparams, weight_qparams
+from lowbit.quant.weights import apply_qparams, dequantize_codes, weight_qparams
 
 
 def quantize_weight(w: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
@@ -78,12 +79,14 @@ def _unquantized(v: Value) -> Value:
     return v
 
 
-def _block_of(module: str) -> str:
-    """The repeated block a module path belongs to: the path up to its first numeric part
-    (``model.layers.3.mlp.up_proj`` → ``model.layers.3``); the whole path if none."""
-    parts = module.split(".")
-    i = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
-    return ".".join(parts[: i + 1])
+def _hessian(xs: list[torch.Tensor]) -> torch.Tensor:
+    """GPTQ's H = Σ xᵀx over every row (token) of every batch: float32 products, summed in float64."""
+    h = None
+    for x in xs:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        part = (x2.T @ x2).double()
+        h = part if h is None else h + part
+    return h
 
 
 def _matches(loc: str, patterns: str) -> bool:
@@ -142,7 +145,9 @@ class InsertQdq(Pass):
         convs = [n for n in graph.nodes if n.op == "core.conv2d" and graph.is_constant(n.operands[1])
                  and not _matches(n.loc.module, self.skip)]
         sequential = self.rounding == "gptq" and self.sequential
-        hessians = self._hessians(graph, ctx, linears) if self.rounding == "gptq" and not sequential else {}
+        wspec = parse_qspec(self.weights, f"{self.name}.weights")
+        if self.rounding == "gptq" and not sequential:  # Hessians of the float model's activations
+            self._quantize_gptq(graph, ctx, linears, wspec)
         if self.acts != "none":
             acts = parse_qspec(self.acts, f"{self.name}.acts")
             static_only = self._conv_inputs(ctx, convs, acts)  # calibrated in the same pass as the linears'
@@ -152,13 +157,11 @@ class InsertQdq(Pass):
             attention = [n for n in graph.nodes if n.op == "core.sdpa" and not _matches(n.loc.module, self.skip)]
             self._quantize_activations(graph, ctx, [(n, i) for n in attention for i in (1, 2)],
                                        parse_qspec(self.kv, f"{self.name}.kv"), "")
-        wspec = parse_qspec(self.weights, f"{self.name}.weights")
-        if sequential:
-            self._quantize_sequentially(graph, ctx, linears, wspec)
-        else:
-            for node in tqdm(linears, desc=f"{self.name} weights", disable=not ctx.progress or not hessians,
-                             leave=False):
-                self._quantize_weight(graph, node, self._layer_spec(node, wspec, graph), hessians.get(id(node)))
+        if sequential:  # Hessians of the activations after the blocks (and layers) before are quantized
+            self._quantize_gptq(graph, ctx, linears, wspec)
+        elif self.rounding == "rtn":
+            for node in linears:
+                self._quantize_weight(graph, node, self._layer_spec(node, wspec, graph), None)
         self._quantize_conv_weights(graph, ctx, convs, wspec)
         if self.embeddings != "none":
             self._quantize_embeddings(graph, ctx, parse_qspec(self.embeddings, f"{self.name}.embeddings"))
@@ -204,26 +207,84 @@ class InsertQdq(Pass):
             if _matches(node.loc.module, pattern):
                 spec = parse_qspec(text, f"{self.name}.weights_override[{pattern}]")
                 break
-        if graph is not None and spec.granularity == "group" and spec.group_size >= graph.tensor(node.operand(1))[0].numel():
+        in_features = math.prod(node.operand(1).tensor_type.shape[1:])
+        if graph is not None and spec.granularity == "group" and spec.group_size >= in_features:
             return QSpec(spec.dtype, "channel", None, spec.symmetric, observer=spec.observer)
         return spec
 
-    def _quantize_sequentially(self, graph: Graph, ctx: PassContext, linears: list[Node], wspec: QSpec) -> None:
-        """GPTQ block by block (``model.layers.3``...): each block's Hessians come from running
-        the calibration set through the graph with every block before it already quantized
-        (weights and activations), taken on each linear's input before its own QDQ, or after it
-        with ``rounded_inputs`` (better for 4-bit activations on the shipped LMs)."""
-        blocks: dict[str, list[Node]] = {}
+    def _quantize_gptq(self, graph: Graph, ctx: PassContext, linears: list[Node], wspec: QSpec) -> None:
+        """GPTQ in one sweep of the calibration set through the graph (``Sweep``: all batches
+        together, block by block, each block's weights read once). The sweep stops after each
+        linear input is computed; that input's Hessian H = Σ xᵀx rounds the linears reading it.
+
+        With ``sequential`` the rounded weights are used from then on, so every later layer,
+        in its own block as well as after it, is calibrated on the outputs of the layers
+        already quantized; its Hessian is taken on the input before its own QDQ, or after it
+        with ``rounded_inputs``. Without it the sweep runs the float weights: the Hessians of
+        the float model. Only the Hessians of the layers being rounded are ever held.
+
+        With a work folder (``ctx.work_dir``) the state is saved after each block, and a run
+        of the same graph, pass and calibration set resumes from it (``SweepCheckpoint``)."""
+        source = (lambda v: v) if self.rounded_inputs and self.sequential else _unquantized
+        batches = ctx.require_calibration(f"{self.name}{{rounding=gptq}}")
+        ckpt = SweepCheckpoint(ctx.work_dir, fingerprint(graph, str(self), batches)) if ctx.work_dir else None
+        state = ckpt.load() if ckpt else None
+        sweep = Sweep(graph, batches)
+        ex = sweep.executor
+        groups: dict[int, tuple[Value, list[Node]]] = {}
         for node in linears:
-            blocks.setdefault(_block_of(node.loc.module), []).append(node)
-        batches = ctx.require_calibration(f"{self.name}{{rounding=gptq,sequential=true}}")
-        for block, nodes in tqdm(blocks.items(), desc=f"{self.name} blocks", disable=not ctx.progress, leave=False):
-            source = (lambda v: v) if self.rounded_inputs else _unquantized
-            inputs = list({id(source(n.operand(0))): source(n.operand(0)) for n in nodes}.values())
-            stats = calibrate(graph, batches, inputs, progress=False, observer=HessianStats)
-            for node in nodes:
-                st = stats.get(source(node.operand(0)).name)
-                self._quantize_weight(graph, node, self._layer_spec(node, wspec, graph), st.h if st else None)
+            x = source(node.operand(0))
+            groups.setdefault(id(x), (x, []))[1].append(node)
+        ready = lambda x: 0 if x.producer is None else ex.step_index(x.producer) + 1
+        order = sorted(groups.values(), key=lambda g: ready(g[0]))
+        blocks = list(dict.fromkeys(block_of(g[1][0].loc.module) for g in order))
+        done, fresh = self._resume(graph, ctx, ckpt, state, sweep, linears, wspec, len(blocks))
+        bar = tqdm(total=len(blocks), initial=done, desc=f"{self.name} gptq", unit="block",
+                   disable=not ctx.progress, leave=False)
+        pinned: list[Node] = []
+        with torch.no_grad(), bar:
+            for x, nodes in order:
+                block = blocks.index(block_of(nodes[0].loc.module))
+                if block < done:
+                    continue
+                sweep.advance(ready(x))
+                for node in [n for n in pinned if ex.step_index(n) < sweep.pos]:  # run: not needed again
+                    ex.pin(node, 1, None), pinned.remove(node)
+                if block > bar.n:  # a block begins: the ones before it are finished
+                    bar.update(block - bar.n)
+                    if ckpt and not pinned and ckpt.save(block, sweep.pos, fresh, sweep.envs, set(ex.const_names)):
+                        fresh = {}
+                h = _hessian(sweep.values(x))
+                for node in nodes:
+                    spec = self._layer_spec(node, wspec, graph)
+                    rounded = self._round_weight(graph, node, spec, h)
+                    self._set_weight(graph, node, spec, rounded)
+                    if ckpt:
+                        fresh[node.results[0].name] = rounded
+                    if self.sequential:
+                        ex.pin(node, 1, dequantize_codes(rounded.q, rounded.scale, rounded.zp, rounded.attrs)
+                               .to(node.operand(1).tensor_type.dtype.storage))
+                        pinned.append(node)
+                bar.set_postfix_str(nodes[0].loc.module or x.name, refresh=False)
+            bar.update(len(blocks) - bar.n)
+        if ckpt:
+            ckpt.clear()
+
+    def _resume(self, graph, ctx, ckpt, state, sweep, linears, wspec, blocks) -> tuple[int, dict]:
+        """Apply a saved state: the layers it rounded, the sweep's position and values; returns
+        the blocks done and the (empty) results since the last save."""
+        if ckpt and ckpt.note:
+            ctx.note(f"{self.name}: {ckpt.note}")
+        if state is None:
+            return 0, {}
+        done, step, results, envs = state
+        for node in linears:
+            rounded = results.get(node.results[0].name)
+            if rounded is not None:
+                self._set_weight(graph, node, self._layer_spec(node, wspec, graph), rounded)
+        sweep.restore(step, envs)
+        ctx.note(f"{self.name}: resumed from {ckpt.folder} after {done} of {blocks} blocks ({len(results)} layers rounded)")
+        return done, {}
 
     def _quantize_embeddings(self, graph: Graph, ctx: PassContext, spec: QSpec) -> None:
         """Embedding tables [vocab, dim] stored quantized, one scale per row (or row and group),
@@ -235,30 +296,29 @@ class InsertQdq(Pass):
         if not tables:
             ctx.note(f"{self.name}: embeddings={self.embeddings} but the graph has no constant embedding table")
 
-    def _hessians(self, graph: Graph, ctx: PassContext, linears: list[Node]) -> dict[int, torch.Tensor]:
-        """GPTQ's H = Σ xᵀx per linear (keyed by id(node): QDQ inserted on an input later renames
-        it), one per distinct input, from the float model's activations."""
-        inputs = list({id(n.operand(0)): n.operand(0) for n in linears}.values())
-        stats = calibrate(graph, ctx.require_calibration(f"{self.name}{{rounding=gptq}}"), inputs,
-                          progress=ctx.progress, desc=f"{self.name} hessians", observer=HessianStats)
-        return {id(n): stats[n.operand(0).name].h for n in linears if n.operand(0).name in stats}
-
     def _quantize_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None,
                          index: int = 1) -> None:
-        w = node.operand(index)
-        name = str(w.producer.attrs["name"])
-        full = graph.tensor(w).float()
+        """Replace the node's weight operand by its codes, dequantized."""
+        self._set_weight(graph, node, spec, self._round_weight(graph, node, spec, hessian, index), index)
+
+    def _round_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None,
+                      index: int = 1) -> Rounded:
+        full = graph.tensor(node.operand(index)).float()
         flat = full.reshape(full.shape[0], -1)  # a convolution's [out, in, kh, kw] as rows
         if hessian is not None:
             q, scale, zp, attrs = gptq_quantize(flat, hessian, spec, self.damp, self.act_order)
         else:
             q, scale, zp, attrs = quantize_weight(flat, spec)
-        q = q.reshape(full.shape)
+        return Rounded(q.reshape(full.shape), scale, zp, attrs)
+
+    def _set_weight(self, graph: Graph, node: Node, spec: QSpec, rounded: Rounded, index: int = 1) -> None:
+        w = node.operand(index)
+        name = str(w.producer.attrs["name"])
         loc = Location(node.loc.module)
-        qv = graph.constant(q, f"{name}.q", loc, dtype=spec.dtype)
-        sv = graph.constant(scale, f"{name}.scale", loc)
-        zv = graph.constant(zp, f"{name}.zero_point", loc, dtype=spec.dtype) if zp is not None else None
-        dq = graph.append("quant.dequantize", [qv, sv, zv], {**attrs, "out_dtype": w.tensor_type.dtype},
+        qv = graph.constant(rounded.q, f"{name}.q", loc, dtype=spec.dtype)
+        sv = graph.constant(rounded.scale, f"{name}.scale", loc)
+        zv = graph.constant(rounded.zp, f"{name}.zero_point", loc, dtype=spec.dtype) if rounded.zp is not None else None
+        dq = graph.append("quant.dequantize", [qv, sv, zv], {**rounded.attrs, "out_dtype": w.tensor_type.dtype},
                           loc=loc, before=node, name=f"{node.results[0].name}_w")
         dq.touch(self.name)
         node.set_operand(index, dq.result)

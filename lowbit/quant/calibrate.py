@@ -1,12 +1,16 @@
 """Streaming calibration: run the graph over a calibration set and update ``TensorStats`` at
-chosen values. Nothing is stored per batch; a progress bar shows the batches.
+chosen values. The batches go through the graph together, one block at a time (``Sweep``), so
+each block's weights are read once; nothing but the block-boundary values is kept per batch,
+and those go to disk when they are large. A progress bar shows the blocks.
 
     stats = calibrate(graph, batches, [linear.operand(0) for linear in linears])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -22,31 +26,17 @@ class CalibrationError(LowbitError):
     pass
 
 
+# bytes of block-boundary activations held in memory before they go to disk
+BOUNDARY_MEMORY = int(float(os.environ.get("LOWBIT_BOUNDARY_MB", "2048")) * 2**20)
+
+
 def _check_finite(t: object, what: str, batch: int) -> None:
     if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
         raise CalibrationError(f"calibration batch {batch}: {what} holds NaN or Inf")
 
 
-class _AllSeen(Exception):
-    """Raised by the hook once every wanted value of a batch is observed: the rest of the graph
-    need not run."""
-
-
 class Observer(Protocol):
     def update(self, x: torch.Tensor) -> None: ...
-
-
-class HessianStats:
-    """H = Σ xᵀx over all rows of the last dim (GPTQ's proxy Hessian), and the row count."""
-
-    def __init__(self) -> None:
-        self.h: torch.Tensor | None = None
-        self.rows = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).double()
-        self.h = x2.T @ x2 if self.h is None else self.h + x2.T @ x2
-        self.rows += x2.shape[0]
 
 
 class RowSample:
@@ -70,52 +60,197 @@ class RowSample:
         return torch.cat(self.rows)
 
 
+def block_of(module: str) -> str:
+    """The repeated block a module path belongs to: the path up to its first numeric part
+    (``model.layers.3.mlp.up_proj`` → ``model.layers.3``); the whole path if none."""
+    parts = module.split(".")
+    i = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+    return ".".join(parts[: i + 1])
+
+
+def block_starts(executor: Executor) -> list[int]:
+    """Step indices where a new block (``block_of`` the node's module path) begins; steps without
+    a module path belong to the block before them."""
+    starts, current = [0], None
+    for i, step in enumerate(executor.steps):
+        module = step.node.loc.module
+        if not module:
+            continue
+        label = block_of(module)
+        if current is not None and label != current and i > 0:
+            starts.append(i)
+        current = label
+    return starts
+
+
+class _ReadOnce(Mapping):
+    """Constants read at most once while one stretch of steps runs over every batch."""
+
+    def __init__(self, base: Mapping[str, object]):
+        self.base, self.cache = base, {}
+
+    def __getitem__(self, name: str) -> object:
+        if name not in self.cache:
+            self.cache[name] = self.base[name]
+        return self.cache[name]
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class Sweep:
+    """Every calibration batch taken through the graph together, a stretch of steps at a time:
+    each block's weights are read once for all batches, and between stretches only the values
+    that cross the boundary are held (in memory, or on disk past ``BOUNDARY_MEMORY``).
+
+        sweep = Sweep(graph, batches)
+        sweep.advance(sweep.executor.step_index(node))   # every batch up to ``node``
+        xs = sweep.values(v)                              # ``v`` in each batch
+
+    A batch or a node that holds NaN/Inf is an error naming it."""
+
+    def __init__(self, graph: Graph, batches: Iterable[Sequence[object]],
+                 flatten: Callable[[Sequence[object]], list] | None = None, spill_dir: str | None = None):
+        self.executor = Executor(graph, keep_outputs=False)
+        self.graph = graph
+        self.pos = 0
+        self.envs = _Boundary(spill_dir, set(self.executor.const_names))
+        for i, batch in enumerate(batches):
+            inputs = flatten(batch) if flatten is not None else list(batch)
+            for v, x in zip(graph.inputs, inputs):
+                _check_finite(x, f"input %{v.name}", i)
+            self.envs.append(self.executor.start(inputs))
+        if not len(self.envs):
+            raise CalibrationError("the calibration set is empty")
+
+    def advance(self, stop: int, hook: Callable[[int, Node, tuple], None] | None = None) -> None:
+        """Run every batch from the current step up to ``stop``; ``hook(batch, node, outputs)``
+        sees each node's outputs."""
+        if stop <= self.pos:
+            return
+        consts = _ReadOnce(self.executor.constants)
+        for b in range(len(self.envs)):
+            env = self.envs.get(b)
+            self.executor.advance(env, self.pos, stop, None if hook is None else
+                                  (lambda node, out, b=b: hook(b, node, out)), consts)
+            self.envs.put(b, env)
+        self.pos = stop
+
+    def restore(self, step: int, envs: list[list]) -> None:
+        """Continue from a saved position (``SweepCheckpoint``): constants are read again."""
+        if len(envs) != len(self.envs) or any(len(env) != self.executor.n_slots for env in envs):
+            raise CalibrationError("the saved sweep state does not fit this graph and calibration set")
+        for b, env in enumerate(envs):
+            self.envs.put(b, env)
+        self.pos = step
+
+    def values(self, value: Value) -> list[torch.Tensor]:
+        """What ``value`` holds in each batch (it must have been computed and still be read)."""
+        s = self.executor.slot[id(value)]
+        out = []
+        for b in range(len(self.envs)):
+            env = self.envs.get(b)
+            out.append(env[s])
+            self.envs.put(b, env)
+        if any(x is None for x in out):
+            raise CalibrationError(f"%{value.name} is not live at step {self.pos}")
+        return out
+
+
+class _Boundary:
+    """The per-batch environments between stretches of steps. Once one environment's tensors
+    times the number of batches exceed ``BOUNDARY_MEMORY`` bytes, each is written to a
+    safetensors file in a temporary folder (under ``spill_dir``) between stretches."""
+
+    def __init__(self, spill_dir: str | None, shared: set[int]):
+        self.envs: list[list | None] = []
+        self.spill_dir = spill_dir
+        self.shared = shared  # slots holding constants: shared by all batches, never written out
+        self.spilling = False
+        self._temp: tempfile.TemporaryDirectory | None = None
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def append(self, env: list) -> None:
+        self.envs.append(env)
+
+    def _slots(self, env: list) -> list[int]:
+        return [i for i, x in enumerate(env) if isinstance(x, torch.Tensor) and i not in self.shared]
+
+    def get(self, b: int) -> list:
+        env = self.envs[b]
+        if self.spilling and os.path.exists(self._path(b)):
+            from safetensors.torch import load_file
+
+            for key, t in load_file(self._path(b)).items():
+                env[int(key)] = t
+            os.remove(self._path(b))
+        return env
+
+    def put(self, b: int, env: list) -> None:
+        self.envs[b] = env
+        if not self.spilling:
+            held = sum(env[i].numel() * env[i].element_size() for i in self._slots(env))
+            if held * len(self.envs) <= BOUNDARY_MEMORY:
+                return
+            self.spilling = True
+            self._temp = tempfile.TemporaryDirectory(prefix="lowbit-boundary-", dir=self.spill_dir)
+            for earlier in range(b):
+                self._write(earlier, self.envs[earlier])
+        self._write(b, env)
+
+    def _path(self, b: int) -> str:
+        return os.path.join(self._temp.name, f"batch{b}.safetensors") if self._temp else ""
+
+    def _write(self, b: int, env: list) -> None:
+        from safetensors.torch import save_file
+
+        slots = self._slots(env)
+        save_file({str(i): env[i].contiguous() for i in slots}, self._path(b))
+        for i in slots:
+            env[i] = None
+
+
 def calibrate(graph: Graph, batches: Iterable[Sequence[object]], values: Sequence[Value],
               flatten: Callable[[Sequence[object]], list] | None = None,
               progress: bool = True, desc: str = "calibrating",
               observer: Callable[[], Observer] = TensorStats) -> dict[str, Any]:
     """Statistics of ``values`` (by value name) over ``batches``: one ``observer()`` each
-    (``TensorStats`` by default; ``HessianStats`` or ``RowSample`` for weight rounding).
+    (``TensorStats`` by default; ``RowSample`` for AWQ's search).
 
-    ``flatten`` turns one batch (the model's argument tuple) into the graph's inputs. A batch
-    with NaN/Inf, or a node producing them, is an error naming the batch and the node.
+    ``flatten`` turns one batch (the model's argument tuple) into the graph's inputs. The
+    batches go through the graph together, block by block (``Sweep``), and only as far as the
+    last wanted value. A batch with NaN/Inf, or a node producing them, is an error naming the
+    batch and the node.
     """
     wanted = {id(v): v.name for v in values}
     stats = {name: observer() for name in wanted.values()}
-    executor = Executor(graph)
-    batch_no = 0
+    if not values:
+        return stats
+    sweep = Sweep(graph, batches, flatten)
+    for v in graph.inputs:
+        if id(v) in wanted:
+            for x in sweep.values(v):
+                stats[v.name].update(x)
+    producers = [i for i, step in enumerate(sweep.executor.steps) if any(id(r) in wanted for r in step.node.results)]
+    if not producers:
+        return stats
+    last = producers[-1] + 1
 
-    inner = {id(v) for v in values} - {id(v) for v in graph.inputs}
-    remaining: set[int] = set()
-
-    def hook(node: Node, outputs: tuple) -> None:
+    def hook(batch: int, node: Node, outputs: tuple) -> None:
         for r, out in zip(node.results, outputs):
             name = wanted.get(id(r))
             if name is not None:
                 where = f"%{r.name} ({node.op}{' at ' + node.loc.module if node.loc.module else ''})"
-                _check_finite(out, where, batch_no)
+                _check_finite(out, where, batch)
                 stats[name].update(out)
-                remaining.discard(id(r))
-                if not remaining:
-                    raise _AllSeen
 
-    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    seen = 0
+    stops = [s for s in block_starts(sweep.executor)[1:] if s < last] + [last]
     with torch.no_grad():
-        for batch_no, batch in enumerate(tqdm(batches, desc=desc, total=total, disable=not progress,
-                                              unit="batch", leave=False)):
-            seen += 1
-            inputs = flatten(batch) if flatten is not None else list(batch)
-            for v, x in zip(graph.inputs, inputs):
-                _check_finite(x, f"input %{v.name}", batch_no)
-                if id(v) in wanted:
-                    stats[v.name].update(x)
-            remaining.update(inner)
-            if remaining:
-                try:
-                    executor.run(inputs, hook)
-                except _AllSeen:
-                    pass
-    if seen == 0 and values:
-        raise CalibrationError("the calibration set is empty")
+        for stop in tqdm(stops, desc=desc, disable=not progress, unit="block", leave=False):
+            sweep.advance(stop, hook)
     return stats
