@@ -54,10 +54,11 @@ def write_model(name: str, folder: Path) -> Path:
     import transformers as tf
     from safetensors.torch import save_file
 
+    folder.mkdir(parents=True, exist_ok=True)
+    config = tf.LlamaConfig(**SHAPES[name], torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    config.save_pretrained(folder)
     if (folder / "model.safetensors.index.json").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    config = tf.LlamaConfig(**SHAPES[name], torch_dtype="bfloat16")
     with torch.device("meta"):
         model = tf.LlamaForCausalLM(config)
     gen = torch.Generator().manual_seed(0)
@@ -82,7 +83,6 @@ def write_model(name: str, folder: Path) -> Path:
             flush()
     flush()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config.save_pretrained(folder)
     return folder
 
 

@@ -112,18 +112,24 @@ def _export(args: argparse.Namespace) -> int:
                              "--recipe, --pipeline, --kv-cache, --calibration, --dtype and --genai do not apply")
         compiled = lowbit.load(args.model)
     else:
-        spec = load_model(args.model)
+        import torch
+
+        from lowbit.frontend.weights import is_weightless
+
+        # a transformers folder is compiled without loading it: its weights are read when used
+        spec = load_model(args.model, lazy=True, dtype=torch.float16 if args.dtype == "float16" else torch.float32)
         calibration, where = _calibration(args, spec)
         model, example, kwargs = spec.model, spec.example_inputs, spec.kwargs
         if args.dtype == "float16":  # traced in half precision, so the ONNX model computes in it
-            model, example, kwargs = model.half(), _half(example), _half(kwargs)
+            model, example, kwargs = model if is_weightless(model) else model.half(), _half(example), _half(kwargs)
             calibration = [_half(batch) for batch in calibration] if calibration is not None else None
         print(f"compiling {args.model} with {args.recipe or 'no recipe'} (calibration: {where}) ...",
               file=sys.stderr)
         compiled = lowbit.compile(model, example, kwargs=kwargs or None, dynamic_shapes=spec.dynamic_shapes,
                                   recipe=args.recipe, pipeline=args.pipeline, calibration=calibration,
                                   kv_cache=args.kv_cache, kv_storage="float" if args.genai else "quantized",
-                                  cache=False if args.sparse_attention == "contrib" else None)  # the op keeps its own
+                                  cache=False if args.sparse_attention == "contrib" else None,  # the op keeps its own
+                                  work_dir=args.work_dir)
         for note in compiled.traced.notes:
             print(f"note: {note}")
     if args.save is not None:
@@ -286,6 +292,8 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--recipe", help="built-in recipe name or a .yaml/.toml file (default: fp32)")
     x.add_argument("-o", "--output", help="output folder (model.onnx is written there)")
     x.add_argument("--save", metavar="DIR", help="also save the compiled model here (lowbit.load reads it)")
+    x.add_argument("--work-dir", metavar="DIR", help="GPTQ saves its state here after each block; a run "
+                   "interrupted later resumes from the last finished block (docs/scale.md)")
     x.add_argument("--format", choices=["onnx", "compressed-tensors"], default="onnx",
                    help="what -o holds: ONNX (model.onnx), or a compressed-tensors checkpoint that "
                         "transformers, vLLM and SGLang load (causal LMs)")

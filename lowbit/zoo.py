@@ -231,14 +231,23 @@ def _tokenizer(path: Path):
     return tok
 
 
-def _load_transformers_dir(path: Path) -> ModelSpec:
+def _load_transformers_dir(path: Path, lazy: bool = False, dtype: torch.dtype = torch.float32) -> ModelSpec:
     """A local transformers folder as ``from_pretrained`` gives it (default config, cache on):
     text models get an example from the folder's tokenizer (or random ids without one), image
-    models random pixels. The batch and sequence dims are dynamic without being asked."""
+    models random pixels. The batch and sequence dims are dynamic without being asked.
+
+    ``lazy``: a folder with safetensors weights gives a weightless model in ``dtype``
+    (``lowbit.frontend.weights``): traced and compiled with its weights read from the files
+    when used; its own forward computes with zeros."""
     import transformers as tf
 
+    from lowbit.frontend.weights import INDEX, SINGLE, weightless_model
+
     config = tf.AutoConfig.from_pretrained(path)
-    model = _model_class(config).from_pretrained(path).eval()
+    if lazy and ((path / SINGLE).is_file() or (path / INDEX).is_file()):
+        model = weightless_model(path, _model_class(config), dtype=dtype)
+    else:
+        model = _model_class(config).from_pretrained(path, dtype=dtype).eval()
     if getattr(config, "num_channels", None) and getattr(config, "image_size", None):
         size = config.image_size
         pixels = torch.randn(2, config.num_channels, size, size, generator=torch.Generator().manual_seed(0))
@@ -276,9 +285,10 @@ def text_calibration(spec: ModelSpec, path: str | Path, *, samples: int = 128, m
     return out
 
 
-def load_model(spec: str) -> ModelSpec:
+def load_model(spec: str, lazy: bool = False, dtype: torch.dtype = torch.float32) -> ModelSpec:
     """Resolve a MODEL argument: a zoo name, ``file.py:factory``, ``pkg.module:factory``, or a
-    local transformers directory (config.json + weights)."""
+    local transformers directory (config.json + weights; with ``lazy`` its weights are read
+    when used, see ``_load_transformers_dir``)."""
     if spec in ZOO:
         return ZOO[spec]()
     if ":" in spec and not Path(spec).is_dir():
@@ -287,7 +297,7 @@ def load_model(spec: str) -> ModelSpec:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"{path} is a directory without config.json (not a transformers model)")
-        return _load_transformers_dir(path)
+        return _load_transformers_dir(path, lazy, dtype)
     close = difflib.get_close_matches(spec, list(ZOO), n=2)
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
     raise ModelSpecError(

@@ -183,4 +183,39 @@ def test_bad_model_folders_are_named(tmp_path, folder):
     data = (tmp_path / "cut.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-100])
     with pytest.raises(WeightFileError, match="truncated"):
-        lazy_safetensors(tmp_path / "cut.safetensors")["w"].load()
+        lazy_safetensors(tmp_path / "cut.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(data)
+    lazy = lazy_safetensors(tmp_path / "cut.safetensors")["w"]
+    assert torch.equal(lazy.load(), torch.zeros(64, 64))
+    save_file({"w": torch.ones(64, 64)}, tmp_path / "cut.safetensors")  # replaced after it was opened
+    with pytest.raises(WeightFileError, match="changed after lowbit opened it"):
+        lazy.load()
+
+
+def test_the_cli_exports_a_model_folder_without_loading_it(folder, tmp_path, capsys):
+    """``lowbit export FOLDER`` compiles the folder lazily (with a GPTQ work folder) and writes
+    ONNX that ONNX Runtime runs like the compiled model."""
+    from lowbit.cli import main
+
+    path, _ = folder
+    work = tmp_path / "work"
+    assert main(["export", str(path), "--recipe", "w4a16-gptq", "-o", str(tmp_path / "out"),
+                 "--work-dir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "read from the model's safetensors files" in out
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    diff = float(out.split("max |diff| ")[1].split(",")[0])
+    assert diff < 1e-3
+
+
+def test_a_batch_of_one_traces_and_exports_without_the_cache(folder, tmp_path):
+    """An example of one sequence is traced with its size-1 dims tiled to 2; the export takes
+    the example tiled the same way (it failed on torch.export's lower bound of 2 before)."""
+    from lowbit.backends.onnx import compare_with_torch, export_onnx
+
+    path, _ = folder
+    example = (torch.randint(0, 300, (1, 20)),)
+    compiled = lowbit.compile(str(path), example, recipe="w4a16", calibration=[example], cache=False,
+                              progress=False)
+    onnx_path, _ = export_onnx(compiled.traced, tmp_path / "m" / "model.onnx")
+    assert compare_with_torch(onnx_path, compiled, [example[0]])["max_abs"] < 1e-3

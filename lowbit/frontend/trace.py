@@ -99,7 +99,14 @@ class TracedModel:
         """Inputs to trace an export on: the example, or for a decode step a step with a cache."""
         if self.decoder is not None:
             return self.decoder.warm_leaves(self.graph, self._example)
-        return self.example_leaves()
+        leaves = self.example_leaves()
+        for i, v in enumerate(self.graph.inputs):  # traced on size-1 dims tiled to 2: export so too
+            for axis, d in enumerate(getattr(v.type, "shape", ())):
+                low = self.dim_ranges.get(d, (0, None))[0] if isinstance(d, str) else 0
+                if isinstance(leaves[i], torch.Tensor) and 0 < leaves[i].shape[axis] < low:
+                    reps = -(-low // leaves[i].shape[axis])
+                    leaves[i] = torch.cat([leaves[i]] * reps, axis).narrow(axis, 0, low)
+        return leaves
 
     def unflatten_outputs(self, outputs: list) -> object:
         if self.decoder is not None:
@@ -160,7 +167,8 @@ def export_model(model: torch.nn.Module, call: Call, dynamic_shapes: object) -> 
 def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict | None = None,
           dynamic_shapes: object = None, canonicalize: bool = True, samples: Iterable[Call] = (),
           cache: bool | None = None) -> TracedModel:
-    """Trace ``model`` on an example call into the IR.
+    """Trace ``model`` (a module, or a transformers folder traced without loading its weights:
+    ``lowbit.frontend.weights``) on an example call into the IR.
 
     ``example_inputs`` is a tuple of positional arguments, a tensor, or a mapping of keyword
     arguments (a tokenizer's output); ``kwargs`` adds keyword arguments. Which dims stay
@@ -176,8 +184,12 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
     ``canonicalize`` the ``canonicalize`` pipeline runs (dropout removal, addmm→linear, RMSNorm
     fusion, BatchNorm folding, attention fusion, constant folding, dead code removal).
     """
+    if isinstance(model, (str, os.PathLike)):  # a model folder: traced without loading its weights
+        from lowbit.frontend.weights import weightless_model
+
+        model = weightless_model(model)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"lowbit.trace needs a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"lowbit.trace needs a torch.nn.Module or a model folder, got {type(model).__name__}")
     example = example_call(example_inputs, kwargs)
     ignored = unnamed_kwargs(model, example[1])
     example, samples = drop_kwargs(example, ignored), [drop_kwargs(c, ignored) for c in samples]

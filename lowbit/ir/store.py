@@ -55,6 +55,7 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     digest: str | None = field(default=None, repr=False)  # the printer's content hash, once computed
+    stamp: tuple[int, int] | None = field(default=None, repr=False)  # the file's (size, mtime) when opened
 
     @property
     def nbytes(self) -> int:
@@ -73,6 +74,9 @@ class LazyTensor:
         n = self.numel() * torch.empty((), dtype=self.stored).element_size()
         raw = torch.empty(n, dtype=torch.uint8)
         try:
+            if self.stamp is not None and _stamp(self.path) != self.stamp:
+                raise WeightFileError(f"{self.path} changed after lowbit opened it: its weights can no longer "
+                                      "be read consistently (compile again from the current files)")
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
                 got = f.readinto(memoryview(raw.numpy()))
@@ -84,7 +88,7 @@ class LazyTensor:
         return t if t.dtype == self.dtype else t.to(self.dtype)
 
     def with_dtype(self, dtype: torch.dtype) -> LazyTensor:
-        return LazyTensor(self.path, self.offset, self.stored, self.shape, dtype)
+        return LazyTensor(self.path, self.offset, self.stored, self.shape, dtype, stamp=self.stamp)
 
     def clone(self) -> LazyTensor:  # immutable: a copy of a graph shares it
         return self
@@ -111,16 +115,27 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _stamp(path: str | os.PathLike) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def lazy_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
-    """Every tensor of a safetensors file as a ``LazyTensor`` in its stored dtype."""
+    """Every tensor of a safetensors file as a ``LazyTensor`` in its stored dtype. A file
+    shorter than its header says, or changed later, is an error when read."""
     header, start = read_safetensors_header(path)
+    stamp = _stamp(path)
+    ends = [entry.get("data_offsets", (0, 0))[1] for entry in header.values()]
+    if start + max(ends, default=0) > stamp[0]:
+        raise WeightFileError(f"{path} is truncated: its header describes {start + max(ends)} bytes, "
+                              f"the file has {stamp[0]}")
     out = {}
     for name, entry in header.items():
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
         if dtype is None:
             raise WeightFileError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which lowbit does not read")
         begin, end = entry["data_offsets"]
-        lazy = LazyTensor(str(path), start + begin, dtype, tuple(entry["shape"]), dtype)
+        lazy = LazyTensor(str(path), start + begin, dtype, tuple(entry["shape"]), dtype, stamp=stamp)
         if lazy.numel() * torch.empty((), dtype=dtype).element_size() != end - begin:
             raise WeightFileError(f"{path}: tensor {name!r}'s offsets do not match its shape {entry['shape']}")
         out[name] = lazy
