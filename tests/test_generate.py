@@ -126,7 +126,7 @@ def test_genai_folder_refuses_a_quantized_cache(llama, tmp_path):
 
 
 @pytest.mark.parametrize("name,recipe,kv", [("tiny-llama", None, None), ("tiny-llama", "w4a16", None),
-                                            ("tiny-llama", "w4a8", None),
+                                            ("byte-llama", "w4a8", None),
                                             ("byte-llama", "w4a16", None), ("byte-llama", "w4a16-gptq", "int8")])
 def test_onnxruntime_genai_generates_the_same_tokens(name, recipe, kv, tmp_path):
     pytest.importorskip("onnxruntime_genai")

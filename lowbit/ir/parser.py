@@ -325,6 +325,6 @@ def clone_graph(graph: Graph) -> Graph:
     from lowbit.ir.printer import print_graph
 
     copy = parse_graph(print_graph(graph), {k: graph.tensors.raw(k) for k in graph.tensors})
-    copy.tensors = graph.tensors.copy()  # tensors in memory cloned; ones read from files shared
+    copy.tensors = graph.tensors.copy(list(copy.tensors))  # in node order; ones read from files shared
     copy.name = graph.name
     return copy

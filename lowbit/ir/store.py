@@ -23,7 +23,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,11 +190,12 @@ class TensorStore(MutableMapping):
         item = self._items[name]
         return item.nbytes if isinstance(item, LazyTensor) else item.numel() * item.element_size()
 
-    def copy(self) -> TensorStore:
-        """Tensors in memory cloned, lazy ones shared (they never change); offloading carries over."""
+    def copy(self, order: Iterable[str] | None = None) -> TensorStore:
+        """Tensors in memory cloned, lazy ones shared (they never change); offloading carries
+        over. ``order``: the names in the order the copy lists them (default: this store's)."""
         out = TensorStore()
         out._offload = self._offload
-        out._items = {k: v.clone() for k, v in self._items.items()}
+        out._items = {k: self._items[k].clone() for k in (self._items if order is None else order)}
         return out
 
     @property

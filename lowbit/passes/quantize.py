@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -79,7 +80,7 @@ def _unquantized(v: Value) -> Value:
     return v
 
 
-def _hessian(xs: list[torch.Tensor]) -> torch.Tensor:
+def _hessian(xs: Iterable[torch.Tensor]) -> torch.Tensor:
     """GPTQ's H = Σ xᵀx over every row (token) of every batch: float32 products, summed in float64."""
     h = None
     for x in xs:

@@ -8,9 +8,10 @@ and those go to disk when they are large. A progress bar shows the blocks.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -83,6 +84,15 @@ def block_starts(executor: Executor) -> list[int]:
     return starts
 
 
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps it for reuse otherwise), so that
+    between blocks the process holds what the sweep holds, not what it once held."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class _ReadOnce(Mapping):
     """Constants read at most once while one stretch of steps runs over every batch."""
 
@@ -138,6 +148,8 @@ class Sweep:
                                   (lambda node, out, b=b: hook(b, node, out)), consts)
             self.envs.put(b, env)
         self.pos = stop
+        del consts
+        release_memory()
 
     def restore(self, step: int, envs: list[list]) -> None:
         """Continue from a saved position (``SweepCheckpoint``): constants are read again."""
@@ -147,17 +159,19 @@ class Sweep:
             self.envs.put(b, env)
         self.pos = step
 
-    def values(self, value: Value) -> list[torch.Tensor]:
-        """What ``value`` holds in each batch (it must have been computed and still be read)."""
+    def values(self, value: Value) -> Iterator[torch.Tensor]:
+        """What ``value`` holds in each batch, one batch at a time (it must have been computed
+        and still be read); NaN/Inf is an error naming the batch."""
         s = self.executor.slot[id(value)]
-        out = []
         for b in range(len(self.envs)):
             env = self.envs.get(b)
-            out.append(env[s])
+            x = env[s]
             self.envs.put(b, env)
-        if any(x is None for x in out):
-            raise CalibrationError(f"%{value.name} is not live at step {self.pos}")
-        return out
+            if x is None:
+                raise CalibrationError(f"%{value.name} is not live at step {self.pos}")
+            _check_finite(x, f"%{value.name}" + (f" (at {value.producer.loc.module})" if value.producer and
+                                                 value.producer.loc.module else ""), b)
+            yield x
 
 
 class _Boundary:
