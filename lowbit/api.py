@@ -85,7 +85,7 @@ def build(model: torch.nn.Module | TracedModel | str | os.PathLike, example_inpu
         from lowbit.frontend.weights import weightless_model
 
         model = weightless_model(model)
-        if example_inputs == () and kwargs is None and calibration is not None:
+        if isinstance(example_inputs, tuple) and not example_inputs and kwargs is None and calibration is not None:
             calibration = list(calibration)
             example_inputs = calibration[0] if calibration else ()
     if isinstance(model, TracedModel):  # traced once, compiled with several recipes
