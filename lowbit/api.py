@@ -81,10 +81,7 @@ def build(model: torch.nn.Module | TracedModel | str | os.PathLike, example_inpu
     if rotation not in ROTATION_MODES:
         raise ValueError(f"rotation={rotation!r}: choose one of {', '.join(ROTATION_MODES)}")
     passes = parse_pipeline(full_pipeline(pipeline, recipe, kv_cache, kv_storage))  # a bad pipeline fails before tracing
-    if isinstance(model, (str, os.PathLike)):  # a model folder: traced without loading its weights
-        from lowbit.frontend.weights import weightless_model
-
-        model = weightless_model(model)
+    if isinstance(model, (str, os.PathLike)):  # a model folder (``trace`` reads it without its weights)
         if isinstance(example_inputs, tuple) and not example_inputs and kwargs is None and calibration is not None:
             calibration = list(calibration)
             example_inputs = calibration[0] if calibration else ()

@@ -219,3 +219,15 @@ def test_a_batch_of_one_traces_and_exports_without_the_cache(folder, tmp_path):
                               progress=False)
     onnx_path, _ = export_onnx(compiled.traced, tmp_path / "m" / "model.onnx")
     assert compare_with_torch(onnx_path, compiled, [example[0]])["cosine"] > 0.9999
+
+
+def test_gptq_with_its_boundary_values_on_disk_gives_the_same_model(folder, monkeypatch):
+    """The sweep's boundary values written to disk between stops (and read back one value at a
+    time for the Hessians) give the model the in-memory sweep gives."""
+    path, _ = folder
+    batches = _batches()
+    held = lowbit.compile(str(path), recipe="w4a16-gptq", calibration=batches, progress=False)
+    monkeypatch.setattr(calibrate_mod, "BOUNDARY_MEMORY", 0)
+    spilled = lowbit.compile(str(path), recipe="w4a16-gptq", calibration=batches, progress=False)
+    x = torch.randint(0, 300, (1, 17))
+    assert torch.equal(held(x).logits, spilled(x).logits)

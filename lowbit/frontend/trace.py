@@ -26,7 +26,7 @@ from lowbit.frontend.decoder import DecoderIO, DecoderStep, cache_unsupported, i
 from lowbit.frontend.inputs import (Call, align, check_shapes, drop_kwargs, example_call, leaf_names,
                                     plan_shapes, unnamed_kwargs)
 from lowbit.frontend.noise import quiet
-from lowbit.frontend.weights import bind_weights, is_weightless
+from lowbit.frontend.weights import bind_weights, is_weightless, weightless_model
 from lowbit.ir.graph import Graph
 from lowbit.ir.store import TensorStore
 
@@ -185,8 +185,6 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
     fusion, BatchNorm folding, attention fusion, constant folding, dead code removal).
     """
     if isinstance(model, (str, os.PathLike)):  # a model folder: traced without loading its weights
-        from lowbit.frontend.weights import weightless_model
-
         model = weightless_model(model)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"lowbit.trace needs a torch.nn.Module or a model folder, got {type(model).__name__}")

@@ -3,8 +3,6 @@ op's own rules. Raises ``VerifyError`` naming the node and its module path."""
 
 from __future__ import annotations
 
-import torch
-
 from lowbit.errors import VerifyError
 from lowbit.ir.attrs import CallArgs, attr_matches
 from lowbit.ir.dialects.infer import dims_equal
@@ -100,7 +98,7 @@ def _verify_constant(graph: Graph, node: Node) -> None:
     declared = node.result.tensor_type
     if shape != declared.shape or dtype != declared.dtype.storage:
         raise VerifyError(f"constant {name!r} is declared {declared}, but its tensor is "
-                          f"{tensor_type_of(torch.empty(shape, dtype=dtype, device='meta'))}")
+                          f"{tensor_type_of(graph.tensors.raw(name))}")
     if declared.dtype.bits < 8 and not graph.tensors.is_lazy(name) and graph.tensors[name].numel():
         tensor = graph.tensors[name]
         lo, hi = declared.dtype.int_range

@@ -164,9 +164,7 @@ class Sweep:
         and still be read); NaN/Inf is an error naming the batch."""
         s = self.executor.slot[id(value)]
         for b in range(len(self.envs)):
-            env = self.envs.get(b)
-            x = env[s]
-            self.envs.put(b, env)
+            x = self.envs.value(b, s)
             if x is None:
                 raise CalibrationError(f"%{value.name} is not live at step {self.pos}")
             _check_finite(x, f"%{value.name}" + (f" (at {value.producer.loc.module})" if value.producer and
@@ -204,6 +202,16 @@ class _Boundary:
                 env[int(key)] = t
             os.remove(self._path(b))
         return env
+
+    def value(self, b: int, slot: int) -> object:
+        """One value of batch ``b``, read from its file if it was written out (the batch stays there)."""
+        if self.spilling and os.path.exists(self._path(b)):
+            from safetensors import safe_open
+
+            with safe_open(self._path(b), "pt") as f:
+                if str(slot) in f.keys():
+                    return f.get_tensor(str(slot))
+        return self.envs[b][slot]
 
     def put(self, b: int, env: list) -> None:
         self.envs[b] = env
