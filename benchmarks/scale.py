@@ -102,7 +102,7 @@ def child_lowbit(folder: str, recipe: str, export: str | None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     batches = [(ids,) for ids in calibration()]
     start = time.perf_counter()
-    compiled = lowbit.compile(folder, batches[0], recipe=recipe, calibration=batches, progress=False, verify=False)
+    compiled = lowbit.compile(folder, batches[0], recipe=recipe, calibration=batches, verify=False)
     row = {"compile_s": time.perf_counter() - start, "compile_rss_gb": peak_rss_gb()}
     if export:
         start = time.perf_counter()
@@ -113,11 +113,18 @@ def child_lowbit(folder: str, recipe: str, export: str | None) -> dict:
 
 
 def run_child(cmd: list[str], log) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    log.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
+    """Run ``cmd``; its progress bars (stderr) go to the log as they come."""
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    start = log.tell()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    log.seek(0, os.SEEK_END)
+    log.write(f"\n{proc.stdout}\n")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        with open(log.name, errors="replace") as f:
+            f.seek(start)
+            tail = (f.read().strip().splitlines() or ["no output"])[-1]
         return {"error": f"exit {proc.returncode}: {tail}"}
     return json.loads(lines[-1])
 

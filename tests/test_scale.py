@@ -231,3 +231,42 @@ def test_gptq_with_its_boundary_values_on_disk_gives_the_same_model(folder, monk
     spilled = lowbit.compile(str(path), recipe="w4a16-gptq", calibration=batches, progress=False)
     x = torch.randint(0, 300, (1, 17))
     assert torch.equal(held(x).logits, spilled(x).logits)
+
+
+@pytest.mark.parametrize("recipe", ["w4a16", "w8a8"])
+def test_the_onnx_export_streams_weights_and_writes_what_an_in_memory_export_writes(folder, tmp_path, recipe,
+                                                                                    monkeypatch):
+    """Large constants are traced as stand-ins (no memory) and read when their initializer is
+    written: the files hold the same initializers (bytes) as an export that traced the real
+    tensors, with external data too."""
+    import onnx
+
+    import lowbit.backends.onnx.export as export_mod
+    from lowbit.backends.onnx import export_onnx
+
+    path, _ = folder
+    monkeypatch.setattr(store_mod, "OFFLOAD_MIN_ELEMENTS", 4096)
+    compiled = lowbit.compile(str(path), recipe=recipe, calibration=_batches(2), progress=False)
+    monkeypatch.setattr(export_mod, "STANDIN_MIN_ELEMENTS", 1 << 40)  # every constant traced as itself
+    eager, _ = export_onnx(compiled.traced, tmp_path / "eager" / "model.onnx")
+    monkeypatch.setattr(export_mod, "STANDIN_MIN_ELEMENTS", 1000)
+    monkeypatch.setattr(export_mod, "TWO_GB", 10_000)  # external data, as a large model's
+    graph, _, transposed = export_mod.lower_for_export(compiled.traced)
+    module = export_mod._ExportModule(graph, transposed)
+    large = [b for b in module.buffers() if b.numel() >= 1000]
+    assert large and all(b.untyped_storage().nbytes() <= 8 for b in large)
+    assert len(module.sources) == len(large)
+    streamed, weights = export_onnx(compiled.traced, tmp_path / "streamed" / "model.onnx")
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == ["model.onnx", "model.onnx.data"]
+
+    def initializers(file):
+        model = onnx.load(str(file))
+        return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    want, got = initializers(eager), initializers(streamed)
+    assert want.keys() == got.keys()
+    assert any(a.size >= 1000 for a in got.values())
+    for name in want:
+        assert want[name].dtype == got[name].dtype and (want[name] == got[name]).all(), name
+    if recipe == "w4a16":
+        assert any(want[n].dtype.name == "int4" or want[n].dtype.name == "uint4" for n in weights.int4)

@@ -185,12 +185,11 @@ def _fused(graph: Graph) -> Graph:
     """A copy of ``graph`` with every quantize/dequantize around a linear fused into it. The
     fusions only rewire nodes, so the copy shares the constants' tensors (a model's weights are
     not held twice while it is written)."""
-    from lowbit.ir.parser import parse_graph
-    from lowbit.ir.printer import print_graph
+    from lowbit.ir.parser import clone_graph
     from lowbit.passes.manager import PassManager
     from lowbit.passes.pipeline import parse_pipeline
 
-    graph = parse_graph(print_graph(graph), dict(graph.tensors), require_tensors=True)
+    graph = clone_graph(graph, share_tensors=True)
     PassManager(parse_pipeline("fuse-quantized-linear,fuse-static-linear")).run(graph)
     return graph
 

@@ -320,11 +320,13 @@ def parse_graph(text: str, tensors: dict[str, torch.Tensor] | None = None, *,
     return p.graph
 
 
-def clone_graph(graph: Graph) -> Graph:
-    """An independent copy of ``graph`` (its tensors cloned), through the text form."""
+def clone_graph(graph: Graph, share_tensors: bool = False) -> Graph:
+    """An independent copy of ``graph`` through the text form: its tensors cloned, or with
+    ``share_tensors`` shared (for a copy whose passes only rewire nodes)."""
     from lowbit.ir.printer import print_graph
 
-    copy = parse_graph(print_graph(graph), {k: graph.tensors.raw(k) for k in graph.tensors})
-    copy.tensors = graph.tensors.copy(list(copy.tensors))  # in node order; ones read from files shared
+    copy = parse_graph(print_graph(graph, digest=None), {k: graph.tensors.raw(k) for k in graph.tensors})
+    # in node order; ones read from files always shared
+    copy.tensors = graph.tensors.copy(list(copy.tensors), share=share_tensors)
     copy.name = graph.name
     return copy

@@ -66,7 +66,7 @@ def format_node(node: Node, graph: Graph | None = None, digest=tensor_digest) ->
         line += " {" + body + "}"
     types = [format_type(r.type) for r in node.results]
     line += " : " + (types[0] if len(types) == 1 else "(" + ", ".join(types) + ")")
-    if node.op == "core.constant" and graph is not None:
+    if node.op == "core.constant" and graph is not None and digest is not None:
         name = str(node.attrs["name"])
         if name in graph.tensors:
             line += f" #{constant_digest(graph, name, digest)}"
@@ -77,7 +77,7 @@ def format_node(node: Node, graph: Graph | None = None, digest=tensor_digest) ->
 
 def print_graph(graph: Graph, digest=tensor_digest) -> str:
     """The graph's text; ``digest`` hashes constants (a caller printing many versions of one
-    graph may pass a cached one)."""
+    graph may pass a cached one; None leaves the hashes out)."""
     args = ", ".join(f"%{v.name}: {format_type(v.type)}" for v in graph.inputs)
     lines = [f"graph @{graph.name}({args}) {{"]
     lines += [f"  {format_node(n, graph, digest)}" for n in graph.nodes]

@@ -190,12 +190,14 @@ class TensorStore(MutableMapping):
         item = self._items[name]
         return item.nbytes if isinstance(item, LazyTensor) else item.numel() * item.element_size()
 
-    def copy(self, order: Iterable[str] | None = None) -> TensorStore:
-        """Tensors in memory cloned, lazy ones shared (they never change); offloading carries
-        over. ``order``: the names in the order the copy lists them (default: this store's)."""
+    def copy(self, order: Iterable[str] | None = None, share: bool = False) -> TensorStore:
+        """Tensors in memory cloned (``share``: shared, for a copy that never writes them in
+        place), lazy ones shared (they never change); offloading carries over. ``order``: the
+        names in the order the copy lists them (default: this store's)."""
         out = TensorStore()
         out._offload = self._offload
-        out._items = {k: self._items[k].clone() for k in (self._items if order is None else order)}
+        keys = self._items if order is None else order
+        out._items = {k: self._items[k] if share else self._items[k].clone() for k in keys}
         return out
 
     @property

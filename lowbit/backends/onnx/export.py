@@ -11,17 +11,21 @@ weights as INT4 initializers; save atomically (external data past 2 GB).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
 import onnx
+import onnx_ir as ir
 import torch
+from torch.onnx._internal.exporter._core import TorchTensor
 
 from lowbit.backends.onnx import ops
 from lowbit.backends.onnx import sparse_attention as sparse
@@ -37,6 +41,8 @@ from lowbit.passes.lower import FuseQuantizedLinear
 from lowbit.passes.base import PassContext
 
 TWO_GB = 2**31
+# Constants this large are traced as zero-stride stand-ins and read when written (see build_onnx).
+STANDIN_MIN_ELEMENTS = 1 << 16
 # The lowest opset that holds what a model uses: 18 is the oldest torch's exporter translates to
 # natively (per-axis int8/uint8 QuantizeLinear exists since 13); float8 types need 19; int4 types
 # and blocked DequantizeLinear need 21.
@@ -76,9 +82,14 @@ def _buffer_name(i: int, name: str) -> str:
 
 
 class _ExportModule(torch.nn.Module):
-    """Runs a lowered graph with quantized ops as custom ops; inputs/outputs flat."""
+    """Runs a lowered graph with quantized ops as custom ops; inputs/outputs flat.
 
-    def __init__(self, graph: Graph, attention_op: bool = True, hadamard: str = "matmul",
+    Constants of at least ``STANDIN_MIN_ELEMENTS`` are registered as zero-stride stand-ins of
+    their export shape (no memory; torch.export never reads a buffer's values); ``sources``
+    gives each stand-in's buffer name → the function that reads its real data when the ONNX
+    initializer is written."""
+
+    def __init__(self, graph: Graph, transposed: set[str], attention_op: bool = True, hadamard: str = "matmul",
                  sparse_attention: str = "dense"):
         super().__init__()
         self.graph = graph
@@ -86,15 +97,25 @@ class _ExportModule(torch.nn.Module):
         self.hadamard = hadamard
         self.sparse = sparse_attention == "contrib"  # attn.block_sparse_sdpa → SparseAttention
         self.names: dict[str, str] = {}
-        for i, (name, tensor) in enumerate(graph.tensors.items()):
-            self.names[name] = _buffer_name(i, name)
-            self.register_buffer(self.names[name], tensor)
+        self.sources: dict[str, Callable[[], torch.Tensor]] = {}
+        for i, name in enumerate(graph.tensors):
+            self.names[name] = buf = _buffer_name(i, name)
+            shape, dtype = graph.tensors.meta(name)
+            flip = name in transposed
+            if math.prod(shape) >= STANDIN_MIN_ELEMENTS:
+                shape = tuple(reversed(shape)) if flip else shape
+                self.register_buffer(buf, torch.zeros((), dtype=dtype).expand(shape))
+                self.sources[buf] = functools.partial(_export_data, graph.tensors, name, flip)
+            else:
+                self.register_buffer(buf, _export_data(graph.tensors, name, flip))
         self.colsums: dict[int, str] = {}  # dynamic linear → buffer holding colsum(W_q)
         for node in graph.nodes:
             if node.op == "quant.dynamic_linear":
-                w = graph.tensor(node.operand(1))
+                name = str(node.operand(1).producer.attrs["name"])
+                w = _export_data(graph.tensors, name, name in transposed)
                 self.colsums[id(node)] = f"colsum_{len(self.colsums)}"
                 self.register_buffer(self.colsums[id(node)], w.to(torch.int32).sum(0))
+                del w
 
     def forward(self, *inputs):
         constants = {name: getattr(self, buf) for name, buf in self.names.items()}
@@ -197,21 +218,26 @@ def _as_3d(x: torch.Tensor, fn) -> torch.Tensor:
     return fn(x.unsqueeze(0)).squeeze(0) if x.dim() == 2 else fn(x)
 
 
-def _to_kn(graph: Graph, node: Node) -> None:
-    """Store a quantized linear's weight (and scale, zero point) as [in, out] for MatMul."""
-    for v in node.operands[1:4]:
-        if v is not None and graph.tensor(v).dim() == 2:  # per-channel scales are 1-D: unchanged
-            graph.tensors[str(v.producer.attrs["name"])] = graph.tensor(v).t().contiguous()
+def _export_data(store, name: str, transpose: bool) -> torch.Tensor:
+    """A constant as the ONNX initializer holds it: read (from its file, if lazy) and, for a
+    quantized linear's weight, scale and zero point, stored [in, out] for MatMul."""
+    t = store[name]
+    return t.t().contiguous() if transpose else t
 
 
-def lower_for_export(traced: TracedModel) -> tuple[Graph, ExportedWeights]:
+def lower_for_export(traced: TracedModel) -> tuple[Graph, ExportedWeights, set[str]]:
+    """The fused graph, which initializers hold quantized weights, and the constants stored
+    transposed (quantized linears' 2-D weights, scales and zero points: [in, out] for MatMul).
+    The graph shares its constants with ``traced``: nothing is read here."""
     graph = clone_graph(traced.graph)
     FuseQuantizedLinear().run(graph, PassContext())
-    layers, int4 = {}, {}
+    layers, int4, transposed = {}, {}, set()
     names = {name: _buffer_name(i, name) for i, name in enumerate(graph.tensors)}
     for node in graph.nodes:
         if node.op in ("quant.linear", "quant.dynamic_linear"):
-            _to_kn(graph, node)
+            for v in node.operands[1:4]:  # per-channel scales are 1-D: unchanged
+                if v is not None and len(graph.tensors.meta(str(v.producer.attrs["name"]))[0]) == 2:
+                    transposed.add(str(v.producer.attrs["name"]))
             w = node.operand(1)
             name = names[str(w.producer.attrs["name"])]
             layers[name] = node.loc.module or node.results[0].name
@@ -220,7 +246,7 @@ def lower_for_export(traced: TracedModel) -> tuple[Graph, ExportedWeights]:
                 int4[name] = dtype
                 if node.operands[3] is not None:
                     int4[names[str(node.operand(3).producer.attrs["name"])]] = dtype
-    return graph, ExportedWeights(layers, int4)
+    return graph, ExportedWeights(layers, int4), transposed
 
 
 def _dynamic_shapes(traced: TracedModel) -> tuple:
@@ -238,37 +264,30 @@ def _dynamic_shapes(traced: TracedModel) -> tuple:
     return tuple(shapes)
 
 
-def _int4_initializers(model: onnx.ModelProto, int4: dict[str, DType]) -> None:
-    kinds = {DType.i4: (ml_dtypes.int4, onnx.TensorProto.INT4), DType.u4: (ml_dtypes.uint4, onnx.TensorProto.UINT4)}
-    for init in model.graph.initializer:
-        if init.name in int4:
-            np_type, proto_type = kinds[int4[init.name]]
-            array = onnx.numpy_helper.to_array(init).astype(np_type)
-            init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
-    for vi in list(model.graph.value_info) + list(model.graph.input):
-        if vi.name in int4:
-            vi.type.tensor_type.elem_type = kinds[int4[vi.name]][1]
-
-
 def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool = True,
-               hadamard: str = "matmul", sparse_attention: str = "dense") -> tuple[onnx.ModelProto, ExportedWeights]:
-    """The ONNX model for ``traced``. ``attention_op`` lowers attention to ONNX Runtime's
-    MultiHeadAttention contrib op where it fits (else the standard decomposition);
-    ``sparse_attention="contrib"`` lowers block-sparse attention to its SparseAttention op
-    (see ``sparse_attention.py``; the model then takes and returns key/value caches)."""
+               hadamard: str = "matmul", sparse_attention: str = "dense") -> tuple[ir.Model, ExportedWeights]:
+    """The ONNX model for ``traced`` (an ``onnx_ir`` model: ``ir.to_proto`` gives the proto).
+    ``attention_op`` lowers attention to ONNX Runtime's MultiHeadAttention contrib op where it
+    fits (else the standard decomposition); ``sparse_attention="contrib"`` lowers block-sparse
+    attention to its SparseAttention op (see ``sparse_attention.py``; the model then takes and
+    returns key/value caches).
+
+    Large initializers are not held: they are traced as stand-ins and read from the compiled
+    model's constants (its files, for a model compiled from a folder) when written, one at a
+    time, so exporting a model takes about one weight's memory beyond the compiled model."""
     _check_choice("hadamard lowering", hadamard, HADAMARD_LOWERINGS)
     _check_choice("sparse attention lowering", sparse_attention, sparse.LOWERINGS)
     if sparse_attention == "contrib" and traced.decoder is not None:
         raise LowbitError("com.microsoft.SparseAttention keeps its own key/value cache: compile the model "
                           "without lowbit's (lowbit.compile(..., cache=False); the CLI does so for "
                           "--sparse-attention contrib)")
-    graph, weights = lower_for_export(traced)
+    graph, weights, transposed = lower_for_export(traced)
     if sparse_attention == "contrib":
         _check_sparse_fit(graph)
     need = lowest_opset(graph)
     if opset is not None and opset < need:
         raise ValueError(f"opset {opset} cannot hold this model's types: it needs opset {need} or later")
-    module = _ExportModule(graph, attention_op, hadamard, sparse_attention).eval()
+    module = _ExportModule(graph, transposed, attention_op, hadamard, sparse_attention).eval()
     example = _example_spanning_blocks(traced, graph)
     with ops.target_opset(opset or need), quiet():
         program = torch.onnx.export(
@@ -276,11 +295,50 @@ def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool
             input_names=traced.input_names(), output_names=traced.output_names(),
             custom_translation_table={**_library_translations(), **ops.TRANSLATIONS, **sparse.TRANSLATIONS},
             opset_version=opset or need,
-            optimize=True, verbose=False)
-    model = program.model_proto
-    _int4_initializers(model, weights.int4)
-    sparse.add_cache_io(model)
+            optimize=False, verbose=False)
+        _bind_sources(program.model, module.sources)
+        program.optimize()  # after binding: a folded Transpose of a weight reads the weight
+    model = program.model
+    _int4_initializers(model, weights.int4, module.sources)
+    if sparse_attention == "contrib":  # a small model's path: its proto is rewritten in memory
+        proto = ir.to_proto(model)
+        sparse.add_cache_io(proto)
+        model = ir.from_proto(proto)
     return model, weights
+
+
+def _bind_sources(model: ir.Model, sources: dict[str, Callable[[], torch.Tensor]]) -> None:
+    """Give each stand-in initializer its real data, read when the initializer is written."""
+    for name, value in model.graph.initializers.items():
+        if name in sources:
+            tensor = value.const_value
+            value.const_value = ir.LazyTensor(functools.partial(_ir_tensor, sources[name]), tensor.dtype,
+                                              tensor.shape, name=name)
+        elif isinstance(getattr(value.const_value, "raw", None), torch.Tensor) \
+                and value.const_value.raw.stride().count(0) and value.const_value.raw.numel() > 1:
+            raise LowbitError(f"ONNX export: initializer {name!r} was derived from a weight's stand-in; "
+                              "lowbit cannot write its data")
+
+
+def _ir_tensor(source: Callable[[], torch.Tensor], int4: DType | None = None) -> ir.Tensor:
+    t = source().contiguous()
+    if int4 is not None:
+        np_type = ml_dtypes.int4 if int4 == DType.i4 else ml_dtypes.uint4
+        return ir.Tensor(t.numpy().astype(np_type), dtype=ir.DataType.INT4 if int4 == DType.i4 else ir.DataType.UINT4)
+    return TorchTensor(t)
+
+
+def _int4_initializers(model: ir.Model, int4: dict[str, DType],
+                       sources: dict[str, Callable[[], torch.Tensor]]) -> None:
+    """Quantized weights (traced as int8) stored and typed INT4/UINT4, packed two to a byte."""
+    kinds = {DType.i4: ir.DataType.INT4, DType.u4: ir.DataType.UINT4}
+    for name, value in model.graph.initializers.items():
+        if name in int4:
+            old = value.const_value
+            source = sources.get(name) or functools.partial(torch.from_numpy, old.numpy())
+            value.const_value = ir.LazyTensor(functools.partial(_ir_tensor, source, int4[name]), kinds[int4[name]],
+                                              old.shape, name=name)
+            value.dtype = kinds[int4[name]]
 
 
 def _library_translations() -> dict:
@@ -340,8 +398,11 @@ def _check_sparse_fit(graph: Graph) -> None:
                       + "; ".join(sorted(cuda)), stacklevel=4)
 
 
-def save_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` (external data beside it past 2 GB) via a temporary folder."""
+def save_atomically(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` (external data beside it past 2 GB) via a temporary folder.
+    Initializers are written one at a time (an ``ir.Model``'s lazily read ones are read then)."""
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     large = _tensor_bytes(model) > TWO_GB
@@ -349,10 +410,9 @@ def save_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     try:
         target = tmp / path.name
         if large:
-            onnx.save_model(model, target, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{path.name}.data", size_threshold=1024)
+            ir.save(model, target, external_data=f"{path.name}.data", size_threshold_bytes=1024)
         else:
-            onnx.save_model(model, target)
+            ir.save(model, target)
         for f in sorted(tmp.iterdir(), key=lambda p: p.suffix != ".data"):  # data before the model
             os.replace(f, path.parent / f.name)
     finally:
@@ -360,9 +420,8 @@ def save_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
-def _tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers (a protobuf cannot even measure itself past 2 GB)."""
-    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def export_onnx(traced: TracedModel, path: str | os.PathLike, opset: int | None = None,
