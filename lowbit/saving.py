@@ -30,11 +30,14 @@ from torch.utils import _pytree as pytree
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.frontend.decoder import DecoderIO
 from lowbit.frontend.trace import TracedModel
-from lowbit.io import distinct_tensors, staged_folder
+from lowbit.io import staged_folder
 from lowbit.ir.parser import parse_graph
 from lowbit.ir.printer import print_graph
+from lowbit.ir.store import LazyTensor, WeightFileError, lazy_safetensors, write_safetensors
 from lowbit.ir.verify import verify
 
+# A saved model whose weights file is larger than this loads lazily (see load_traced).
+LAZY_LOAD_BYTES = 4 << 30
 FORMAT = "lowbit-compiled"
 VERSION = 1
 META, GRAPH, WEIGHTS = "lowbit.json", "graph.lbir", "weights.safetensors"
@@ -46,8 +49,6 @@ EXAMPLE_PREFIX = "lowbit.example."  # example tensors' keys in the weights file
 def save(traced: TracedModel, directory: str | os.PathLike) -> Path:
     """Write ``traced`` (graph, constants, input/output structure) to ``directory``: a new
     folder, or one an earlier save wrote (replaced). Returns the folder."""
-    from safetensors.torch import save_file
-
     out = Path(directory)
     if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / META).is_file()):
         raise CheckpointError(f"{out} exists and is not a saved lowbit model: give a new or empty folder")
@@ -55,7 +56,7 @@ def save(traced: TracedModel, directory: str | os.PathLike) -> Path:
     clash = [name for name in graph.tensors if name.startswith(EXAMPLE_PREFIX)]
     if clash:
         raise CheckpointError(f"constant {clash[0]!r} uses the name prefix {EXAMPLE_PREFIX!r} kept for the example")
-    tensors = distinct_tensors(graph.tensors)
+    tensors = {name: graph.tensors.raw(name) for name in graph.tensors}  # ones in files read when written
     leaves, example_spec = pytree.tree_flatten((tuple(traced.example_inputs), dict(traced.example_kwargs)))
     example = []
     for i, leaf in enumerate(leaves):
@@ -90,7 +91,7 @@ def save(traced: TracedModel, directory: str | os.PathLike) -> Path:
         raise CheckpointError(f"the model's description (notes, config) cannot be written as JSON: {e}") from e
     with staged_folder(out, CheckpointError) as tmp:
         (tmp / GRAPH).write_text(print_graph(graph))
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": FORMAT})
         (tmp / META).write_text(meta_text)
     return out
 
@@ -116,11 +117,10 @@ def _lowbit_version() -> str:
 
 # ---- load ---------------------------------------------------------------------------------------
 
-def load_traced(directory: str | os.PathLike) -> TracedModel:
-    """The ``TracedModel`` saved in ``directory``, every constant checked against the text."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def load_traced(directory: str | os.PathLike, lazy: bool | None = None) -> TracedModel:
+    """The ``TracedModel`` saved in ``directory``, every constant checked against the text.
+    ``lazy``: constants stay in the weights file and are read when used (as a model compiled
+    from a folder's are); None: when the file is larger than ``LAZY_LOAD_BYTES``."""
     folder = Path(directory)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder (a saved lowbit model is a folder with {META})")
@@ -142,9 +142,13 @@ def load_traced(directory: str | os.PathLike) -> TracedModel:
     for name in (GRAPH, WEIGHTS):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} has no {name}: the save is incomplete")
+    if lazy is None:
+        lazy = (folder / WEIGHTS).stat().st_size > LAZY_LOAD_BYTES
     try:
-        tensors = load_file(str(folder / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = lazy_safetensors(folder / WEIGHTS)
+        if not lazy:
+            tensors = {k: v.load() for k, v in tensors.items()}
+    except WeightFileError as e:
         raise CheckpointError(f"{folder / WEIGHTS} cannot be read (truncated or not safetensors): {e}") from e
     text = (folder / GRAPH).read_text()
     try:
@@ -153,7 +157,7 @@ def load_traced(directory: str | os.PathLike) -> TracedModel:
         raise CheckpointError(f"{meta_path} is malformed: {type(e).__name__}: {e}") from e
 
 
-def _traced_from(meta: dict, text: str, tensors: dict[str, torch.Tensor], folder: Path) -> TracedModel:
+def _traced_from(meta: dict, text: str, tensors: dict[str, torch.Tensor | LazyTensor], folder: Path) -> TracedModel:
     constants = {k: v for k, v in tensors.items() if not k.startswith(EXAMPLE_PREFIX)}
     try:
         graph = parse_graph(text, constants, require_tensors=True)
@@ -162,8 +166,8 @@ def _traced_from(meta: dict, text: str, tensors: dict[str, torch.Tensor], folder
     for node in graph.nodes:
         if node.op == "core.constant":
             name, want = str(node.attrs["name"]), node.result.tensor_type.dtype.storage
-            if graph.tensors[name].dtype != want:
-                raise CheckpointError(f"constant {name!r} in {folder / WEIGHTS} is {graph.tensors[name].dtype}, "
+            if graph.tensors.meta(name)[1] != want:
+                raise CheckpointError(f"constant {name!r} in {folder / WEIGHTS} is {graph.tensors.meta(name)[1]}, "
                                       f"{GRAPH} says {want}")
     if print_graph(graph) != text:  # the content hashes of the constants, and the text's own form
         bad = next((a for a, b in zip(text.splitlines(), print_graph(graph).splitlines()) if a != b), "")
@@ -175,7 +179,8 @@ def _traced_from(meta: dict, text: str, tensors: dict[str, torch.Tensor], folder
         if "tensor" in leaf:
             if leaf["tensor"] not in tensors:
                 raise CheckpointError(f"{folder / WEIGHTS} lacks the example tensor {leaf['tensor']!r}")
-            leaves.append(tensors[leaf["tensor"]].clone())  # own, aligned memory: torch.export traces it
+            t = tensors[leaf["tensor"]]
+            leaves.append(t.load() if isinstance(t, LazyTensor) else t.clone())  # own memory: torch.export traces it
         else:
             leaves.append(leaf["value"])
     args, kwargs = pytree.tree_unflatten(leaves, _spec_loads(meta["example_spec"]))
@@ -196,15 +201,17 @@ def _spec_loads(text: str) -> pytree.TreeSpec:
     return pytree.treespec_loads(text)
 
 
-def load(directory: str | os.PathLike, backend: str = "torch"):
+def load(directory: str | os.PathLike, backend: str = "torch", lazy: bool | None = None):
     """A saved model as a module on ``backend``: "torch" (bit-exact with the one saved) or
-    "triton" (its quantized ops repacked for the Triton kernels; no calibration runs)."""
+    "triton" (its quantized ops repacked for the Triton kernels; no calibration runs).
+    ``lazy``: weights read from the folder when used instead of at load (default: when the
+    weights file is larger than 4 GiB)."""
     from lowbit.api import BACKENDS
     from lowbit.backends.torch import CompiledModule
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    traced = load_traced(directory)
+    traced = load_traced(directory, lazy)
     if backend == "triton":
         from lowbit.backends.triton import PIPELINE, TritonModule
         from lowbit.passes.manager import PassManager

@@ -134,13 +134,14 @@ def test_foreign_and_corrupt_folders_are_refused(saved, tmp_path):
         lowbit.load(bad)
 
 
-def test_changed_or_truncated_weights_are_refused(saved, tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_changed_or_truncated_weights_are_refused(saved, tmp_path, lazy):
     _, folder = saved
     bad = _copy(folder, tmp_path)
     data = (bad / WEIGHTS).read_bytes()
     (bad / WEIGHTS).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot be read"):
-        lowbit.load(bad)
+        lowbit.load(bad, lazy=lazy)
     tensors = load_file(str(folder / WEIGHTS))
     name = next(k for k, t in tensors.items() if t.dtype == torch.int8 and t.dim() == 2)
     changed = dict(tensors)
@@ -148,18 +149,34 @@ def test_changed_or_truncated_weights_are_refused(saved, tmp_path):
     changed[name][0, 0] = -changed[name][0, 0] - 1
     save_file(changed, str(bad / WEIGHTS))
     with pytest.raises(CheckpointError, match="changed or corrupt"):
-        lowbit.load(bad)
+        lowbit.load(bad, lazy=lazy)
     changed[name] = tensors[name].to(torch.int32)
     save_file(changed, str(bad / WEIGHTS))
     with pytest.raises(CheckpointError, match=f"{name}.*torch.int32"):
-        lowbit.load(bad)
+        lowbit.load(bad, lazy=lazy)
     del changed[name]
     save_file(changed, str(bad / WEIGHTS))
     with pytest.raises(CheckpointError, match=f"does not match.*no tensor '{name}'"):
-        lowbit.load(bad)
+        lowbit.load(bad, lazy=lazy)
     (bad / GRAPH).unlink()
     with pytest.raises(CheckpointError, match=f"no {GRAPH}: the save is incomplete"):
-        lowbit.load(bad)
+        lowbit.load(bad, lazy=lazy)
+
+
+def test_a_large_save_loads_lazily_and_runs_the_same(saved, monkeypatch):
+    """Loaded lazily (by default past ``LAZY_LOAD_BYTES``), the constants stay in the weights
+    file and are read when used; the model computes the same."""
+    import lowbit.saving as saving
+
+    q, folder = saved
+    loaded = lowbit.load(folder, lazy=True)
+    store = loaded.traced.graph.tensors
+    assert len(store) and all(store.is_lazy(n) for n in store)
+    assert not any(lowbit.load(folder).traced.graph.tensors.is_lazy(n) for n in store)
+    monkeypatch.setattr(saving, "LAZY_LOAD_BYTES", 0)
+    assert all(lowbit.load(folder).traced.graph.tensors.is_lazy(n) for n in store)
+    ids = zoo._token_inputs(256, batch=2, seq=6, seed=9)
+    assert _same(loaded(ids), q(ids))
 
 
 def test_a_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
@@ -170,12 +187,12 @@ def test_a_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
         q.save(blocker / "m")
     with pytest.raises(CheckpointError, match="not a saved lowbit model"):
         q.save(tmp_path)  # a folder holding other things
-    import safetensors.torch
+    import lowbit.saving as saving
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.setattr(saving, "write_safetensors", fail)
     with pytest.raises(CheckpointError, match="No space left"):
         q.save(tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]

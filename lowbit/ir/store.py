@@ -20,6 +20,7 @@ transformed, one layer's weights in memory at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -218,3 +219,25 @@ class TensorStore(MutableMapping):
         with os.fdopen(fd, "wb") as f:
             f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         return LazyTensor(path, 0, data.dtype, tuple(data.shape), data.dtype)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor | LazyTensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of ``tensors``, written one tensor at a time (a lazy one is read
+    just before it is written), so writing takes one tensor's memory. Tensors may share
+    memory; each is written whole."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in SAFETENSORS_NAMES:
+            raise WeightFileError(f"tensor {name!r} has dtype {t.dtype}, which safetensors does not hold")
+        n = math.prod(t.shape) * torch.empty((), dtype=t.dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            data = (t.load() if isinstance(t, LazyTensor) else t).detach().cpu().contiguous()
+            f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
