@@ -7,10 +7,9 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -31,21 +30,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
-
-
-def distinct_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors that share no memory (safetensors refuses shared storage): a
-    view of memory another entry (or nothing else) uses is copied."""
-    seen, out = set(), {}
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        if t.numel():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset())
-            if key in seen or t.untyped_storage().nbytes() != t.nbytes:
-                t = t.clone()
-            seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
-        out[name] = t
-    return out
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

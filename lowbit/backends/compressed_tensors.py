@@ -38,7 +38,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.frontend.trace import TracedModel
-from lowbit.io import distinct_tensors, staged_folder, write_tokenizer
+from lowbit.io import staged_folder, write_tokenizer
+from lowbit.ir.store import write_safetensors
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.types import DType
 
@@ -449,14 +450,14 @@ def export_compressed_tensors(traced: TracedModel, out_dir: str | os.PathLike, *
                               source_dir: str | os.PathLike | None = None) -> Path:
     """Write ``traced`` (a compiled transformers causal LM) as a compressed-tensors folder; the
     tokenizer's files come from ``tokenizer`` (saved with ``save_pretrained``) or ``source_dir``."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty folder: give a new one")
     config = _hf_config(traced)
-    float_dtype = next((t.dtype for t in traced.graph.tensors.values() if t.is_floating_point()
-                        and t.element_size() > 1), torch.float32)
+    store = traced.graph.tensors
+    float_dtype = next((dtype for dtype in (store.meta(n)[1] for n in store)  # nothing read
+                        if dtype.is_floating_point and torch.empty((), dtype=dtype).element_size() > 1),
+                       torch.float32)
     tensors, schemes, ignore, transforms = _state_dict(traced, config, float_dtype)
     if not schemes:
         raise ExportError("no layer of this model is quantized: there is nothing for compressed-tensors to hold "
@@ -469,7 +470,7 @@ def export_compressed_tensors(traced: TracedModel, out_dir: str | os.PathLike, *
         if transforms is not None:
             config_dict["quantization_config"]["transform_config"] = transforms
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
-        save_file(distinct_tensors(tensors), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
         write_tokenizer(tmp, tokenizer, source_dir)
     return out
 

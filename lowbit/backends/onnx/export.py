@@ -143,6 +143,9 @@ class _ExportModule(torch.nn.Module):
         if node.op == "core.rms_norm" and node.operands[1] is not None and node.operand(0).tensor_type.dtype.is_float:
             eps = float(node.attrs.get("eps", 1e-6))
             return (lambda x, w: ops.rms_norm(x, w, eps)), {}
+        if node.op == "core.gelu" and node.operand(0).tensor_type.dtype in (DType.f32, DType.f16):
+            approximate = str(node.attrs.get("approximate", "none"))
+            return (lambda x: ops.gelu(x, approximate)), {}
         if node.op == "core.sdpa" and self.attention_op:
             return self._attention(node)
         if node.op == "attn.block_sparse_sdpa" and self.sparse and sparse.misfit(node) is None:

@@ -267,3 +267,28 @@ def onnx_rms_norm(x, weight, eps: float):
 
 
 TRANSLATIONS[torch.ops.lowbit.rms_norm.default] = onnx_rms_norm
+
+
+# ---- GELU: com.microsoft.Gelu / FastGelu --------------------------------------------------------
+
+@torch.library.custom_op("lowbit::gelu", mutates_args=())
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate=approximate)
+
+
+@gelu.register_fake
+def _(x, approximate):
+    return torch.empty_like(x)
+
+
+def onnx_gelu(x, approximate: str):
+    """One Gelu (erf) or FastGelu (tanh) kernel instead of the five elementwise ops of the
+    formula, which ONNX Runtime's own fusion does not always recognize in the exporter's order."""
+    from onnxscript.values import Opset
+
+    name = "FastGelu" if approximate == "tanh" else "Gelu"
+    declare_contrib_op(name, [("X", "T", False)], ["Y"], [("T", ["tensor(float)", "tensor(float16)"])], [])
+    return getattr(Opset("com.microsoft", 1), name)(x)
+
+
+TRANSLATIONS[torch.ops.lowbit.gelu.default] = onnx_gelu
