@@ -59,6 +59,12 @@ def test_a_model_folder_compiles_as_the_loaded_model_does(folder, recipe, monkey
     codes = [n for n in store if n.endswith(".q") and store.nbytes(n) >= 4096]
     assert codes and all(store.is_lazy(n) and "lowbit-offload-" in store.raw(n).path for n in codes)
     assert any("read from the model's safetensors files" in n for n in lazy.traced.notes)
+    # the module keeps what is in files there (int4 layers hold only their packed form)
+    assert lazy._lazy and not any(store.is_lazy(n) for n in lazy._buffer_names)
+    int4 = [m for m in lazy.cpu_kernels.values() if m.kernel == "int4pack_mm"]
+    assert all(m.weight_q is None for m in int4) and (recipe != "w4a16-gptq" or int4)
+    prompt = x[:, :5]
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=4), lazy.generate(prompt, max_new_tokens=4))
 
 
 def test_a_weightless_model_is_never_loaded_whole(folder, monkeypatch):

@@ -299,7 +299,7 @@ def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool
             custom_translation_table={**_library_translations(), **ops.TRANSLATIONS, **sparse.TRANSLATIONS},
             opset_version=opset or need,
             optimize=False, verbose=False)
-        _bind_sources(program.model, module.sources)
+        _bind_sources(program.model, module)
         program.optimize()  # after binding: a folded Transpose of a weight reads the weight
     model = program.model
     _int4_initializers(model, weights.int4, module.sources)
@@ -310,17 +310,18 @@ def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool
     return model, weights
 
 
-def _bind_sources(model: ir.Model, sources: dict[str, Callable[[], torch.Tensor]]) -> None:
+def _bind_sources(model: ir.Model, module: _ExportModule) -> None:
     """Give each stand-in initializer its real data, read when the initializer is written."""
+    standins = {id(getattr(module, buf)): buf for buf in module.sources}
     for name, value in model.graph.initializers.items():
-        if name in sources:
+        if name in module.sources:
             tensor = value.const_value
-            value.const_value = ir.LazyTensor(functools.partial(_ir_tensor, sources[name]), tensor.dtype,
+            value.const_value = ir.LazyTensor(functools.partial(_ir_tensor, module.sources[name]), tensor.dtype,
                                               tensor.shape, name=name)
-        elif isinstance(getattr(value.const_value, "raw", None), torch.Tensor) \
-                and value.const_value.raw.stride().count(0) and value.const_value.raw.numel() > 1:
-            raise LowbitError(f"ONNX export: initializer {name!r} was derived from a weight's stand-in; "
-                              "lowbit cannot write its data")
+        elif id(getattr(value.const_value, "raw", None)) in standins:
+            raise LowbitError(f"ONNX export: initializer {name!r} holds the stand-in of constant "
+                              f"{standins[id(value.const_value.raw)]!r} under another name; lowbit cannot "
+                              "write its data")
 
 
 def _ir_tensor(source: Callable[[], torch.Tensor], int4: DType | None = None) -> ir.Tensor:

@@ -1,7 +1,8 @@
 """``CompiledModule``: a ``torch.nn.Module`` that runs a lowbit graph.
 
 The graph's constants are registered as buffers, so ``.to(device)`` / ``.half()`` and
-``state_dict()`` behave as for any module. Inputs and outputs keep the traced model's Python
+``state_dict()`` behave as for any module. Constants kept in files (a model compiled from a
+model folder, or loaded lazily) stay there and are read when a run uses them. Inputs and outputs keep the traced model's Python
 structure (a transformers ``ModelOutput`` comes back as one).
 
 Quantized linears whose weights torch's packed CPU GEMMs take run on them (``packed.py``: the
@@ -22,21 +23,26 @@ from lowbit.ir.printer import print_graph
 
 
 class _Buffers(Mapping):
-    """Constant name → the module's current buffer (follows ``.to(device)``)."""
+    """Constant name → the module's current buffer (follows ``.to(device)``), or for a constant
+    kept in its file, the tensor read from it now."""
 
-    def __init__(self, module: torch.nn.Module, names: dict[str, str]):
+    def __init__(self, module: torch.nn.Module, names: dict[str, str], lazy: set[str], store):
         self.module = module
         self.names = names
+        self.lazy = lazy
+        self.store = store
 
     def __getitem__(self, key: str) -> torch.Tensor | None:
+        if key in self.lazy:  # read now, onto the device the module was moved to
+            return self.store[key].to(self.module._device_probe.device)
         name = self.names.get(key)
         return None if name is None else getattr(self.module, name)  # None: repacked, not read
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
+        return iter([*self.names, *self.lazy])
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.names) + len(self.lazy)
 
 
 def buffer_name(prefix: str, i: int, name: str) -> str:
@@ -54,9 +60,16 @@ class CompiledModule(torch.nn.Module):
         pack = pack and type(self)._override is CompiledModule._override
         self._cpu_packed = packed.consumed_constants(self.graph) if pack else set()
         self._buffer_names: dict[str, str] = {}
-        for i, (name, tensor) in enumerate(self.graph.tensors.items()):
-            if self._keeps_constant(name):
-                self.register_buffer(buffer_name("c", i, name), tensor)
+        self._lazy: set[str] = set()  # constants left in their files (a model compiled from a folder)
+        self.register_buffer("_device_probe", torch.empty(0), persistent=False)
+        store = self.graph.tensors
+        for i, name in enumerate(store):
+            if not self._keeps_constant(name):
+                continue
+            if store.is_lazy(name):
+                self._lazy.add(name)
+            else:
+                self.register_buffer(buffer_name("c", i, name), store[name])
                 self._buffer_names[name] = buffer_name("c", i, name)
         self.cpu_kernels = packed.prepare_all(self.graph) if pack else torch.nn.ModuleDict()
         self._executor: Executor | None = None
@@ -85,7 +98,8 @@ class CompiledModule(torch.nn.Module):
 
     def _plan(self) -> Executor:
         if self._executor is None or self._executor.version != self.graph.version:
-            self._executor = Executor(self.graph, _Buffers(self, self._buffer_names), self._override)
+            self._executor = Executor(self.graph, _Buffers(self, self._buffer_names, self._lazy, self.graph.tensors),
+                                      self._override)
         return self._executor
 
     def forward(self, *args, **kwargs):

@@ -195,19 +195,30 @@ class Int4Linear(PackedLinear):
         self.low = node.operand(1).tensor_type.dtype.int_range[0]
         self.group_size = node.attrs["group_size"]
         self.pad = -wq.shape[1] % self.group_size  # K padded to whole groups (zero inputs)
-        self.register_buffer("weight_q", wq)
+        # codes kept in a file (a model compiled from a folder) stay there: the packed form
+        # is what runs, and the reference reads them when it is needed
+        name = str(node.operand(1).producer.attrs["name"])
+        self._codes_file = (graph.tensors, name) if graph.tensors.is_lazy(name) else None
+        self.register_buffer("weight_q", None if self._codes_file else wq)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero)
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("scale_and_zeros", None, persistent=False)
-        self._pack()
+        self._pack(wq)
 
-    def _pack(self) -> None:
+    def _codes(self) -> torch.Tensor:
+        if self._codes_file is not None:
+            store, name = self._codes_file
+            return store[name].to(self.scale.device)
+        return self.weight_q
+
+    def _pack(self, codes: torch.Tensor | None = None) -> None:
         """u = q − qmin packed two per byte in the kernel's layout; [K/G, N, 2] pairs (s, z') with
         (u − 8)·s + z' = (q − z)·s, i.e. z' = (8 + qmin − z)·s."""
-        codes = (self.weight_q.cpu().to(torch.int32) - self.low).contiguous()
+        wq = self._codes() if codes is None else codes
+        codes = (wq.cpu().to(torch.int32) - self.low).contiguous()
         codes = torch.nn.functional.pad(codes, (0, self.pad), value=8)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).to(self.weight_q.device)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).to(wq.device)
         s = self.scale.float()
         z = 0.0 if self.zero_point is None else self.zero_point.float()
         pairs = torch.stack([s, (8 + self.low - z) * s], -1)  # [N, K/G, 2]
@@ -218,7 +229,7 @@ class Int4Linear(PackedLinear):
         self._pack()  # the kernel's form follows the loaded codes and scales
 
     def weights(self):
-        return self.weight_q, self.scale, self.zero_point
+        return self._codes(), self.scale, self.zero_point
 
     def mm(self, x2d):
         if self.pad:
