@@ -232,7 +232,7 @@ def lower_for_export(traced: TracedModel) -> tuple[Graph, ExportedWeights, set[s
     """The fused graph, which initializers hold quantized weights, and the constants stored
     transposed (quantized linears' 2-D weights, scales and zero points: [in, out] for MatMul).
     The graph shares its constants with ``traced``: nothing is read here."""
-    graph = clone_graph(traced.graph)
+    graph = clone_graph(traced.graph, share_tensors=True)  # the fusion only rewires nodes
     FuseQuantizedLinear().run(graph, PassContext())
     layers, int4, transposed = {}, {}, set()
     names = {name: _buffer_name(i, name) for i, name in enumerate(graph.tensors)}

@@ -2,8 +2,9 @@
 
 The graph's constants are registered as buffers, so ``.to(device)`` / ``.half()`` and
 ``state_dict()`` behave as for any module. Constants kept in files (a model compiled from a
-model folder, or loaded lazily) stay there and are read when a run uses them. Inputs and outputs keep the traced model's Python
-structure (a transformers ``ModelOutput`` comes back as one).
+model folder, or loaded lazily) stay there and are read when a run uses them. Inputs and
+outputs keep the traced model's Python structure (a transformers ``ModelOutput`` comes back
+as one).
 
 Quantized linears whose weights torch's packed CPU GEMMs take run on them (``packed.py``: the
 weights are repacked once, here; the constants they replace are not kept as buffers).
