@@ -92,6 +92,26 @@ def test_minilm_w8a8_fully_fused_and_agrees_with_torch(tmp_path):
     assert cos.mean() >= 0.999 and cos.min() >= 0.99, cos
 
 
+@pytest.mark.parametrize("acts", ["int8/token", "uint8/token/asym"])
+def test_per_token_linears_run_as_one_integer_kernel_each(acts, tmp_path):
+    """Per-token dynamic linears with biases, symmetric and asymmetric: each becomes one
+    MatMulIntegerToFloat (row and column scales inside the kernel), and ONNX Runtime agrees
+    with the torch backend. The inputs are skewed (a zero point far from the middle) and of
+    different magnitude per row, so a misplaced zero point or row scale shows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.GELU(), torch.nn.Linear(80, 24),
+                                torch.nn.LayerNorm(24)).eval()  # a last linear would be an output head, kept float
+    x = torch.randn(3, 7, 48) * torch.linspace(0.1, 5, 7)[:, None] + 1.5
+    compiled = lowbit.compile(model, (x,), dynamic_shapes=({0: "batch", 1: "seq"},),
+                              pipeline=f"insert-qdq{{weights=int8/channel,acts={acts}}}", progress=False)
+    path, weights = compiled.export_onnx(tmp_path / "model.onnx")
+    report = fusion_report(path, weights.layers)
+    assert set(report.fused.values()) == {"MatMulIntegerToFloat"} and report.total == 2, report.text()
+    for inputs in ((x,), (torch.randn(2, 5, 48) * 3 - 2,)):
+        diff = compare_with_torch(path, compiled, list(inputs))
+        assert diff["cosine"] > 0.9999 and diff["max_abs"] < 2e-2, diff
+
+
 def test_minilm_w4a16_int4_initializers_become_matmulnbits(tmp_path):
     spec, compiled, path, weights = _minilm("w4a16-rtn", tmp_path)
     model = onnx.load(str(path))

@@ -3,9 +3,10 @@ translations (onnxscript, used by ``torch.onnx.export(dynamo=True)``).
 
 Layouts at export: a quantized linear's weight is stored [in, out] (what ONNX MatMul reads),
 with per-channel scales along axis 1, or int4 groups of G along axis 0 (block_size=G), the
-pattern ONNX Runtime turns into MatMulNBits. A per-token dynamic linear becomes
-MatMulInteger on uint8 × int8 with the per-row zero point corrected exactly:
-    x·W ≈ s_x (q_x − z_x) · s_w q_w = s_x s_w (q_x·q_w − z_x ⊗ colsum(q_w)).
+pattern ONNX Runtime turns into MatMulNBits. A per-token dynamic linear becomes ONNX
+Runtime's MatMulIntegerToFloat on uint8 × int8 (row and column scales in its output pass),
+with an asymmetric row zero point corrected exactly by a rank-1 term:
+    x·W ≈ s_x (q_x − z_x) · s_w q_w = s_x s_w (q_x·q_w) − (s_x z_x) ⊗ (s_w colsum(q_w)).
 """
 
 from __future__ import annotations
@@ -134,33 +135,46 @@ def onnx_qlinear(x, w_kn, scale, zero_point, bias, block: int, qdtype: str):
 
 
 def onnx_dynamic_qlinear(x, w_kn, scale, colsum, bias, symmetric: bool):
-    """Per-token uint8 codes by one per-axis QuantizeLinear, then uint8 × int8 MatMulInteger
-    (the fast pair on ONNX Runtime CPU). Symmetric codes use the zero point 128 inside the
-    kernel; asymmetric ones subtract z ⊗ colsum(W_q) afterwards."""
-    k = op.Shape(x, start=-1)
-    x2 = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0))
-    axes = op.Constant(value_ints=[1])
+    """Per-token uint8 codes by one per-axis QuantizeLinear, then ONNX Runtime's
+    MatMulIntegerToFloat: uint8 × int8 with the row and column scales applied in the GEMM's own
+    output pass (its zero point must be one scalar). Symmetric codes are q + 128 with
+    the zero point 128; asymmetric ones take the zero point 0 and subtract the rank-1 term
+    (s_x z_x) ⊗ (s_w colsum(W_q))."""
+    from onnxscript.values import Opset
+
+    declare_contrib_op("MatMulIntegerToFloat",
+                       [("A", "T1", False), ("B", "T2", False), ("a_scale", "T", False), ("b_scale", "T", False),
+                        ("a_zero_point", "T1", True), ("b_zero_point", "T2", True), ("bias", "T", True)],
+                       ["Y"], [("T1", ["tensor(int8)", "tensor(uint8)"]), ("T2", ["tensor(int8)", "tensor(uint8)"]),
+                               ("T", ["tensor(float)", "tensor(float16)"])], [])
+    msft = Opset("com.microsoft", 1)
+    # one scale (and zero point) per row of x's last axis, computed on x as it is shaped; the
+    # codes by a per-axis QuantizeLinear on the rows, then back to x's shape (ONNX Runtime then
+    # knows the product's shape and fuses the bias into a following BiasGelu or
+    # SkipLayerNormalization)
+    axes = op.Constant(value_ints=[-1])
     eps = op.Constant(value_float=1e-8)
     flat = op.Constant(value_ints=[-1])
-    rows = op.Shape(x2, end=1)
-    if symmetric:
-        s = op.Max(op.Div(op.ReduceMax(op.Abs(x2), axes, keepdims=1), op.Constant(value_float=127.0)), eps)
-        z8 = op.Expand(op.Constant(value=onnx.helper.make_tensor("z", onnx.TensorProto.UINT8, [1], [128])), rows)
-        q = op.QuantizeLinear(x2, op.Reshape(s, flat), z8, axis=0)
-        acc = op.MatMulInteger(q, w_kn, op.Constant(value=onnx.helper.make_tensor("a_zp", onnx.TensorProto.UINT8, [], [128])))
-        acc = op.Cast(acc, to=onnx.TensorProto.FLOAT)
+    lo = op.ReduceMin(x, axes, keepdims=1)
+    hi = op.ReduceMax(x, axes, keepdims=1)
+    rows = op.Reshape(x, op.Constant(value_ints=[-1, int(w_kn.shape[0])]))
+    if symmetric:  # max |x| from the row's min and max: no |x| tensor
+        s = op.Max(op.Div(op.Max(hi, op.Neg(lo)), op.Constant(value_float=127.0)), eps)
+        z8 = op.Expand(op.Constant(value=onnx.helper.make_tensor("z", onnx.TensorProto.UINT8, [1], [128])),
+                       op.Shape(rows, end=1))
+        q = op.Reshape(op.QuantizeLinear(rows, op.Reshape(s, flat), z8, axis=0), op.Shape(x))
+        zp = op.Constant(value=onnx.helper.make_tensor("a_zp", onnx.TensorProto.UINT8, [], [128]))
+        y = msft.MatMulIntegerToFloat(q, w_kn, s, scale, zp)
     else:
         zero = op.Constant(value_float=0.0)
-        lo = op.Min(op.ReduceMin(x2, axes, keepdims=1), zero)
-        hi = op.Max(op.ReduceMax(x2, axes, keepdims=1), zero)
+        lo, hi = op.Min(lo, zero), op.Max(hi, zero)
         s = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=255.0)), eps)
         z = op.Clip(op.Round(op.Div(op.Neg(lo), s)), zero, op.Constant(value_float=255.0))
-        q = op.QuantizeLinear(x2, op.Reshape(s, flat), op.Reshape(op.Cast(z, to=onnx.TensorProto.UINT8), flat), axis=0)
-        acc = op.Cast(op.MatMulInteger(q, w_kn), to=onnx.TensorProto.FLOAT)
-        acc = op.Sub(acc, op.Mul(z, op.Cast(colsum, to=onnx.TensorProto.FLOAT)))
-    y2 = op.Mul(op.Mul(acc, s), scale)
-    out_shape = op.Concat(op.Shape(x, end=-1), op.Shape(w_kn, start=1), axis=0)
-    y = op.Reshape(y2, out_shape)
+        z8 = op.Reshape(op.Cast(z, to=onnx.TensorProto.UINT8), flat)
+        q = op.Reshape(op.QuantizeLinear(rows, op.Reshape(s, flat), z8, axis=0), op.Shape(x))
+        y = msft.MatMulIntegerToFloat(q, w_kn, s, scale)
+        y = op.Sub(y, op.Mul(op.Mul(s, z), op.Mul(op.Cast(colsum, to=onnx.TensorProto.FLOAT), scale)))
+    # not MatMulIntegerToFloat's own bias input: ONNX Runtime scales that by a per-row a_scale
     return op.Add(y, bias) if bias is not None else y
 
 
@@ -232,7 +246,8 @@ def onnx_mha(q, k, v, bias, scale: float):
                        [("num_heads", "INT", True), ("scale", "FLOAT", True)])
     msft = Opset("com.microsoft", 1)
     heads = q.shape[1]
-    # query as [batch, seq, heads·dim]; key/value stay [batch, heads, seq, dim]
+    # query as [batch, seq, heads·dim]; key/value stay [batch, heads, seq, dim] (measured: the
+    # kernel is slower on [batch, seq, heads·dim] keys than their transposes cost)
     out = msft.MultiHeadAttention(to_bsd(q), k, v, None, None, bias, num_heads=heads, scale=scale)
     return from_bsd(out, heads)
 
