@@ -78,7 +78,11 @@ def _minilm(recipe, tmp_path):
 def test_minilm_w8a8_fully_fused_and_agrees_with_torch(tmp_path):
     from lowbit.evaluate import mean_pool, minilm_batches
 
+    from lowbit.evaluate import activation_quantizers
+
     spec, compiled, path, weights = _minilm("w8a8", tmp_path)
+    static, dynamic = activation_quantizers(compiled.graph)  # 6 × (qkv, attn out, ffn in, ffn out) + pooler
+    assert static + dynamic == 25 and dynamic > 0, (static, dynamic)
     report = fusion_report(path, weights.layers)
     assert report.total == 37 and len(report.fused) == 37, report.text()
     assert set(report.fused.values()) <= {"MatMulIntegerToFloat", "MatMulInteger"}
