@@ -68,6 +68,9 @@ def test_dynamic_quant_edge_rows(device, bits, symmetric):
     assert s[0] == torch.tensor(EPS, dtype=torch.float32) and (q[0].int() == z[0]).all()  # x̂ = 0
     if symmetric:
         assert q[1].tolist() == [qmax, 0, 2, 2, 0, -2, 4, -4]  # half to even
+        # all negative: below 8 bits min x is qmin (every code used); int8 maps max|x| to −127
+        low = -qmax - 1 if bits < 8 else -qmax
+        assert q[5, 0] == low and s[5] == 5.0 / -low
 
 
 @pytest.mark.parametrize("device", DEVICES)

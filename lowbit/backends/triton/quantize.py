@@ -4,9 +4,10 @@ fused (rotate, then quantize, without the rotated activation going to memory).
 Per-token quantization over the last dim, to the SIGNED range of ``bits``
 (qmin = −2^(bits−1), qmax = 2^(bits−1) − 1; int4 codes held one per int8), all in fp32::
 
-    symmetric:   s = max(amax|x| / qmax, EPS),                  z = 0
-    asymmetric:  lo = min(min x, 0),  hi = max(max x, 0)
-                 s = max((hi − lo) / (qmax − qmin), EPS)
+    lo = min(min x, 0),  hi = max(max x, 0)
+    symmetric:   s = max(max(hi, −lo) / qmax, EPS)  (8 bits),    z = 0
+                 s = max(hi / qmax, lo / qmin, EPS)  (4 bits: every code used)
+    asymmetric:  s = max((hi − lo) / (qmax − qmin), EPS)
                  z = clamp(round(−lo/s), 0, qmax − qmin) + qmin
     q = clamp(round(x / s) + z, qmin, qmax)                      (round: half to even)
 
@@ -123,7 +124,10 @@ if triton_available():
     def _scale_zero(lo, hi, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr):
         """Scale and zero point from lo = min(min x, 0), hi = max(max x, 0) (module docstring)."""
         if SYMMETRIC:
-            scale = tl.maximum(tl.math.div_rn(tl.maximum(hi, -lo), QMAX * 1.0), _EPS)
+            if QMAX < 127:  # below 8 bits: max x → qmax or min x → qmin, whichever needs more
+                scale = tl.maximum(tl.maximum(tl.math.div_rn(hi, QMAX * 1.0), tl.math.div_rn(lo, QMIN * 1.0)), _EPS)
+            else:
+                scale = tl.maximum(tl.math.div_rn(tl.maximum(hi, -lo), QMAX * 1.0), _EPS)
             zero = tl.zeros_like(scale)
         else:
             scale = tl.maximum(tl.math.div_rn(hi - lo, (QMAX - QMIN) * 1.0), _EPS)
