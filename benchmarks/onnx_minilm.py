@@ -16,6 +16,11 @@ embeddings against fp32 PyTorch on the 256 shipped evaluation sentences.
 
     python benchmarks/onnx_minilm.py [--recipe w8a8] [--runs 30] [--out DIR]
     python benchmarks/onnx_minilm.py --model bert-base --seq 128,384   # BERT-base shapes, random weights
+    python benchmarks/onnx_minilm.py --profile    # also: lowbit's kernel time by operator type
+
+It also prints how far ONNX Runtime's embeddings stray from lowbit's torch backend, and how
+far the exported graph run by torch itself does (only the float order differs): the floor any
+runtime can reach on that model.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from lowbit.backends.onnx.report import fusion_report
 from lowbit.evaluate import mean_pool, minilm_batches, sentences
 from lowbit.zoo import ModelSpec, minilm, minilm_tokenizer
 
-from _ort import add_run_options, latencies, output_folder, session
+from _ort import add_run_options, latencies, op_profile, output_folder, session
 
 
 def embeddings(sess: ort.InferenceSession, batches) -> torch.Tensor:
@@ -138,6 +143,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="w8a8")
     ap.add_argument("--seq", default="128", help="sequence lengths timed, comma-separated")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="also print where lowbit's model spends its time, "
+                    "by operator type (ONNX Runtime's profiler)")
     add_run_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,6 +168,12 @@ def main() -> None:
         cos = torch.nn.functional.cosine_similarity(embeddings(sessions[name], evals), reference)
         quality[name] = (cos.mean().item(), cos.min().item())
     for seq in (int(s) for s in args.seq.split(",")):
+        if args.profile:
+            ops = op_profile(paths[ours], feeds(args.batch, seq), args.threads)
+            total = sum(ms for _, ms, _ in ops)
+            print(f"\n{ours}, seq {seq}: {total:.1f} ms of kernels per run (profiled; not the timing below)")
+            for op, ms, n in ops[:12]:
+                print(f"  {op:28s} {ms:7.2f} ms {100 * ms / total:5.1f}%  ×{n}")
         median = latencies(sessions, feeds(args.batch, seq), args.warmup, args.runs)
         best_fp32 = min(median["fp32"], median["ort optimizer fp32"])
         print(f"\n{args.model}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads, batch {args.batch} × "
