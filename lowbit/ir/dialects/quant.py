@@ -98,21 +98,19 @@ def dynamic_quantize(input, *, dtype, symmetric):
         scale = (x.abs().amax(-1, keepdim=True) / limit).clamp_min(EPS)
         return (x / scale).clamp(-limit, limit).to(dtype.storage), scale, torch.zeros_like(scale).to(dtype.storage)
     qmin, qmax = dtype.int_range
+    lo = x.amin(-1, keepdim=True).clamp_max(0)
+    hi = x.amax(-1, keepdim=True).clamp_min(0)
     if symmetric and qmin < 0 and dtype.bits < 8:
         # the larger of max x → qmax and min x → qmin: all 2^bits codes in use, none clipped and
         # no extreme on a rounding tie (at 4 bits ±max|x| → ±qmax leaves −8 unused: a step up to
         # 1/7 coarser; at 8 bits that is 1/127, and int8 keeps max|x| → 127, which the ONNX
-        # MatMulInteger path and existing exports share)
-        lo = x.amin(-1, keepdim=True).clamp_max(0)
-        hi = x.amax(-1, keepdim=True).clamp_min(0)
+        # export's per-token kernel and existing exports share)
         scale = torch.maximum(hi / qmax, lo / qmin).clamp_min(EPS)
         zp = torch.zeros_like(scale)
     elif symmetric:
-        scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(EPS)
+        scale = (torch.maximum(hi, -lo) / qmax).clamp_min(EPS)
         zp = torch.zeros_like(scale)
     else:
-        lo = x.amin(-1, keepdim=True).clamp_max(0)
-        hi = x.amax(-1, keepdim=True).clamp_min(0)
         scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
         zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     q = (torch.round(x / scale) + zp).clamp(qmin, qmax)
