@@ -76,9 +76,7 @@ def _minilm(recipe, tmp_path):
 
 
 def test_minilm_w8a8_fully_fused_and_agrees_with_torch(tmp_path):
-    from lowbit.evaluate import mean_pool, minilm_batches
-
-    from lowbit.evaluate import activation_quantizers
+    from lowbit.evaluate import activation_quantizers, mean_pool, minilm_batches
 
     spec, compiled, path, weights = _minilm("w8a8", tmp_path)
     static, dynamic = activation_quantizers(compiled.graph)  # 6 × (qkv, attn out, ffn in, ffn out) + pooler
@@ -140,12 +138,12 @@ def test_int4_linears_match_torch_at_onnxruntime_fp32_accuracy(tmp_path):
     inputs = compiled.traced.flatten_inputs(spec.example_inputs)
     with torch.no_grad():
         want = compiled(*spec.example_inputs).logits.numpy()
-    feeds = {i.name: t.numpy() for i, t in zip(ort.InferenceSession(str(path)).get_inputs(), inputs)}
     diffs = {}
     for level in ("0", "4"):
         so = ort.SessionOptions()
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
-        got = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)})[0]
         diffs[level] = float(np.abs(got - want).max())
     assert diffs["0"] < 1e-4 and diffs["4"] > 10 * diffs["0"], diffs
     assert set(fusion_report(path, weights.layers).fused.values()) == {"MatMulNBits"}
