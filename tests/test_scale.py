@@ -276,3 +276,43 @@ def test_the_onnx_export_streams_weights_and_writes_what_an_in_memory_export_wri
         assert want[name].dtype == got[name].dtype and (want[name] == got[name]).all(), name
     if recipe == "w4a16":
         assert any(want[n].dtype.name == "int4" or want[n].dtype.name == "uint4" for n in weights.int4)
+
+
+def test_calibration_leaves_padding_tokens_out():
+    """A padded batch gives the statistics and GPTQ Hessians of its sentences run one by one,
+    unpadded: padded positions (attention_mask 0) are read by nothing, so they are not observed."""
+    from lowbit.passes.quantize import _hessian
+    from lowbit.quant.calibrate import Sweep
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=100, max_position_embeddings=64)
+    model = tf.BertModel(cfg, add_pooling_layer=False).eval()
+    traced = lowbit.trace(model, kwargs={"input_ids": torch.randint(1, 120, (2, 9)),
+                                         "attention_mask": torch.ones(2, 9, dtype=torch.long)})
+    ids = [torch.randint(1, 120, (1, n), generator=torch.Generator().manual_seed(n)) for n in (4, 9)]
+    padded = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for row, x in enumerate(ids):
+        padded[row, : x.shape[1]], mask[row, : x.shape[1]] = x[0], 1
+    one_by_one = [traced.flatten_inputs((), {"input_ids": x, "attention_mask": torch.ones_like(x)}) for x in ids]
+    together = [traced.flatten_inputs((), {"input_ids": padded, "attention_mask": mask})]
+    as_real = [traced.flatten_inputs((), {"input_ids": padded, "attention_mask": torch.ones_like(mask)})]
+    values = [n.operand(0) for n in traced.graph.nodes if n.op == "core.linear"]
+    want = calibrate(traced.graph, one_by_one, values, progress=False)
+    got = calibrate(traced.graph, together, values, progress=False)
+    unmasked = calibrate(traced.graph, as_real, values, progress=False)
+    moved = 0
+    for v in values:
+        torch.testing.assert_close(got[v.name].channel_absmax, want[v.name].channel_absmax, rtol=1e-4, atol=1e-5)
+        assert got[v.name].min == pytest.approx(want[v.name].min, rel=1e-4, abs=1e-5)
+        assert got[v.name].max == pytest.approx(want[v.name].max, rel=1e-4, abs=1e-5)
+        moved += not torch.allclose(unmasked[v.name].channel_absmax, want[v.name].channel_absmax, rtol=1e-3)
+    assert moved, "the padding tokens should change the statistics when they are counted"
+    for v in values[:3]:
+        hessians = []
+        for batches in (one_by_one, together):
+            sweep = Sweep(traced.graph, batches)
+            sweep.advance(sweep.executor.step_index(v.producer) + 1)
+            hessians.append(_hessian(sweep.tokens(v)))
+        torch.testing.assert_close(hessians[1], hessians[0], rtol=1e-4, atol=1e-4)

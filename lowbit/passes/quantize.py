@@ -81,7 +81,7 @@ def _unquantized(v: Value) -> Value:
 
 
 def _hessian(xs: Iterable[torch.Tensor]) -> torch.Tensor:
-    """GPTQ's H = Σ xᵀx over every row (token) of every batch: float32 products, summed in float64."""
+    """GPTQ's H = Σ xᵀx over every row (real token) of every batch: float32 products, summed in float64."""
     h = None
     for x in xs:
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
@@ -255,7 +255,7 @@ class InsertQdq(Pass):
                     bar.update(block - bar.n)
                     if ckpt and not pinned and ckpt.save(block, sweep.pos, fresh, sweep.envs, set(ex.const_names)):
                         fresh = {}
-                h = _hessian(sweep.values(x))
+                h = _hessian(sweep.tokens(x))
                 for node in nodes:
                     spec = self._layer_spec(node, wspec, graph)
                     rounded = self._round_weight(graph, node, spec, h)

@@ -111,6 +111,28 @@ class _ReadOnce(Mapping):
         return len(self.base)
 
 
+def padding_mask(graph: Graph, inputs: Sequence[object]) -> torch.Tensor | None:
+    """Which tokens of a batch are real: the graph input ``attention_mask`` (or ``…_attention_mask``)
+    when it is a [batch, seq] tensor of zeros and ones with at least one zero, as a bool tensor;
+    None when the batch has no padding (or no such input)."""
+    for v, x in zip(graph.inputs, inputs):
+        if not (v.name == "attention_mask" or v.name.endswith("_attention_mask")):
+            continue
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.numel() and not torch.is_complex(x):
+            real = x != 0
+            if bool(((x == 0) | (x == 1)).all()) and not bool(real.all()):
+                return real
+    return None
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [batch, seq, ...] without its padding tokens ([tokens, ...]); ``x`` itself when it
+    has no padding mask or is not laid out by token."""
+    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(x.device)]
+
+
 class Sweep:
     """Every calibration batch taken through the graph together, a stretch of steps at a time:
     each block's weights are read once for all batches, and between stretches only the values
@@ -119,7 +141,10 @@ class Sweep:
         sweep = Sweep(graph, batches)
         sweep.advance(sweep.executor.step_index(node))   # every batch up to ``node``
         xs = sweep.values(v)                              # ``v`` in each batch
+        rows = sweep.tokens(v)                            # the same without padding tokens
 
+    Padding (``padding_mask``: a batch's ``attention_mask`` zeros) is read off each batch so
+    that statistics leave it out: nothing in the model reads a padded position's values.
     A batch or a node that holds NaN/Inf is an error naming it."""
 
     def __init__(self, graph: Graph, batches: Iterable[Sequence[object]],
@@ -128,10 +153,12 @@ class Sweep:
         self.graph = graph
         self.pos = 0
         self.envs = _Boundary(spill_dir, set(self.executor.const_names))
+        self.masks: list[torch.Tensor | None] = []
         for i, batch in enumerate(batches):
             inputs = flatten(batch) if flatten is not None else list(batch)
             for v, x in zip(graph.inputs, inputs):
                 _check_finite(x, f"input %{v.name}", i)
+            self.masks.append(padding_mask(graph, inputs))
             self.envs.append(self.executor.start(inputs))
         if not len(self.envs):
             raise CalibrationError("the calibration set is empty")
@@ -170,6 +197,14 @@ class Sweep:
             _check_finite(x, f"%{value.name}" + (f" (at {value.producer.loc.module})" if value.producer and
                                                  value.producer.loc.module else ""), b)
             yield x
+
+    def tokens(self, value: Value) -> Iterator[torch.Tensor]:
+        """``values(value)`` without the padding tokens of each batch (``real_tokens``); a batch
+        that is all padding there is left out."""
+        for b, x in enumerate(self.values(value)):
+            x = real_tokens(x, self.masks[b])
+            if x.numel():
+                yield x
 
 
 class _Boundary:
@@ -246,8 +281,8 @@ def calibrate(graph: Graph, batches: Iterable[Sequence[object]], values: Sequenc
 
     ``flatten`` turns one batch (the model's argument tuple) into the graph's inputs. The
     batches go through the graph together, block by block (``Sweep``), and only as far as the
-    last wanted value. A batch with NaN/Inf, or a node producing them, is an error naming the
-    batch and the node.
+    last wanted value. Padding tokens (``attention_mask`` zeros) are not observed. A batch with
+    NaN/Inf, or a node producing them, is an error naming the batch and the node.
     """
     wanted = {id(v): v.name for v in values}
     stats = {name: observer() for name in wanted.values()}
@@ -256,7 +291,7 @@ def calibrate(graph: Graph, batches: Iterable[Sequence[object]], values: Sequenc
     sweep = Sweep(graph, batches, flatten)
     for v in graph.inputs:
         if id(v) in wanted:
-            for x in sweep.values(v):
+            for x in sweep.tokens(v):
                 stats[v.name].update(x)
     producers = [i for i, step in enumerate(sweep.executor.steps) if any(id(r) in wanted for r in step.node.results)]
     if not producers:
@@ -269,7 +304,9 @@ def calibrate(graph: Graph, batches: Iterable[Sequence[object]], values: Sequenc
             if name is not None:
                 where = f"%{r.name} ({node.op}{' at ' + node.loc.module if node.loc.module else ''})"
                 _check_finite(out, where, batch)
-                stats[name].update(out)
+                out = real_tokens(out, sweep.masks[batch]) if isinstance(out, torch.Tensor) else out
+                if not isinstance(out, torch.Tensor) or out.numel():
+                    stats[name].update(out)
 
     stops = [s for s in block_starts(sweep.executor)[1:] if s < last] + [last]
     with torch.no_grad():
