@@ -316,3 +316,36 @@ def test_calibration_leaves_padding_tokens_out():
             sweep.advance(sweep.executor.step_index(v.producer) + 1)
             hessians.append(_hessian(sweep.tokens(v)))
         torch.testing.assert_close(hessians[1], hessians[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("memory", [2 << 30, 0])
+def test_a_sweep_rewound_to_a_mark_runs_the_stretch_again(monkeypatch, memory):
+    """Sequential GPTQ rounds a block, rewinds the sweep to the block's start and runs it again
+    on the rounded weights: a rewound stretch gives what it gave before, in memory or on disk,
+    and a weight pinned after the rewind is what the second run uses."""
+    from lowbit.quant.calibrate import Sweep
+
+    monkeypatch.setattr(calibrate_mod, "BOUNDARY_MEMORY", memory)
+    spec = zoo.tiny_llama(layers=2)
+    traced = lowbit.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    linears = [n for n in traced.graph.nodes if n.op == "core.linear"]
+    first, later = linears[0], linears[5]
+    batches = [traced.flatten_inputs((torch.randint(0, 100, (2, 6 + i), generator=torch.Generator().manual_seed(i)),))
+               for i in range(3)]
+    sweep = Sweep(traced.graph, batches)
+    ex = sweep.executor
+    sweep.advance(ex.step_index(first))
+    marked = sweep.mark()
+    sweep.advance(ex.step_index(later) + 1)
+    before = [x.clone() for x in sweep.values(later.results[0])]
+    sweep.rewind(marked)
+    assert sweep.pos == ex.step_index(first)
+    sweep.advance(ex.step_index(later) + 1)
+    for a, b in zip(sweep.values(later.results[0]), before):
+        assert torch.equal(a, b)
+    sweep.rewind(marked)
+    assert later.operands[2] is None
+    ex.pin(later, 1, torch.zeros_like(traced.graph.tensor(later.operand(1))))
+    sweep.advance(ex.step_index(later) + 1)
+    assert all(not x.any() for x in sweep.values(later.results[0]))
+    assert any(x.any() for x in before)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -178,6 +179,15 @@ class Sweep:
         del consts
         release_memory()
 
+    def mark(self) -> tuple[int, list]:
+        """The sweep's position and every batch's values there, to ``rewind`` to once (a stretch
+        run again after its weights changed)."""
+        return self.pos, self.envs.mark()
+
+    def rewind(self, marked: tuple[int, list]) -> None:
+        self.pos, envs = marked
+        self.envs.rewind(envs)
+
     def restore(self, step: int, envs: list[list]) -> None:
         """Continue from a saved position (``SweepCheckpoint``): constants are read again."""
         if len(envs) != len(self.envs) or any(len(env) != self.executor.n_slots for env in envs):
@@ -205,6 +215,14 @@ class Sweep:
             x = real_tokens(x, self.masks[b])
             if x.numel():
                 yield x
+
+
+def _link(src: str, dst: str) -> None:
+    """``dst`` as a second name of file ``src`` (a copy where links are not allowed)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 class _Boundary:
@@ -259,6 +277,30 @@ class _Boundary:
             for earlier in range(b):
                 self._write(earlier, self.envs[earlier])
         self._write(b, env)
+
+    def mark(self) -> list[tuple[list, str | None]]:
+        """Every batch's environment as it stands, to ``rewind`` to: a copy of the list (the
+        tensors are shared: steps never write into them), and a second link to its file when
+        it is written out."""
+        marked = []
+        for b, env in enumerate(self.envs):
+            kept = None
+            if self.spilling and os.path.exists(self._path(b)):
+                kept = self._path(b) + ".mark"
+                if os.path.exists(kept):
+                    os.remove(kept)
+                _link(self._path(b), kept)
+            marked.append((list(env), kept))
+        return marked
+
+    def rewind(self, marked: list[tuple[list, str | None]]) -> None:
+        """Back to the environments ``mark`` returned (the latest mark)."""
+        for b, (env, kept) in enumerate(marked):
+            if self.spilling and os.path.exists(self._path(b)):
+                os.remove(self._path(b))
+            self.envs[b] = list(env)
+            if kept:
+                _link(kept, self._path(b))
 
     def _path(self, b: int) -> str:
         return os.path.join(self._temp.name, f"batch{b}.safetensors") if self._temp else ""
