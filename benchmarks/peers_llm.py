@@ -404,8 +404,12 @@ def main() -> None:
             print(f"[peers] {name}: {tool} done in {info['seconds']:.0f} s, {len(done)} results"
                   + (f" ({info['error']})" if info.get("error") else ""), file=sys.stderr, flush=True)
 
-    if args.merge:
-        results = merge(json.loads(Path(args.merge).read_text()), results, tools)
+    if args.merge:  # the table shows the saved run's tools and configurations as well
+        saved = json.loads(Path(args.merge).read_text())
+        results = merge(saved, results, tools, configs)
+        old = saved.get("meta", {})
+        tools = [t for t in TOOLS if t in {*old.get("tools", []), *tools}]
+        configs = [c for c in CONFIGS if c in {*old.get("configs", []), *configs}]
     meta = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "argv": sys.argv[1:], "quick": args.quick, "tools": tools, "configs": configs,
             "lowbit_recipes": {k: v for k, v in LOWBIT_RECIPES.items() if k in configs},
@@ -415,15 +419,15 @@ def main() -> None:
     write(meta, results, Path(args.out))
 
 
-def merge(saved: dict, fresh: dict, tools: list[str]) -> dict:
-    """``saved``'s models with the rows, fp32 values and tool entries of ``tools`` replaced by
-    ``fresh``'s (models only in ``fresh`` are added)."""
+def merge(saved: dict, fresh: dict, tools: list[str], configs: list[str]) -> dict:
+    """``saved``'s models with the rows of ``tools`` in ``configs``, and those tools' fp32 values
+    and entries, replaced by ``fresh``'s (models only in ``fresh`` are added)."""
     models = saved["models"]
     for name, result in fresh.items():
         old = models.setdefault(name, result)
         if old is result:
             continue
-        old["rows"] = [r for r in old["rows"] if r["tool"] not in tools] + result["rows"]
+        old["rows"] = [r for r in old["rows"] if r["tool"] not in tools or r["config"] not in configs] + result["rows"]
         old["fp32"] = {k: v for k, v in old["fp32"].items() if k.split(" (")[0] not in tools} | result["fp32"]
         old["tools"] = {k: v for k, v in old["tools"].items() if k not in tools} | result["tools"]
     return models
