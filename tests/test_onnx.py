@@ -128,7 +128,10 @@ def test_int4_linears_match_torch_at_onnxruntime_fp32_accuracy(tmp_path):
     """ONNX Runtime fuses the int4 DequantizeLinear → MatMul into MatMulNBits at the session's
     ``session.qdq_matmulnbits_accuracy_level`` (default 4: it quantizes the activations to int8
     per block inside the kernel). At level 0 the exported w4a8 model computes what the torch
-    backend does; at the default it does not (the README says so)."""
+    backend does; at the default it does not (the README says so). Compared per position:
+    another float order can land an activation a ulp across a rounding boundary of its int8
+    code, which moves that position and the ones after it (seen with torch on one thread), so
+    the typical position is what must agree."""
     from lowbit.evaluate import byte_windows
 
     spec = zoo.byte_llama()
@@ -144,8 +147,8 @@ def test_int4_linears_match_torch_at_onnxruntime_fp32_accuracy(tmp_path):
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)})[0]
-        diffs[level] = float(np.abs(got - want).max())
-    assert diffs["0"] < 1e-4 and diffs["4"] > 10 * diffs["0"], diffs
+        diffs[level] = float(np.median(np.abs(got - want).max(-1)))  # per position: its largest logit error
+    assert diffs["0"] < 1e-4 and diffs["4"] > 100 * diffs["0"], diffs
     assert set(fusion_report(path, weights.layers).fused.values()) == {"MatMulNBits"}
 
 
