@@ -180,8 +180,8 @@ class Sweep:
         release_memory()
 
     def mark(self) -> tuple[int, list]:
-        """The sweep's position and every batch's values there, to ``rewind`` to once (a stretch
-        run again after its weights changed)."""
+        """The sweep's position and every batch's values there, to ``rewind`` to (a stretch run
+        again after its weights changed); the latest mark can be rewound to more than once."""
         return self.pos, self.envs.mark()
 
     def rewind(self, marked: tuple[int, list]) -> None:
