@@ -27,6 +27,11 @@ def test_qspec_parsing_and_errors():
         parse_qspec("int9/tensor", "acts")
     with pytest.raises(QSpecError, match="unknown field 'row'.*allowed granularities: tensor, channel, token, group<N>"):
         parse_qspec("int8/row", "weights")
+    assert not parse_qspec("uint8/tensor").symmetric  # an unsigned code needs a zero point
+    with pytest.raises(QSpecError, match=r"acts: 'uint8/tensor/sym': uint8 has no negative codes.*int8/\.\.\./sym"):
+        parse_qspec("uint8/tensor/sym", "acts")
+    with pytest.raises(QSpecError, match=r"dynamic_acts: 'uint8/tensor/asym/dynamic': .*per token.*uint8/token"):
+        parse_qspec("uint8/tensor/asym/dynamic", "dynamic_acts")
 
 
 def test_recipes_expand_and_bad_recipe_names_key(tmp_path):

@@ -1,7 +1,8 @@
 """Quantization specs, written ``dtype/granularity[/sym|asym][/static|dynamic][/observer]``.
 
     int8/channel            int8, one scale per output channel, symmetric (weights)
-    uint8/tensor/asym       uint8 with a zero point, one scale for the tensor (static acts)
+    uint8/tensor/asym       uint8 with a zero point, one scale for the tensor (static acts;
+                            unsigned codes always carry a zero point: ``uint8/tensor`` is the same)
     int8/token/dynamic      int8, one scale per token computed at run time
     int4/group128/asym      int4 with zero points, one scale per 128 inputs (weights)
     uint8/tensor/asym/mse   range chosen by MSE search over a calibration histogram
@@ -81,6 +82,16 @@ def parse_qspec(text: str, where: str = "spec") -> QSpec:
                 f"{where}: unknown field {part!r} in {text!r}; allowed granularities: "
                 f"{', '.join(GRANULARITIES)}; symmetry: sym, asym; mode: static, dynamic; "
                 f"observers: {', '.join(OBSERVERS)}")
+    unsigned = fields["dtype"].short.startswith("u")
+    if unsigned and fields.get("symmetric"):
+        raise QSpecError(f"{where}: {text!r}: {parts[0]} has no negative codes, so a symmetric range (zero "
+                         f"point 0) would clip every negative value; write {parts[0]}/.../asym, or "
+                         f"{parts[0][1:]}/.../sym")
+    if unsigned:
+        fields["symmetric"] = False  # an unsigned code needs its zero point
+    if fields.get("dynamic") and fields.get("granularity", "tensor") != "token":
+        raise QSpecError(f"{where}: {text!r}: scales computed at run time are per token; write "
+                         f"{parts[0]}/token/... (or drop 'dynamic' for a calibrated static range)")
     spec = QSpec(**fields)
     if spec.dtype.is_float and not spec.symmetric:
         raise QSpecError(f"{where}: fp8 is symmetric only")
