@@ -217,3 +217,41 @@ def test_convolutions_are_quantized_per_output_channel_and_export(tmp_path):
     dyn = lowbit.compile(spec.model, spec.example_inputs, recipe="w8a8-dynamic", calibration=calibration,
                          progress=False)
     assert any("convolution(s) stay float" in n for n in dyn.traced.notes)
+
+
+def test_smooth_quant_alpha_auto_picks_the_least_error():
+    """alpha=auto searches α per region by the consumers' quantized output error; on a layer
+    whose input has outlier channels it does at least as well as any fixed α of its grid, and
+    says what it chose."""
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(40)
+            self.proj = torch.nn.Linear(40, 24)
+            with torch.no_grad():
+                self.norm.weight.copy_(1 + torch.rand(40) * torch.tensor([25.0 if i % 9 == 0 else 0.0
+                                                                         for i in range(40)]))
+
+        def forward(self, x):
+            return self.proj(self.norm(x))
+
+    model = Block().eval()
+    calib = [(torch.randn(4, 16, 40),) for _ in range(2)]  # 128 tokens: the whole sample
+    with torch.no_grad():
+        ref = torch.cat([model(*b) for b in calib])
+
+    def error(alpha):
+        q = lowbit.compile(model, calib[0], calibration=calib, progress=False, verify=False,
+                           pipeline=f"smooth-quant{{alpha={alpha}}},insert-qdq{{acts=uint8/tensor/asym,head=true}}")
+        with torch.no_grad():
+            return rel_err(torch.cat([q(*b) for b in calib]), ref), q.traced.notes
+
+    fixed = {a: error(a)[0] for a in (0.0, 0.3, 0.5, 0.8, 1.0)}
+    auto, notes = error("auto")
+    assert max(fixed.values()) > 1.5 * min(fixed.values())  # α matters here
+    assert auto <= 1.02 * min(fixed.values()), (auto, fixed)
+    assert any("smooth-quant: α chosen per region" in n for n in notes), notes
+    with pytest.raises(PipelineError, match="alpha: 'best' is neither a number in \\[0, 1\\] nor auto"):
+        parse_pipeline("smooth-quant{alpha=best}")

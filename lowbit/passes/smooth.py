@@ -7,7 +7,10 @@ and diag(s)⁻¹ is absorbed by X's producer:
     a linear through attention heads (v_proj → sdpa → o_proj): rows of W_v and b_v divided by s,
     since attention mixes tokens, never channels, the per-channel scale passes through;
     a gated MLP's up projection (x = silu(gate) ⊙ up → down): rows of W_up divided by s.
-SmoothQuant picks  s_j = max|X_j|^α / max|W_·j|^(1−α)  from calibration statistics.
+SmoothQuant picks  s_j = max|X_j|^α / max|W_·j|^(1−α)  from calibration statistics; with
+``alpha: auto`` each region takes the α on a grid whose smoothed, quantized consumers best
+reproduce their float outputs on a sample of calibration tokens (quantized as ``weights`` and
+``acts`` say, which should match the ``insert-qdq`` that follows).
 
 Regions come from the graph: a value qualifies only if *every* consumer is a linear reading it
 as input (a post-LN model's norm output also feeds the residual add, so it is skipped), and
@@ -24,7 +27,9 @@ import torch
 from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.rewriter import single_user
-from lowbit.quant.calibrate import calibrate
+from lowbit.quant.calibrate import RowSample, calibrate
+from lowbit.quant.spec import parse_qspec
+from lowbit.quant.weights import fake_quantize
 
 _HEAD_RESHAPES = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
                   "aten.transpose.int", "aten.clone.default")
@@ -131,22 +136,73 @@ class SmoothQuant(Pass):
     name: ClassVar[str] = "smooth-quant"
     idempotent: ClassVar[bool] = False  # a second run rescales by the new statistics
     summary: ClassVar[str] = "move activation outliers into weights: X·diag(s)⁻¹, diag(s)·W"
-    alpha: float = 0.5
+    alpha: float | str = 0.5  # or "auto": per region, the grid α with the least quantized output error
+    grid: int = 10            # alpha=auto: α ∈ {0, 1/grid, ..., 1}
+    weights: str = "int8/channel"  # alpha=auto: the weight and activation quantization the search
+    acts: str = "uint8/tensor/asym"  # rounds with (as the insert-qdq that follows)
+    rows: int = 512           # alpha=auto: calibration tokens sampled per region
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, str):
+            if self.alpha != "auto":
+                raise ValueError(f"{self.name}.alpha: {self.alpha!r} is neither a number in [0, 1] nor auto")
+        elif not 0 <= self.alpha <= 1:
+            raise ValueError(f"{self.name}.alpha: {self.alpha} is not in [0, 1]")
+        if self.grid < 1:
+            raise ValueError(f"{self.name}.grid: {self.grid} must be at least 1")
+        parse_qspec(self.weights, f"{self.name}.weights")
+        parse_qspec(self.acts, f"{self.name}.acts")
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         regions = find_regions(graph)
         if not regions:
             return False
-        stats = calibrate(graph, ctx.require_calibration(self.name), [r.x for r in regions],
-                          progress=ctx.progress, desc=self.name)
+        batches = ctx.require_calibration(self.name)
+        xs = [r.x for r in regions]
+        stats = calibrate(graph, batches, xs, progress=ctx.progress, desc=self.name)
+        samples = None
+        if self.alpha == "auto":
+            samples = calibrate(graph, batches, xs, progress=ctx.progress, desc=f"{self.name} α search",
+                                observer=lambda: RowSample(self.rows))
+        chosen = []
         for r in regions:
-            self._fold(graph, r, stats[r.x.name].channel_absmax)
+            x_absmax = stats[r.x.name].channel_absmax
+            weights = [graph.tensor(u.operand(1)).float() for u in r.consumers]
+            w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+            if samples is None:
+                alpha = float(self.alpha)
+            else:
+                alpha = self._search(samples[r.x.name].tensor(), weights, x_absmax, w_absmax)
+                chosen.append(alpha)
+            apply_scales(graph, r, smoothing_scales(x_absmax, w_absmax, alpha), self.name)
+        if chosen:
+            counts = {a: chosen.count(a) for a in sorted(set(chosen))}
+            ctx.note(f"{self.name}: α chosen per region by quantized output error on {self.rows} sampled "
+                     f"tokens ({self.weights} weights, {self.acts} activations): "
+                     + ", ".join(f"{a:g} ×{n}" for a, n in counts.items()))
         return True
 
-    def _fold(self, graph: Graph, r: Region, x_absmax: torch.Tensor) -> None:
-        w_absmax = torch.stack([graph.tensor(u.operand(1)).abs().amax(0) for u in r.consumers]).amax(0)
-        s = (x_absmax.clamp_min(1e-5) ** self.alpha / w_absmax.clamp_min(1e-5) ** (1 - self.alpha))
-        apply_scales(graph, r, s.clamp(1e-4, 1e4), self.name)
+    def _search(self, x: torch.Tensor, weights: list[torch.Tensor], x_absmax: torch.Tensor,
+                w_absmax: torch.Tensor) -> float:
+        """The α on the grid whose smoothing leaves the least error ‖Q(X/s)·Q(W·s)ᵀ − X·Wᵀ‖² in
+        the region's consumers, with weights and activations rounded as specified."""
+        wspec, aspec = parse_qspec(self.weights), parse_qspec(self.acts)
+        ref = [x @ w.T for w in weights]
+        best, best_err = 0.5, float("inf")
+        for i in range(self.grid + 1):
+            alpha = i / self.grid
+            s = smoothing_scales(x_absmax, w_absmax, alpha)
+            xq = fake_quantize(x / s, aspec)
+            err = sum((xq @ fake_quantize(w * s, wspec).T - y).pow(2).sum().item() for w, y in zip(weights, ref))
+            if err < best_err:
+                best, best_err = alpha, err
+        return best
+
+
+def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^α / max|W_·j|^(1−α), kept within [1e-4, 1e4]."""
+    s = x_absmax.clamp_min(1e-5) ** alpha / w_absmax.clamp_min(1e-5) ** (1 - alpha)
+    return s.clamp(1e-4, 1e4)
 
 
 def apply_scales(graph: Graph, r: Region, s: torch.Tensor, pass_name: str) -> None:
