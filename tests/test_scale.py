@@ -17,7 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluate import byte_windows, perplexity
 from lowbit.frontend.weights import weightless_model
 from lowbit.ir.store import LazyTensor, WeightFileError, lazy_safetensors
-from lowbit.quant.calibrate import calibrate
+from lowbit.quant.calibrate import CalibrationError, calibrate
 from lowbit.quant.observers import TensorStats
 
 
@@ -316,6 +316,9 @@ def test_calibration_leaves_padding_tokens_out():
             sweep.advance(sweep.executor.step_index(v.producer) + 1)
             hessians.append(_hessian(sweep.tokens(v)))
         torch.testing.assert_close(hessians[1], hessians[0], rtol=1e-4, atol=1e-4)
+    empty = [traced.flatten_inputs((), {"input_ids": padded, "attention_mask": torch.zeros_like(mask)})]
+    with pytest.raises(CalibrationError, match="every calibration batch is all padding \\(attention_mask is all zeros\\)"):
+        calibrate(traced.graph, empty, values, progress=False)
 
 
 @pytest.mark.parametrize("memory", [2 << 30, 0])

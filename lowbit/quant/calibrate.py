@@ -163,6 +163,10 @@ class Sweep:
             self.envs.append(self.executor.start(inputs))
         if not len(self.envs):
             raise CalibrationError("the calibration set is empty")
+        if all(m is not None and not bool(m.any()) for m in self.masks):
+            name = next(v.name for v in graph.inputs if v.name == "attention_mask" or v.name.endswith("_attention_mask"))
+            raise CalibrationError(f"every calibration batch is all padding ({name} is all zeros): there is no "
+                                   "real token to calibrate on; give batches whose mask marks their tokens with 1")
 
     def advance(self, stop: int, hook: Callable[[int, Node, tuple], None] | None = None) -> None:
         """Run every batch from the current step up to ``stop``; ``hook(batch, node, outputs)``
