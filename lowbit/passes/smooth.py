@@ -28,6 +28,7 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.rewriter import single_user
 from lowbit.quant.calibrate import RowSample, calibrate
+from lowbit.quant.observers import TensorStats
 from lowbit.quant.spec import parse_qspec
 from lowbit.quant.weights import fake_quantize
 
@@ -157,23 +158,21 @@ class SmoothQuant(Pass):
         regions = find_regions(graph)
         if not regions:
             return False
-        batches = ctx.require_calibration(self.name)
-        xs = [r.x for r in regions]
-        stats = calibrate(graph, batches, xs, progress=ctx.progress, desc=self.name)
-        samples = None
-        if self.alpha == "auto":
-            samples = calibrate(graph, batches, xs, progress=ctx.progress, desc=f"{self.name} α search",
-                                observer=lambda: RowSample(self.rows))
+        search = self.alpha == "auto"
+        stats = calibrate(graph, ctx.require_calibration(self.name), [r.x for r in regions],
+                          progress=ctx.progress, desc=self.name,
+                          observer=(lambda: _StatsAndSample(self.rows)) if search else TensorStats)
         chosen = []
         for r in regions:
-            x_absmax = stats[r.x.name].channel_absmax
+            st = stats[r.x.name]
+            x_absmax = st.stats.channel_absmax if search else st.channel_absmax
             weights = [graph.tensor(u.operand(1)).float() for u in r.consumers]
             w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-            if samples is None:
-                alpha = float(self.alpha)
-            else:
-                alpha = self._search(samples[r.x.name].tensor(), weights, x_absmax, w_absmax)
+            if search:
+                alpha = self._search(st.sample.tensor(), weights, x_absmax, w_absmax)
                 chosen.append(alpha)
+            else:
+                alpha = float(self.alpha)
             apply_scales(graph, r, smoothing_scales(x_absmax, w_absmax, alpha), self.name)
         if chosen:
             counts = {a: chosen.count(a) for a in sorted(set(chosen))}
@@ -197,6 +196,17 @@ class SmoothQuant(Pass):
             if err < best_err:
                 best, best_err = alpha, err
         return best
+
+
+class _StatsAndSample:
+    """One calibration sweep for α search: channel statistics and a token sample together."""
+
+    def __init__(self, rows: int) -> None:
+        self.stats, self.sample = TensorStats(), RowSample(rows)
+
+    def update(self, x: torch.Tensor) -> None:
+        self.stats.update(x)
+        self.sample.update(x)
 
 
 def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
