@@ -169,15 +169,17 @@ class SmoothQuant(Pass):
             weights = [graph.tensor(u.operand(1)).float() for u in r.consumers]
             w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
             if search:
-                alpha = self._search(st.sample.tensor(), weights, x_absmax, w_absmax)
+                sample = st.sample.tensor()
+                alpha = self._search(sample, weights, x_absmax, w_absmax)
                 chosen.append(alpha)
+                tokens = sample.shape[0]
             else:
                 alpha = float(self.alpha)
             apply_scales(graph, r, smoothing_scales(x_absmax, w_absmax, alpha), self.name)
         if chosen:
             counts = {a: chosen.count(a) for a in sorted(set(chosen))}
-            ctx.note(f"{self.name}: α chosen per region by quantized output error on {self.rows} sampled "
-                     f"tokens ({self.weights} weights, {self.acts} activations): "
+            ctx.note(f"{self.name}: α chosen per region by quantized output error on {tokens} sampled "
+                     f"calibration tokens ({self.weights} weights, {self.acts} activations): "
                      + ", ".join(f"{a:g} ×{n}" for a, n in counts.items()))
         return True
 
