@@ -19,6 +19,7 @@ the producer can absorb the inverse scale. The pass is lossless; the pass manage
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -166,10 +167,10 @@ class SmoothQuant(Pass):
         for r in regions:
             st = stats[r.x.name]
             x_absmax = st.stats.channel_absmax if search else st.channel_absmax
-            weights = [graph.tensor(u.operand(1)).float() for u in r.consumers]
-            w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+            w_absmax = torch.stack([graph.tensor(u.operand(1)).abs().amax(0) for u in r.consumers]).amax(0).float()
             if search:
                 sample = st.sample.tensor()
+                weights = [graph.tensor(u.operand(1)).float() for u in r.consumers]
                 alpha = self._search(sample, weights, x_absmax, w_absmax)
                 chosen.append(alpha)
                 tokens = sample.shape[0]
@@ -188,6 +189,8 @@ class SmoothQuant(Pass):
         """The α on the grid whose smoothing leaves the least error ‖Q(X/s)·Q(W·s)ᵀ − X·Wᵀ‖² in
         the region's consumers, with weights and activations rounded as specified."""
         wspec, aspec = parse_qspec(self.weights), parse_qspec(self.acts)
+        if aspec.granularity == "token":  # the sample's rows are tokens: one range per row
+            aspec = dataclasses.replace(aspec, granularity="channel", dynamic=False)
         ref = [x @ w.T for w in weights]
         best, best_err = 0.5, float("inf")
         for i in range(self.grid + 1):
