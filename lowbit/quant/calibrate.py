@@ -112,12 +112,17 @@ class _ReadOnce(Mapping):
         return len(self.base)
 
 
+def _is_mask(v: Value) -> bool:
+    """A graph input named ``attention_mask`` or ``…_attention_mask``."""
+    return v.name == "attention_mask" or v.name.endswith("_attention_mask")
+
+
 def padding_mask(graph: Graph, inputs: Sequence[object]) -> torch.Tensor | None:
     """Which tokens of a batch are real: the graph input ``attention_mask`` (or ``…_attention_mask``)
     when it is a [batch, seq] tensor of zeros and ones with at least one zero, as a bool tensor;
     None when the batch has no padding (or no such input)."""
     for v, x in zip(graph.inputs, inputs):
-        if not (v.name == "attention_mask" or v.name.endswith("_attention_mask")):
+        if not _is_mask(v):
             continue
         if isinstance(x, torch.Tensor) and x.dim() == 2 and x.numel() and not torch.is_complex(x):
             real = x != 0
@@ -164,7 +169,7 @@ class Sweep:
         if not len(self.envs):
             raise CalibrationError("the calibration set is empty")
         if all(m is not None and not bool(m.any()) for m in self.masks):
-            name = next(v.name for v in graph.inputs if v.name == "attention_mask" or v.name.endswith("_attention_mask"))
+            name = next(v.name for v in graph.inputs if _is_mask(v))
             raise CalibrationError(f"every calibration batch is all padding ({name} is all zeros): there is no "
                                    "real token to calibrate on; give batches whose mask marks their tokens with 1")
 
