@@ -52,9 +52,9 @@ METHODS = {
     "w4a16": [("RTN", {}), ("GPTQ", GPTQ), ("AWQ", AWQ)],
     "w8a8-static": [("GPTQ", GPTQ), ("SmoothQuant+GPTQ", {**SMOOTH, **GPTQ})],
     "w4a8": [("GPTQ", GPTQ), ("Hadamard rotation+GPTQ", {**ROTATE, **GPTQ})],
-    "w4a4-token": [("GPTQ", GPTQ)],
+    "w4a4-token": [("GPTQ", GPTQ), ("SmoothQuant+GPTQ", {**SMOOTH, **GPTQ})],
     "w4a4-token-rot": [("Hadamard rotation+GPTQ", {**ROTATE, **GPTQ})],
-    "w4a4-static": [("GPTQ", GPTQ)],
+    "w4a4-static": [("GPTQ", GPTQ), ("SmoothQuant+GPTQ", {**SMOOTH, **GPTQ})],
     "w4a4-static-rot": [("Hadamard rotation+GPTQ", {**ROTATE, **GPTQ})],
 }
 

@@ -90,9 +90,9 @@ def methods(config: str):
         "w4a16": [("RTN", rtn), ("GPTQ", gptq), ("AWQ", awq)],
         "w8a8-static": [("GPTQ", gptq), ("SmoothQuant+GPTQ", smooth_gptq)],
         "w4a8": [("GPTQ", gptq), ("SpinQuant+GPTQ", spin_gptq)],
-        "w4a4-token": [("GPTQ", gptq)],
+        "w4a4-token": [("GPTQ", gptq), ("SmoothQuant+GPTQ", smooth_gptq)],
         "w4a4-token-rot": [("SpinQuant+GPTQ", spin_gptq), ("QuIP+GPTQ", quip_gptq)],
-        "w4a4-static": [("GPTQ", gptq)],
+        "w4a4-static": [("GPTQ", gptq), ("SmoothQuant+GPTQ", smooth_gptq)],
         "w4a4-static-rot": [("SpinQuant+GPTQ", spin_gptq), ("QuIP+GPTQ", quip_gptq)],
     }[config]
 
