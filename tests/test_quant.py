@@ -219,11 +219,12 @@ def test_convolutions_are_quantized_per_output_channel_and_export(tmp_path):
     assert any("convolution(s) stay float" in n for n in dyn.traced.notes)
 
 
-@pytest.mark.parametrize("acts", ["uint8/tensor/asym", "int8/token"])
-def test_smooth_quant_alpha_auto_picks_the_least_error(acts):
-    """alpha=auto searches α per region by the consumers' quantized output error; on a layer
-    whose input has outlier channels it does at least as well as any fixed α of its grid, and
-    says what it chose."""
+@pytest.mark.parametrize("weights,acts", [("int8/channel", "uint8/tensor/asym"), ("int8/channel", "int8/token"),
+                                          ("int4/channel/mse", "int4/token")])
+def test_smooth_quant_alpha_auto_picks_the_least_error(weights, acts):
+    """alpha=auto searches α per region by the consumers' quantized output error (weights and
+    activations rounded as the recipe will round them); on a layer whose input has outlier
+    channels it does at least as well as any fixed α of its grid, and says what it chose."""
     torch.manual_seed(0)
 
     class Block(torch.nn.Module):
@@ -245,7 +246,8 @@ def test_smooth_quant_alpha_auto_picks_the_least_error(acts):
 
     def error(alpha):
         q = lowbit.compile(model, calib[0], calibration=calib, progress=False, verify=False,
-                           pipeline=f"smooth-quant{{alpha={alpha},acts={acts}}},insert-qdq{{acts={acts},head=true}}")
+                           pipeline=f"smooth-quant{{alpha={alpha},weights={weights},acts={acts}}},"
+                                    f"insert-qdq{{weights={weights},acts={acts},head=true}}")
         with torch.no_grad():
             return rel_err(torch.cat([q(*b) for b in calib]), ref), q.traced.notes
 
