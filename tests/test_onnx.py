@@ -114,6 +114,26 @@ def test_per_token_linears_run_as_one_integer_kernel_each(acts, tmp_path):
         assert diff["cosine"] > 0.9999 and diff["max_abs"] < 2e-2, diff
 
 
+@pytest.mark.parametrize("acts", ["int4/token/dynamic", "int4/token/dynamic/mse"])
+def test_4_bit_and_clipped_per_token_activations_export_as_computed(acts, tmp_path):
+    """Per-token activations that ONNX Runtime's 8-bit integer kernel cannot compute (4-bit
+    codes; ranges clipped by a calibrated ratio, ``/mse``) are exported as the explicit quantize
+    → dequantize → MatMul, and ONNX Runtime agrees with the torch backend. (The 8-bit kernel
+    used to take 4-bit activations too, rounding them to 8 bits: cosine 0.995 here.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.LayerNorm(80)).eval()
+    x = torch.randn(3, 7, 48)
+    compiled = lowbit.compile(model, (x,), dynamic_shapes=({0: "batch", 1: "seq"},), calibration=[(x,)],
+                              pipeline=f"insert-qdq{{weights=int8/channel,acts={acts}}}", progress=False)
+    [clip] = [n.attrs.get("clip", 1.0) for n in compiled.traced.graph.nodes if n.op == "quant.dynamic_linear"]
+    assert (clip < 1) == acts.endswith("/mse"), clip
+    path, weights = compiled.export_onnx(tmp_path / "model.onnx")
+    assert "MatMulIntegerToFloat" not in set(fusion_report(path, weights.layers).fused.values())
+    for inputs in ((x,), (torch.randn(2, 5, 48) * 3 - 2,)):
+        diff = compare_with_torch(path, compiled, list(inputs))
+        assert diff["cosine"] > 0.9999, diff
+
+
 def test_minilm_w4a16_int4_initializers_become_matmulnbits(tmp_path):
     spec, compiled, path, weights = _minilm("w4a16-rtn", tmp_path)
     model = onnx.load(str(path))

@@ -219,6 +219,31 @@ def test_convolutions_are_quantized_per_output_channel_and_export(tmp_path):
     assert any("convolution(s) stay float" in n for n in dyn.traced.notes)
 
 
+def test_dynamic_activations_clip_by_calibrated_ratio():
+    """int4/token/dynamic/mse: each per-token quantizer gets the clip ratio whose output error on
+    calibration tokens is least; on Gaussian activations it clips (QuaRot's 0.9 is near), lowers
+    the linears' output error on other inputs against the unclipped quantizer, and says so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32),
+                                torch.nn.LayerNorm(32)).eval()
+    calib = [(torch.randn(4, 32, 64),) for _ in range(2)]
+    held_out = torch.randn(4, 32, 64)
+    errors, graphs = {}, {}
+    for obs in ("", "/mse"):
+        q = lowbit.compile(model, calib[0], calibration=calib, progress=False, verify=False,
+                           pipeline=f"insert-qdq{{weights=int8/channel,acts=int4/token/dynamic{obs}}}")
+        with torch.no_grad():
+            errors[obs] = rel_err(q(held_out), model(held_out))
+        graphs[obs] = q.traced
+    clips = [n.attrs.get("clip", 1.0) for n in graphs["/mse"].graph.nodes if "dynamic" in n.op]
+    assert len(clips) == 2 and all(0.7 <= c < 1 for c in clips), clips
+    assert all(n.attrs.get("clip", 1.0) == 1.0 for n in graphs[""].graph.nodes)
+    assert errors["/mse"] < 0.97 * errors[""], errors  # 0.131 against 0.137
+    assert any("per-token activation ranges clipped" in n for n in graphs["/mse"].notes), graphs["/mse"].notes
+    with pytest.raises(QSpecError, match="kl chooses a static range"):
+        parse_qspec("int4/token/dynamic/kl")
+
+
 @pytest.mark.parametrize("weights,acts", [("int8/channel", "uint8/tensor/asym"), ("int8/channel", "int8/token"),
                                           ("int4/channel/mse", "int4/token")])
 def test_smooth_quant_alpha_auto_picks_the_least_error(weights, acts):

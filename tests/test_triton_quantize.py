@@ -16,11 +16,11 @@ MODES = [(8, True), (8, False), (4, True), (4, False)]
 HADAMARD_SIZES = [16, 64, 256, 768, 1024, 1280, 4096]  # 768 = 12·64, 1280 = 20·64
 
 
-def expected(x: torch.Tensor, bits: int, symmetric: bool):
+def expected(x: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0):
     """``quant.dynamic_quantize`` in the signed form: the signed dtype when symmetric, the
     unsigned one (lowbit's asymmetric activations) shifted by 2^(bits−1) otherwise."""
     dtype = {(8, True): DType.i8, (4, True): DType.i4, (8, False): DType.u8, (4, False): DType.u4}
-    q, s, z = dynamic_quantize(x.cpu(), dtype=dtype[(bits, symmetric)], symmetric=symmetric)
+    q, s, z = dynamic_quantize(x.cpu(), dtype=dtype[(bits, symmetric)], symmetric=symmetric, clip=clip)
     shift = 0 if symmetric else 1 << (bits - 1)
     lead = x.shape[:-1]
     return q.int() - shift, s.reshape(lead), (z.int() - shift).reshape(lead)
@@ -49,6 +49,23 @@ def rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
 def test_dynamic_quant_exact(device, bits, symmetric, dtype):
     x = rows(19, 100).to(dtype)  # 19 rows: a partial block of rows per program; K masked
     assert_same_codes(tq.dynamic_quant(x.to(device), bits, symmetric), expected(x, bits, symmetric))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,symmetric", MODES)
+def test_dynamic_quant_clipped_exact(device, bits, symmetric):
+    """A clip ratio (each token's range shrunk, the values beyond it saturating) is the
+    reference's bit for bit, in the one-pass, two-pass and fused-rotation kernels."""
+    for x in (rows(19, 100), rows(3, 20000, seed=1)):  # 20000 > ROW_MAX: the row is read twice
+        got = tq.dynamic_quant(x.to(device), bits, symmetric, 0.85)
+        want = expected(x, bits, symmetric, 0.85)
+        assert_same_codes(got, want)
+        assert not torch.equal(want[1], expected(x, bits, symmetric)[1])  # the clip changed the scales
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        assert ((want[0] == qmin) | (want[0] == qmax)).any()  # and values saturate
+    x = rows(6, 768, seed=4).to(device)
+    fused = tq.hadamard_quant(x, bits, symmetric, 0.9)
+    assert all(torch.equal(a, b) for a, b in zip(fused, tq.dynamic_quant(tq.hadamard(x), bits, symmetric, 0.9)))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's 3e38 − (−3e38)
@@ -228,6 +245,6 @@ def test_bf16_on_gpu(n):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     x = torch.randn(3, 64, device=device)
-    torch.library.opcheck(torch.ops.lowbit.triton_dynamic_quant.default, (x, 8, False))
+    torch.library.opcheck(torch.ops.lowbit.triton_dynamic_quant.default, (x, 8, False, 1.0))
     torch.library.opcheck(torch.ops.lowbit.triton_hadamard.default, (x,))
-    torch.library.opcheck(torch.ops.lowbit.triton_hadamard_quant.default, (x.half(), 4, True))
+    torch.library.opcheck(torch.ops.lowbit.triton_hadamard_quant.default, (x.half(), 4, True, 0.9))

@@ -116,6 +116,11 @@ def _linears(graph: Graph) -> dict[str, _Linear]:
                 if node.attrs.get("hadamard"):
                     raise ExportError(f"{module}: its input is rotated online by a Hadamard transform, which "
                                       "this export does not write (compile without online-hadamard)")
+                if node.attrs.get("clip", 1.0) != 1.0:
+                    raise ExportError(f"{module}: its per-token activation range is clipped to "
+                                      f"{node.attrs['clip']:g} of each token's, which compressed-tensors does not "
+                                      "describe (its runtimes scale by the full range); quantize the activations "
+                                      "without the /mse clip search")
                 act = _act_args(node.attrs["act_dtype"], bool(node.attrs.get("symmetric", True)), True)
             entry = _Linear(node, _const(graph, node, 1, "weight"), _const(graph, node, 2, "scale"),
                             _const(graph, node, 3, "zero point"), _const(graph, node, 4, "bias"),

@@ -61,6 +61,8 @@ def _rewrite_dynamic(b: Bindings, graph: Graph) -> None:
     node, dyn = b["linear"], b["source"]
     assert isinstance(node, Node) and isinstance(dyn, Node)
     attrs = {"act_dtype": dyn.attrs["dtype"], "symmetric": dyn.attrs.get("symmetric", True), **node.attrs}
+    if dyn.attrs.get("clip", 1.0) != 1.0:
+        attrs["clip"] = dyn.attrs["clip"]
     replace_with(graph, node, "quant.dynamic_linear", [dyn.operand(0), *node.operands[1:]], attrs,
                  "fuse-quantized-linear")
     graph.erase(node)

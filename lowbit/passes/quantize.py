@@ -5,7 +5,10 @@ Weights (per output channel, axis 0; or per group of G inputs, axis 1):
     s = max|W| / qmax (symmetric) or (max − min) / (qmax − qmin) with a zero point,
     W_q = clamp(round(W / s) + z)  stored as an integer constant, then dequantize → linear.
 Activations: static (one scale/zero point from calibration, chosen by the spec's observer)
-or dynamic per token (``quant.dynamic_quantize`` computes them at run time).
+or dynamic per token (``quant.dynamic_quantize`` computes them at run time). A dynamic spec
+with the ``mse`` observer (``int4/token/dynamic/mse``) gets a clip ratio per quantizer: each
+token's range is shrunk by the ratio on a grid (1 down to 0.5) whose rounding error on up to
+``clip_rows`` sampled calibration tokens is least (QuaRot clips 4-bit activations at 0.9).
 
 With ``auto_dynamic`` > 0 an activation quantized statically whose expected relative RMS
 error on the calibration histogram exceeds that bound is quantized per token instead: static
@@ -27,7 +30,8 @@ from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.cleanup import remove_dead_nodes
 from tqdm.auto import tqdm
 
-from lowbit.quant.calibrate import Sweep, block_of, calibrate
+from lowbit.ir.dialects.quant import dynamic_quantize
+from lowbit.quant.calibrate import RowSample, Sweep, block_of, calibrate
 from lowbit.quant.checkpoint import Rounded, SweepCheckpoint, fingerprint
 from lowbit.quant.gptq import gptq_quantize
 from lowbit.quant.observers import EPS, TensorStats, scale_zero_point
@@ -55,6 +59,34 @@ def static_rel_error(stats: TensorStats, spec: QSpec) -> float:
 _SHAPE_OPS = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.slice.Tensor",
               "aten.contiguous.default", "aten.clone.default", "aten._to_copy.default", "aten.squeeze.dim",
               "aten.unsqueeze.default", "aten.select.int")
+
+
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # per-token clip ratios tried: 1 … 0.5
+
+
+def search_clip(rows: torch.Tensor, spec: QSpec, readout: torch.Tensor | None = None) -> tuple[float, float]:
+    """The clip ratio of CLIP_GRID whose per-token rounding of ``rows`` (tokens × features) as
+    ``spec`` has the least squared error, measured after ``readout`` (features × k: what the
+    consumers read, ``consumer_readout``) when given; (ratio, its error relative to the
+    unclipped one's)."""
+    errors = []
+    for clip in CLIP_GRID:
+        q, scale, zero = dynamic_quantize(rows, dtype=spec.dtype, symmetric=spec.symmetric, clip=clip)
+        diff = (q.float() - zero.float()) * scale - rows
+        errors.append((diff if readout is None else diff @ readout).pow(2).sum().item())
+    best = min(range(len(errors)), key=errors.__getitem__)
+    return CLIP_GRID[best], errors[best] / max(errors[0], 1e-30)
+
+
+def consumer_readout(weights: list[torch.Tensor], width: int = 256) -> torch.Tensor:
+    """Wᵀ of the consumers' stacked weights W [out, in], so that ‖E·Wᵀ‖ is their output error for
+    an input error E; past ``width`` outputs a seeded Gaussian sketch Wᵀ·P/√width [in, width]
+    (the same norm in expectation, at a fraction of the products)."""
+    w = torch.cat([t.float() for t in weights])
+    if w.shape[0] <= width:
+        return w.T
+    sketch = torch.randn(w.shape[0], width, generator=torch.Generator().manual_seed(0)) / math.sqrt(width)
+    return w.T @ sketch
 
 
 def output_heads(graph: Graph) -> set[int]:
@@ -117,6 +149,7 @@ class InsertQdq(Pass):
     rounded_inputs: bool = False  # sequential GPTQ: Hessians of the inputs after their own QDQ
     head: bool = False       # quantize the output head (a linear writing a graph output: lm_head)
     embeddings: str = "none"  # a weight spec for embedding tables (rows as output channels)
+    clip_rows: int = 512     # dynamic acts with the mse observer: calibration tokens sampled per quantizer
 
     def __post_init__(self) -> None:
         parse_qspec(self.weights, f"{self.name}.weights")
@@ -357,18 +390,51 @@ class InsertQdq(Pass):
             not spec.dynamic and not any(_matches(u.loc.module, force_dynamic) for u, _ in users))]
         stats = calibrate(graph, ctx.require_calibration(self.name), static,
                           progress=ctx.progress, desc=self.name) if static else {}
+        dyn = parse_qspec(self.dynamic_acts, f"{self.name}.dynamic_acts") if self.dynamic_acts != "none" else spec
+        dynamic = []
         for vid, (x, users) in groups.items():
             st = stats.get(x.name)
-            dynamic = st is None or (vid not in fixed and self.auto_dynamic > 0
-                                     and static_rel_error(st, spec) > self.auto_dynamic)
-            first = users[0][0]
-            if dynamic:
-                dyn = parse_qspec(self.dynamic_acts, f"{self.name}.dynamic_acts") if self.dynamic_acts != "none" else spec
-                dq = self._insert_dynamic(graph, x, first, dyn)
-            else:
-                dq = self._insert_static(graph, x, first, spec, st)
+            if st is None or (vid not in fixed and self.auto_dynamic > 0
+                              and static_rel_error(st, spec) > self.auto_dynamic):
+                dynamic.append((x, users))
+                continue
+            dq = self._insert_static(graph, x, users[0][0], spec, st)
             for u, index in users:
                 u.set_operand(index, dq)
+        clips = self._search_clips(graph, ctx, dynamic, dyn)
+        for x, users in dynamic:
+            dq = self._insert_dynamic(graph, x, users[0][0], dyn, clips.get(x.name, 1.0))
+            for u, index in users:
+                u.set_operand(index, dq)
+
+    def _search_clips(self, graph: Graph, ctx: PassContext, dynamic: list[tuple[Value, list[tuple[Node, int]]]],
+                      spec: QSpec) -> dict[str, float]:
+        """Per-token clip ratios (``search_clip``) of the dynamic quantizers on the listed values
+        (with their users), when their spec asks for the ``mse`` observer: by the error of the
+        linears that read the value where all its users are linears, else of the value itself. A
+        note gives the spread."""
+        if spec.observer != "mse" or not dynamic:
+            return {}
+        samples = calibrate(graph, ctx.require_calibration(self.name), [x for x, _ in dynamic],
+                            progress=ctx.progress, desc=f"{self.name} clip",
+                            observer=lambda: RowSample(self.clip_rows))
+        clips, gains, tokens = {}, [], 0
+        for x, users in dynamic:
+            sample = samples[x.name]
+            if not sample.rows:
+                continue
+            rows = sample.tensor()
+            linear = all(u.op == "core.linear" and i == 0 and graph.is_constant(u.operands[1]) for u, i in users)
+            readout = consumer_readout([graph.tensor(u.operands[1]) for u, _ in users]) if linear else None
+            clips[x.name], gain = search_clip(rows, spec, readout)
+            gains.append(gain)
+            tokens = max(tokens, rows.shape[0])
+        if clips:
+            ratios = sorted(clips.values())
+            ctx.note(f"{self.name}: per-token activation ranges clipped by MSE on {tokens} sampled calibration "
+                     f"tokens: ratio {ratios[0]:.3f}–{ratios[-1]:.3f} (median {ratios[len(ratios) // 2]:.3f}) over "
+                     f"{len(ratios)} quantizers, rounding error {min(gains):.2f}–{max(gains):.2f}× the unclipped")
+        return clips
 
     def _insert_static(self, graph: Graph, x: Value, first: Node, spec: QSpec, st: TensorStats) -> Value:
         qmin, qmax = spec.qrange
@@ -384,10 +450,10 @@ class InsertQdq(Pass):
         q.touch(self.name), dq.touch(self.name)
         return dq.result
 
-    def _insert_dynamic(self, graph: Graph, x: Value, first: Node, spec: QSpec) -> Value:
+    def _insert_dynamic(self, graph: Graph, x: Value, first: Node, spec: QSpec, clip: float = 1.0) -> Value:
         loc = Location(first.loc.module)
-        q = graph.append("quant.dynamic_quantize", [x], {"dtype": spec.dtype, "symmetric": spec.symmetric},
-                         loc=loc, before=first)
+        attrs = {"dtype": spec.dtype, "symmetric": spec.symmetric, **({"clip": clip} if clip != 1.0 else {})}
+        q = graph.append("quant.dynamic_quantize", [x], attrs, loc=loc, before=first)
         q_val, scale, zp = q.results
         dq = graph.append("quant.dequantize", [q_val, scale, None if spec.symmetric else zp],
                           {"out_dtype": x.tensor_type.dtype}, loc=loc, before=first)

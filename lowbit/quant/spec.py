@@ -6,6 +6,8 @@
     int8/token/dynamic      int8, one scale per token computed at run time
     int4/group128/asym      int4 with zero points, one scale per 128 inputs (weights)
     uint8/tensor/asym/mse   range chosen by MSE search over a calibration histogram
+    int4/token/dynamic/mse  per token at run time, each token's range clipped by a ratio
+                            chosen per quantizer by MSE on calibration tokens
 
 Errors name the field and list the allowed values.
 """
@@ -92,6 +94,11 @@ def parse_qspec(text: str, where: str = "spec") -> QSpec:
     if fields.get("dynamic") and fields.get("granularity", "tensor") != "token":
         raise QSpecError(f"{where}: {text!r}: scales computed at run time are per token; write "
                          f"{parts[0]}/token/... (or drop 'dynamic' for a calibrated static range)")
+    if (fields.get("dynamic") or fields.get("granularity") == "token") and \
+            fields.get("observer", "minmax") not in ("minmax", "mse"):
+        raise QSpecError(f"{where}: {text!r}: a per-token range is each token's own min/max at run time, "
+                         f"or with mse that range clipped by a calibrated ratio; {fields['observer']} "
+                         "chooses a static range")
     spec = QSpec(**fields)
     if spec.dtype.is_float and not spec.symmetric:
         raise QSpecError(f"{where}: fp8 is symmetric only")

@@ -187,9 +187,12 @@ def _activation_row(graph: Graph, node: Node, x: torch.Tensor | None) -> dict:
         return row
     x = x.float()
     if dynamic:
-        q, scale, zero = dynamic_quantize(x, dtype=dtype, symmetric=node.attrs.get("symmetric", True))
+        clip = node.attrs.get("clip", 1.0)  # a token's values beyond clip × its range saturate
+        q, scale, zero = dynamic_quantize(x, dtype=dtype, symmetric=node.attrs.get("symmetric", True), clip=clip)
         xq = (q.float() - zero.float()) * scale
-        row.update({"scale min": scale.min().item(), "scale max": scale.max().item(), "clipped": 0.0,
+        lo, hi = x.amin(-1, keepdim=True).clamp_max(0) * clip, x.amax(-1, keepdim=True).clamp_min(0) * clip
+        clipped = ((x < lo) | (x > hi)).float().mean().item()
+        row.update({"scale min": scale.min().item(), "scale max": scale.max().item(), "clipped": clipped,
                     "rel error": ((xq - x).double().norm() / x.double().norm().clamp_min(1e-30)).item()})
         return row
     scale, zero = (None if v is None else graph.tensors[str(v.producer.attrs["name"])] for v in node.operands[1:3])

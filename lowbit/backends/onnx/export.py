@@ -134,7 +134,9 @@ class _ExportModule(torch.nn.Module):
             q = node.operand(1).tensor_type.dtype.short
             return (lambda x, w, s, z, b: _as_3d(x, lambda x3: ops.qlinear(x3, w, s, z, b, block, q))), {}
         if node.op == "quant.dynamic_linear" and node.attrs.get("group_size") is None \
-                and node.operand(1).tensor_type.dtype == DType.i8 and node.operands[3] is None:
+                and node.operand(1).tensor_type.dtype == DType.i8 and node.operands[3] is None \
+                and node.attrs["act_dtype"] in (DType.i8, DType.u8) \
+                and node.attrs.get("clip", 1.0) == 1.0:  # ORT's 8-bit kernel quantizes over the full range
             sym = bool(node.attrs.get("symmetric", True))
             colsum = getattr(self, self.colsums[id(node)])
             return (lambda x, w, s, z, b: ops.dynamic_qlinear(x, w, s, colsum, b, sym)), {}
@@ -162,9 +164,10 @@ class _ExportModule(torch.nn.Module):
         block = node.attrs.get("group_size") or 0
         q = node.operand(1).tensor_type.dtype.short
         act, sym = node.attrs["act_dtype"], bool(node.attrs.get("symmetric", True))
+        clip = float(node.attrs.get("clip", 1.0))
 
         def linear(x, w, s, z, b):
-            xq, xs, xz = dynamic_quantize(x, dtype=act, symmetric=sym)
+            xq, xs, xz = dynamic_quantize(x, dtype=act, symmetric=sym, clip=clip)
             x = dequantize(xq, xs, None if sym else xz, axis=None, group_size=None, out_dtype=DType.from_torch(x.dtype))
             return _as_3d(x, lambda x3: ops.qlinear(x3, w, s, z, b, block, q))
         return linear, {}

@@ -134,7 +134,7 @@ def _activation(x: torch.Tensor, attrs: dict) -> torch.Tensor:
         from lowbit.ir.dialects.hadamard import hadamard_transform
 
         x = hadamard_transform(x)
-    q, s, z = dynamic_quantize(x, dtype=attrs["act_dtype"], symmetric=attrs["symmetric"])
+    q, s, z = dynamic_quantize(x, dtype=attrs["act_dtype"], symmetric=attrs["symmetric"], clip=attrs.get("clip", 1.0))
     return dequantize(q, s, None if attrs["symmetric"] else z, axis=None, group_size=None,
                       out_dtype=DType.from_torch(x.dtype))
 

@@ -102,12 +102,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _quantize_dynamic(x2d: torch.Tensor, dtype: DType, symmetric: bool, hadamard: bool):
+def _quantize_dynamic(x2d: torch.Tensor, dtype: DType, symmetric: bool, hadamard: bool, clip: float):
     """Per-token codes (signed: uint8 q with zero z is int8 q − 128 with zero z − 128), scale, zero."""
     from lowbit.backends.triton.quantize import dynamic_quant, hadamard_quant
 
     fn = hadamard_quant if hadamard else dynamic_quant
-    return fn(x2d, dtype.bits, symmetric)
+    return fn(x2d, dtype.bits, symmetric, clip)
 
 
 def _quantize_static(x2d: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: DType):
@@ -134,6 +134,7 @@ class IntLinear(torch.nn.Module):
         wq, scale, _ = (_const(graph, v) for v in _weight(node))
         self.mode, self.act_dtype = _act(node)
         self.symmetric = bool(node.attrs.get("symmetric", True))
+        self.clip = float(node.attrs.get("clip", 1.0))
         self.hadamard = bool(node.attrs.get("hadamard", False))
         self.fp8 = wq.dtype == torch.float8_e4m3fn
         self.register_buffer("weight", wq.contiguous())
@@ -148,7 +149,7 @@ class IntLinear(torch.nn.Module):
         if self.mode == "static":
             q, s, z = _quantize_static(x2d, operands[0], operands[1], self.act_dtype)
         else:
-            q, s, z = _quantize_dynamic(x2d, self.act_dtype, self.symmetric, self.hadamard)
+            q, s, z = _quantize_dynamic(x2d, self.act_dtype, self.symmetric, self.hadamard, self.clip)
             z = None if self.symmetric else z
         y = scaled_mm(q, self.weight, s.reshape(-1), _thawed(self.weight_scale),
                       bias, z if z is None else z.reshape(-1).to(torch.int32),
@@ -166,6 +167,7 @@ class Int4Linear(torch.nn.Module):
         wq, scale, zero = (_const(graph, v) for v in _weight(node))
         self.mode, self.act_dtype = _act(node)
         self.symmetric = bool(node.attrs.get("symmetric", True))
+        self.clip = float(node.attrs.get("clip", 1.0))
         self.hadamard = bool(node.attrs.get("hadamard", False))
         self.group_size = node.attrs.get("group_size")
         self.pad = -wq.shape[1] % self.group_size if self.group_size else 0  # zero inputs fill the last group
@@ -185,7 +187,7 @@ class Int4Linear(torch.nn.Module):
         bias = operands[-1]
         x2d = _flat(x)
         if self.mode == "dynamic":  # the activation's per-token rounding, then float weights' GEMM
-            q, s, z = _quantize_dynamic(x2d, self.act_dtype, self.symmetric, self.hadamard)
+            q, s, z = _quantize_dynamic(x2d, self.act_dtype, self.symmetric, self.hadamard, self.clip)
             x2d = ((q.float() - z.float().reshape(-1, 1)) * s.reshape(-1, 1)).to(x.dtype)
         if self.pad:
             x2d = torch.nn.functional.pad(x2d, (0, self.pad))

@@ -4,7 +4,7 @@ fused (rotate, then quantize, without the rotated activation going to memory).
 Per-token quantization over the last dim, to the SIGNED range of ``bits``
 (qmin = −2^(bits−1), qmax = 2^(bits−1) − 1; int4 codes held one per int8), all in fp32::
 
-    lo = min(min x, 0),  hi = max(max x, 0)
+    lo = min(min x, 0)·c,  hi = max(max x, 0)·c                  (c: the clip ratio, 1 by default)
     symmetric:   s = max(max(hi, −lo) / qmax, EPS)  (8 bits),    z = 0
                  s = max(hi / qmax, lo / qmin, EPS)  (4 bits: every code used)
     asymmetric:  s = max((hi − lo) / (qmax − qmin), EPS)
@@ -167,7 +167,7 @@ if triton_available():
             tl.store(q_rows + k0 + cols[None, :], q, mask=mask)
 
     @triton.jit
-    def _dynamic_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, M, K, QMIN: tl.constexpr,
+    def _dynamic_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, M, K, clip, QMIN: tl.constexpr,
                               QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
         """BLOCK_M rows per program; a row held whole (ONE_PASS) or read twice in chunks."""
@@ -180,14 +180,14 @@ if triton_available():
             mask = row_ok[:, None] & (cols < K)[None, :]
             # masked elements read as 0, which changes neither min(·, 0) nor max(·, 0)
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            lo = tl.minimum(tl.min(x, 1), 0.0)
-            hi = tl.maximum(tl.max(x, 1), 0.0)
+            lo = tl.minimum(tl.min(x, 1), 0.0) * clip
+            hi = tl.maximum(tl.max(x, 1), 0.0) * clip
             scale, zero = _scale_zero(lo, hi, QMIN, QMAX, SYMMETRIC)
             tl.store(q_rows + cols[None, :], _quantize(x, scale[:, None], zero[:, None], QMIN, QMAX),
                      mask=mask)
         else:
             lo, hi = _row_range_looped(x_rows, row_ok, K, BLOCK_M, BLOCK_K)
-            scale, zero = _scale_zero(lo, hi, QMIN, QMAX, SYMMETRIC)
+            scale, zero = _scale_zero(lo * clip, hi * clip, QMIN, QMAX, SYMMETRIC)
             _quantize_looped(x_rows, q_rows, row_ok, K, scale, zero, QMIN, QMAX, BLOCK_K)
         tl.store(s_ptr + rows, scale, mask=row_ok)
         tl.store(z_ptr + rows, zero.to(tl.int32), mask=row_ok)
@@ -229,7 +229,7 @@ if triton_available():
         tl.store(y_ptr + row + offs, y, mask=mask)
 
     @triton.jit
-    def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ha_ptr, hb_ptr, scale_a, scale_b,
+    def _hadamard_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, ha_ptr, hb_ptr, scale_a, scale_b, clip,
                                A: tl.constexpr, A_PAD: tl.constexpr, B: tl.constexpr,
                                QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr):
         pid = tl.program_id(0)
@@ -237,7 +237,7 @@ if triton_available():
         offs, mask = _row_tile(A, A_PAD, B)
         y = _rotate_row(x_ptr + row, ha_ptr, hb_ptr, offs, mask, scale_a, scale_b, A_PAD, B)
         y = y.to(tl.float32)  # padded rows are 0 (H_a's padded rows are): harmless to min/max
-        scale, zero = _scale_zero(tl.minimum(tl.min(y), 0.0), tl.maximum(tl.max(y), 0.0),
+        scale, zero = _scale_zero(tl.minimum(tl.min(y), 0.0) * clip, tl.maximum(tl.max(y), 0.0) * clip,
                                   QMIN, QMAX, SYMMETRIC)
         tl.store(q_ptr + row + offs, _quantize(y, scale, zero, QMIN, QMAX), mask=mask)
         tl.store(s_ptr + pid, scale)
@@ -253,7 +253,7 @@ def _empty_codes(x: torch.Tensor):
             torch.empty(m, dtype=torch.int32, device=x.device))
 
 
-def _launch_dynamic_quant(x: torch.Tensor, bits: int, symmetric: bool):
+def _launch_dynamic_quant(x: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0):
     q, scale, zero = _empty_codes(x)
     m, k = x.shape
     one_pass = _next_pow2(k) <= ROW_MAX
@@ -262,7 +262,7 @@ def _launch_dynamic_quant(x: torch.Tensor, bits: int, symmetric: bool):
     qmin, qmax = signed_range(bits)
     if m:
         _dynamic_quant_kernel[(cdiv(m, block_m),)](
-            x, q, scale, zero, m, k, QMIN=qmin, QMAX=qmax, SYMMETRIC=symmetric, BLOCK_M=block_m,
+            x, q, scale, zero, m, k, clip, QMIN=qmin, QMAX=qmax, SYMMETRIC=symmetric, BLOCK_M=block_m,
             BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=8 if block_m * block_k > 4096 else 4)
     return q, scale, zero
 
@@ -283,20 +283,20 @@ def _launch_hadamard(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _launch_hadamard_quant(x: torch.Tensor, bits: int, symmetric: bool):
+def _launch_hadamard_quant(x: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0):
     q, scale, zero = _empty_codes(x)
     args, meta = _rotation_args(x)
     qmin, qmax = signed_range(bits)
     if x.shape[0]:
-        _hadamard_quant_kernel[(x.shape[0],)](x, q, scale, zero, *args, **meta, QMIN=qmin,
+        _hadamard_quant_kernel[(x.shape[0],)](x, q, scale, zero, *args, clip, **meta, QMIN=qmin,
                                               QMAX=qmax, SYMMETRIC=symmetric)
     return q, scale, zero
 
 
-def _dynamic_quant_reference(x: torch.Tensor, bits: int, symmetric: bool):
+def _dynamic_quant_reference(x: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0):
     """``quant.dynamic_quantize`` in the signed form (module docstring)."""
     dtype = _REFERENCE_DTYPES[(bits, symmetric)]
-    q, scale, zero = dynamic_quantize(x, dtype=dtype, symmetric=symmetric)
+    q, scale, zero = dynamic_quantize(x, dtype=dtype, symmetric=symmetric, clip=clip)
     shift = 0 if symmetric else 1 << (bits - 1)
     return ((q.to(torch.int16) - shift).to(torch.int8), scale.reshape(-1),
             (zero.to(torch.int32) - shift).reshape(-1))
@@ -313,10 +313,10 @@ def _rotate_in_kernel(x: torch.Tensor) -> bool:
 _Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q int8, scale fp32, zero int32
 
 @torch.library.custom_op("lowbit::triton_dynamic_quant", mutates_args=())
-def _dynamic_quant_op(x: torch.Tensor, bits: int, symmetric: bool) -> _Codes:
+def _dynamic_quant_op(x: torch.Tensor, bits: int, symmetric: bool, clip: float) -> _Codes:
     if use_triton(x):
-        return _launch_dynamic_quant(x, bits, symmetric)
-    return _dynamic_quant_reference(x, bits, symmetric)
+        return _launch_dynamic_quant(x, bits, symmetric, clip)
+    return _dynamic_quant_reference(x, bits, symmetric, clip)
 
 
 @torch.library.custom_op("lowbit::triton_hadamard", mutates_args=())
@@ -325,14 +325,14 @@ def _hadamard_op(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("lowbit::triton_hadamard_quant", mutates_args=())
-def _hadamard_quant_op(x: torch.Tensor, bits: int, symmetric: bool) -> _Codes:
+def _hadamard_quant_op(x: torch.Tensor, bits: int, symmetric: bool, clip: float) -> _Codes:
     if _rotate_in_kernel(x):
-        return _launch_hadamard_quant(x, bits, symmetric)
-    return _dynamic_quant_reference(hadamard_transform(x), bits, symmetric)
+        return _launch_hadamard_quant(x, bits, symmetric, clip)
+    return _dynamic_quant_reference(hadamard_transform(x), bits, symmetric, clip)
 
 
 @_dynamic_quant_op.register_fake
-def _(x, bits, symmetric):
+def _(x, bits, symmetric, clip):
     return _empty_codes(x)
 
 
@@ -342,7 +342,7 @@ def _(x):
 
 
 @_hadamard_quant_op.register_fake
-def _(x, bits, symmetric):
+def _(x, bits, symmetric, clip):
     return _empty_codes(x)
 
 
@@ -355,13 +355,14 @@ def _rows(x: torch.Tensor, bits: int | None = None, rotate: bool = False) -> tor
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def dynamic_quant(x: torch.Tensor, bits: int = 8, symmetric: bool = True):
+def dynamic_quant(x: torch.Tensor, bits: int = 8, symmetric: bool = True, clip: float = 1.0):
     """Per-token quantization of x [..., K] to signed ``bits``-bit codes: (q int8 [..., K],
-    scale fp32 [...], zero int32 [...]), x ≈ (q − zero)·scale (module docstring).
+    scale fp32 [...], zero int32 [...]), x ≈ (q − zero)·scale (module docstring); ``clip``
+    scales lo and hi first (``quant.dynamic_quantize``'s clip).
 
     >>> q, s, z = dynamic_quant(torch.randn(4, 64), 8, symmetric=False)
     """
-    q, scale, zero = torch.ops.lowbit.triton_dynamic_quant(_rows(x, bits), bits, symmetric)
+    q, scale, zero = torch.ops.lowbit.triton_dynamic_quant(_rows(x, bits), bits, symmetric, float(clip))
     return q.reshape(x.shape), scale.reshape(x.shape[:-1]), zero.reshape(x.shape[:-1])
 
 
@@ -373,10 +374,11 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.lowbit.triton_hadamard(_rows(x, rotate=True)).reshape(x.shape)
 
 
-def hadamard_quant(x: torch.Tensor, bits: int = 8, symmetric: bool = True):
-    """``dynamic_quant(hadamard(x), bits, symmetric)`` in one kernel.
+def hadamard_quant(x: torch.Tensor, bits: int = 8, symmetric: bool = True, clip: float = 1.0):
+    """``dynamic_quant(hadamard(x), bits, symmetric, clip)`` in one kernel.
 
     >>> q, s, z = hadamard_quant(torch.randn(4, 4096))
     """
-    q, scale, zero = torch.ops.lowbit.triton_hadamard_quant(_rows(x, bits, rotate=True), bits, symmetric)
+    q, scale, zero = torch.ops.lowbit.triton_hadamard_quant(_rows(x, bits, rotate=True), bits, symmetric,
+                                                            float(clip))
     return q.reshape(x.shape), scale.reshape(x.shape[:-1]), zero.reshape(x.shape[:-1])

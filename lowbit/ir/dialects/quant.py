@@ -87,19 +87,35 @@ def _dynamic_infer(types, attrs):
     return [TensorType(x.shape, attrs["dtype"]), per_token, TensorType(per_token.shape, attrs["dtype"])]
 
 
-@define("quant.dynamic_quantize", operands=["input"], infer=_dynamic_infer, verify=_quantize_verify,
-        attrs=[AttrDef("dtype", AttrKind.DTYPE), AttrDef("symmetric", AttrKind.BOOL, True)])
-def dynamic_quantize(input, *, dtype, symmetric):
+def _dynamic_verify(node):
+    _quantize_verify(node)
+    _clip_verify(node)
+
+
+def _clip_verify(node):
+    clip = node.attrs.get("clip", 1.0)
+    if not 0.0 < clip <= 1.0:
+        raise VerifyError(f"{node.op} clip must be in (0, 1], got {clip}")
+
+
+@define("quant.dynamic_quantize", operands=["input"], infer=_dynamic_infer, verify=_dynamic_verify,
+        attrs=[AttrDef("dtype", AttrKind.DTYPE), AttrDef("symmetric", AttrKind.BOOL, True),
+               AttrDef("clip", AttrKind.FLOAT, 1.0)])
+def dynamic_quantize(input, *, dtype, symmetric, clip=1.0):
     """Per-token (last dim) quantization with scales computed at run time: returns
-    (q, scale, zero_point), scale and zero point shaped [..., 1]."""
+    (q, scale, zero_point), scale and zero point shaped [..., 1]. ``clip`` < 1 shrinks each
+    token's range [min, max] by that ratio first (values beyond it saturate): coarse codes spent
+    on the bulk of the token rather than its extremes (QuaRot clips 4-bit activations at 0.9)."""
     x = input.float()
     if dtype.is_float:  # fp8: one scale per token maps its largest magnitude to the format's max
         limit = torch.finfo(dtype.storage).max
-        scale = (x.abs().amax(-1, keepdim=True) / limit).clamp_min(EPS)
+        scale = (x.abs().amax(-1, keepdim=True) * clip / limit).clamp_min(EPS)
         return (x / scale).clamp(-limit, limit).to(dtype.storage), scale, torch.zeros_like(scale).to(dtype.storage)
     qmin, qmax = dtype.int_range
     lo = x.amin(-1, keepdim=True).clamp_max(0)
     hi = x.amax(-1, keepdim=True).clamp_min(0)
+    if clip != 1.0:
+        lo, hi = lo * clip, hi * clip
     if symmetric and qmin < 0 and dtype.bits < 8:
         # the larger of max x → qmax and min x → qmin: all 2^bits codes in use, none clipped and
         # no extreme on a rounding tie (at 4 bits ±max|x| → ±qmax leaves −8 unused: a step up to
@@ -138,18 +154,18 @@ def linear(input, weight_q, scale, zero_point, bias, *, axis, group_size):
 
 
 @define("quant.dynamic_linear", operands=["input", "weight_q", "scale", "zero_point?", "bias?"],
-        infer=_qlinear_infer, attrs=[AttrDef("act_dtype", AttrKind.DTYPE),
-                                     AttrDef("symmetric", AttrKind.BOOL, True), *_GRANULARITY,
-                                     AttrDef("hadamard", AttrKind.BOOL, False)])
+        infer=_qlinear_infer, verify=_clip_verify,
+        attrs=[AttrDef("act_dtype", AttrKind.DTYPE), AttrDef("symmetric", AttrKind.BOOL, True), *_GRANULARITY,
+               AttrDef("hadamard", AttrKind.BOOL, False), AttrDef("clip", AttrKind.FLOAT, 1.0)])
 def dynamic_linear(input, weight_q, scale, zero_point, bias, *, act_dtype, symmetric, axis, group_size,
-                   hadamard):
-    """quant.linear on the input quantized per token at run time (a fused dynamic QDQ);
-    ``hadamard``: the input is first rotated by H/√n (a fused ``rotate.hadamard``)."""
+                   hadamard, clip=1.0):
+    """quant.linear on the input quantized per token at run time (a fused dynamic QDQ, ``clip``
+    as there); ``hadamard``: the input is first rotated by H/√n (a fused ``rotate.hadamard``)."""
     if hadamard:
         from lowbit.ir.dialects.hadamard import hadamard_transform
 
         input = hadamard_transform(input)
-    q, s, z = dynamic_quantize(input, dtype=act_dtype, symmetric=symmetric)
+    q, s, z = dynamic_quantize(input, dtype=act_dtype, symmetric=symmetric, clip=clip)
     x = dequantize(q, s, None if symmetric else z, axis=None, group_size=None, out_dtype=DType.from_torch(input.dtype))
     return linear(x, weight_q, scale, zero_point, bias, axis=axis, group_size=group_size)
 
