@@ -187,6 +187,8 @@ def test_what_the_format_cannot_hold_is_refused(tmp_path):
         rotated.save_pretrained(tmp_path / "a")
     with pytest.raises(ExportError, match="key/value cache"):
         _compile(llama, "insert-qdq{weights=int4/group32/sym}", kv_cache="int8").save_pretrained(tmp_path / "b")
+    with pytest.raises(ExportError, match=r"q_proj: its per-token activation range is clipped to 0\.\d+ of each"):
+        _compile(llama, "insert-qdq{weights=int8/channel,acts=int4/token/dynamic/mse}").save_pretrained(tmp_path / "e")
     with pytest.raises(ExportError, match="nothing for compressed-tensors to hold"):
         _compile(llama, None).save_pretrained(tmp_path / "c")
     spec = zoo.tiny_vit()
