@@ -7,8 +7,9 @@ Weights (per output channel, axis 0; or per group of G inputs, axis 1):
 Activations: static (one scale/zero point from calibration, chosen by the spec's observer)
 or dynamic per token (``quant.dynamic_quantize`` computes them at run time). A dynamic spec
 with the ``mse`` observer (``int4/token/dynamic/mse``) gets a clip ratio per quantizer: each
-token's range is shrunk by the ratio on a grid (1 down to 0.5) whose rounding error on up to
-``clip_rows`` sampled calibration tokens is least (QuaRot clips 4-bit activations at 0.9).
+token's range is shrunk by the ratio on a grid (1 down to 0.5) whose rounding of up to
+``clip_rows`` sampled calibration tokens gives the linears reading them the least output error
+(QuaRot clips 4-bit activations at 0.9).
 
 With ``auto_dynamic`` > 0 an activation quantized statically whose expected relative RMS
 error on the calibration histogram exceeds that bound is quantized per token instead: static
@@ -25,12 +26,12 @@ from typing import ClassVar
 
 import torch
 
+from lowbit.ir.dialects.quant import dynamic_quantize
 from lowbit.ir.graph import Graph, Location, Node, Value
 from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.cleanup import remove_dead_nodes
 from tqdm.auto import tqdm
 
-from lowbit.ir.dialects.quant import dynamic_quantize
 from lowbit.quant.calibrate import RowSample, Sweep, block_of, calibrate
 from lowbit.quant.checkpoint import Rounded, SweepCheckpoint, fingerprint
 from lowbit.quant.gptq import gptq_quantize
