@@ -141,7 +141,16 @@ def test_onnxruntime_genai_generates_the_same_tokens(name, recipe, kv, tmp_path)
     assert {"model.onnx", "genai_config.json"} <= {f.name for f in out.iterdir()}
     prompt = spec.example_inputs[0][:1, :12]
     ours = q.generate(prompt, max_new_tokens=32, eos_token_id=[])[0, 12:].tolist()
-    assert genai_generate(out, prompt, 32) == ours
+    theirs = genai_generate(out, prompt, 32)
+    if theirs != ours:
+        # The runtimes sum in different orders; where our two best next tokens are within that
+        # noise, greedy decoding may take either (byte-llama w4a8 on some CPUs: first step, top two
+        # 0.019 apart), and the sequences part. Then every token ORT GenAI chose must be our
+        # argmax on its own sequence, but for at most two near-ties.
+        with torch.no_grad():
+            logits = q(torch.cat([prompt, torch.tensor([theirs])], 1)).logits[0, 11:-1]
+        gap = logits.max(-1).values - logits[torch.arange(32), torch.tensor(theirs)]
+        assert (gap <= 0.05).all() and int((gap > 0).sum()) <= 2, (ours, theirs, gap)
 
 
 def test_generate_on_the_triton_backend(llama):
