@@ -114,8 +114,10 @@ def test_per_token_linears_run_as_one_integer_kernel_each(acts, tmp_path):
         assert diff["cosine"] > 0.9999 and diff["max_abs"] < 2e-2, diff
 
 
-@pytest.mark.parametrize("acts", ["int4/token/dynamic", "int4/token/dynamic/mse"])
-def test_4_bit_and_clipped_per_token_activations_export_as_computed(acts, tmp_path):
+@pytest.mark.parametrize("weights, acts", [("int8/channel", "int4/token/dynamic"),
+                                           ("int8/channel", "int4/token/dynamic/mse"),
+                                           ("int4/channel/asym/mse", "uint4/token/dynamic/mse")])
+def test_4_bit_and_clipped_per_token_activations_export_as_computed(weights, acts, tmp_path):
     """Per-token activations that ONNX Runtime's 8-bit integer kernel cannot compute (4-bit
     codes; ranges clipped by a calibrated ratio, ``/mse``) are exported as the explicit quantize
     → dequantize → MatMul, and ONNX Runtime agrees with the torch backend. (The 8-bit kernel
@@ -124,7 +126,7 @@ def test_4_bit_and_clipped_per_token_activations_export_as_computed(acts, tmp_pa
     model = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.LayerNorm(80)).eval()
     x = torch.randn(3, 7, 48)
     compiled = lowbit.compile(model, (x,), dynamic_shapes=({0: "batch", 1: "seq"},), calibration=[(x,)],
-                              pipeline=f"insert-qdq{{weights=int8/channel,acts={acts}}}", progress=False)
+                              pipeline=f"insert-qdq{{weights={weights},acts={acts}}}", progress=False)
     [clip] = [n.attrs.get("clip", 1.0) for n in compiled.traced.graph.nodes if n.op == "quant.dynamic_linear"]
     assert (clip < 1) == acts.endswith("/mse"), clip
     path, weights = compiled.export_onnx(tmp_path / "model.onnx")

@@ -15,8 +15,11 @@ RECIPES = {  # recipe → the kernels its linears must run on (tiny-llama, hidde
     "w8a8": {"scaled_mm": 7},  # the output head stays float
     "w8a8-dynamic": {"scaled_mm": 7},
     "w4a16-rtn": {"w4a16_mm": 7},
-    "w4a8-rot": {"w4a16_mm": 5, "hadamard_quant+w4a16_mm": 2},
+    # hidden 64 < group 128: one group per row, i.e. per-channel int4 with zero points, which the
+    # integer GEMM takes (codes less zero point as int8)
+    "w4a8-rot": {"scaled_mm": 5, "hadamard_quant+scaled_mm": 2},
     "w4a4-rot": {"scaled_mm": 5, "hadamard_quant+scaled_mm": 2},
+    "w4a16-gptq": {"w4a16_mm": 7},  # int4 weights with float activations stay on the dequantizing GEMM
     "w8a8-rot": {"scaled_mm": 7, "hadamard": 2},
 }
 

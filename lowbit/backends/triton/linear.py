@@ -54,13 +54,15 @@ def kind(node: Node, graph: Graph) -> str | None:
 
 
 def _integer_gemm(node: Node, mode: str, adtype: DType | None) -> bool:
-    """Symmetric weights with one scale per output channel (or tensor): the scales factor out."""
+    """Weights with one scale per output channel (or tensor): the scales factor out. Symmetric,
+    or 4-bit with zero points (the codes less their zero point stay within int8)."""
     wq, _, zero = _weight(node)
-    if mode == "float" or zero is not None or node.attrs.get("group_size") is not None \
-            or node.attrs.get("axis") not in (0, None):
+    if mode == "float" or node.attrs.get("group_size") is not None or node.attrs.get("axis") not in (0, None):
         return False
-    if wq.type.dtype in (DType.i8, DType.i4):
-        return adtype in (DType.i8, DType.u8, DType.i4)
+    if zero is not None and wq.type.dtype not in (DType.i4, DType.u4):
+        return False
+    if wq.type.dtype in (DType.i8, DType.i4, DType.u4):
+        return adtype in (DType.i8, DType.u8, DType.i4, DType.u4)
     return wq.type.dtype == DType.f8e4m3 and adtype == DType.f8e4m3 and mode == "static"
 
 
@@ -131,7 +133,9 @@ class IntLinear(torch.nn.Module):
         super().__init__()
         from lowbit.backends.triton.gemm import weight_sums
 
-        wq, scale, _ = (_const(graph, v) for v in _weight(node))
+        wq, scale, zero = (_const(graph, v) for v in _weight(node))
+        if zero is not None:  # 4-bit codes less their zero point: s·(q − z) is s times an int8 in [-15, 15]
+            wq = (wq.to(torch.int16) - zero.reshape(-1, 1).to(torch.int16)).to(torch.int8)
         self.mode, self.act_dtype = _act(node)
         self.symmetric = bool(node.attrs.get("symmetric", True))
         self.clip = float(node.attrs.get("clip", 1.0))
