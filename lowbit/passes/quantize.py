@@ -90,6 +90,18 @@ def consumer_readout(weights: list[torch.Tensor], width: int = 256) -> torch.Ten
     return w.T @ sketch
 
 
+def computed_weight(graph: Graph, v: Value) -> torch.Tensor | None:
+    """The weight a linear computes with: the constant, or the constant codes it dequantizes
+    (weights rounded before its input's quantizer is calibrated); None when not constant."""
+    if graph.is_constant(v):
+        return graph.tensor(v)
+    p = v.producer
+    if p is None or p.op != "quant.dequantize" or not all(graph.is_constant(o) for o in p.operands if o is not None):
+        return None
+    q, scale, zp = (None if o is None else graph.tensor(o) for o in (list(p.operands) + [None])[:3])
+    return dequantize_codes(q, scale, zp, p.attrs)
+
+
 def output_heads(graph: Graph) -> set[int]:
     """ids of the linears whose result is a graph output (through reshapes, slices, casts): a
     language model's lm_head, a classifier's last layer."""
@@ -425,8 +437,9 @@ class InsertQdq(Pass):
             if not sample.rows:
                 continue
             rows = sample.tensor()
-            linear = all(u.op == "core.linear" and i == 0 and graph.is_constant(u.operands[1]) for u, i in users)
-            readout = consumer_readout([graph.tensor(u.operands[1]) for u, _ in users]) if linear else None
+            weights = [computed_weight(graph, u.operands[1]) if u.op == "core.linear" and i == 0 else None
+                       for u, i in users]
+            readout = consumer_readout(weights) if all(w is not None for w in weights) else None
             clips[x.name], gain = search_clip(rows, spec, readout)
             gains.append(gain)
             tokens = max(tokens, rows.shape[0])
