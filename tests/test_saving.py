@@ -85,13 +85,17 @@ def test_real_models_round_trip(name, recipe, tmp_path):
         assert a.read_bytes() == b.read_bytes()
 
 
-def test_load_on_the_triton_backend_repacks(saved, llama):
-    q, folder = saved
+@pytest.mark.parametrize("recipe,kernel", [("w4a8-rot", "scaled_mm"), ("w4a16-rtn", "w4a16_mm")])
+def test_load_on_the_triton_backend_repacks(llama, recipe, kernel, tmp_path):
+    """The saved int4 codes become the kernels' forms again: less their zero points, as int8, for
+    the integer GEMM (w4a8-rot; at hidden 64 a group of 128 spans the row), or packed two per
+    byte for the dequantizing GEMM (w4a16)."""
     traced, calibration = llama
-    fresh = lowbit.compile(traced, recipe="w4a8-rot", calibration=calibration, progress=False, backend="triton")
+    folder = lowbit.compile(traced, recipe=recipe, calibration=calibration, progress=False).save(tmp_path / recipe)
+    fresh = lowbit.compile(traced, recipe=recipe, calibration=calibration, progress=False, backend="triton")
     loaded = lowbit.load(folder, backend="triton")
     assert Counter(loaded.kernel_nodes().values()) == Counter(fresh.kernel_nodes().values())
-    assert "w4a16_mm" in set(loaded.kernel_nodes().values())
+    assert kernel in set(loaded.kernel_nodes().values())
     ids = zoo._token_inputs(256, batch=1, seq=5, seed=2)
     assert torch.equal(loaded(ids).logits, fresh(ids).logits)
 

@@ -49,6 +49,21 @@ def test_triton_backend_matches_torch_backend(llama, recipe, device):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("weights,acts", [("int4/channel", "uint4/tensor/asym"), ("int4/channel/asym", "uint4/tensor/asym"),
+                                          ("int4/channel/asym", "uint4/token/dynamic")])
+def test_4_bit_codes_with_zero_points_run_on_the_integer_gemm(llama, weights, acts):
+    """int4 per-channel weights with zero points (codes less zero point, as int8) and uint4
+    activations, static (codes held in uint8) or per token, on the integer GEMM, as torch computes."""
+    spec, calibration = llama
+    pipe = f"insert-qdq{{weights={weights},acts={acts}}}"
+    args = dict(pipeline=pipe, calibration=calibration, dynamic_shapes=spec.dynamic_shapes, progress=False)
+    ref = lowbit.compile(spec.model, spec.example_inputs, **args)
+    fast = lowbit.compile(spec.model, spec.example_inputs, backend="triton", **args)
+    assert Counter(fast.kernel_nodes().values()) == {"scaled_mm": 7}
+    ids = zoo._token_inputs(256, batch=2, seq=5, seed=7)
+    assert rel_err(fast(ids).logits, ref(ids).logits) < 1e-5
+
+
 def test_weights_are_packed_once_and_survive_half(llama):
     spec, calibration = llama
     ref, fast = compile_both(spec, calibration, "w4a16-rtn")

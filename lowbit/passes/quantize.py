@@ -98,8 +98,9 @@ def computed_weight(graph: Graph, v: Value) -> torch.Tensor | None:
     p = v.producer
     if p is None or p.op != "quant.dequantize" or not all(graph.is_constant(o) for o in p.operands if o is not None):
         return None
-    q, scale, zp = (None if o is None else graph.tensor(o) for o in (list(p.operands) + [None])[:3])
-    return dequantize_codes(q, scale, zp, p.attrs)
+    zp = p.operands[2] if len(p.operands) > 2 else None
+    return dequantize_codes(graph.tensor(p.operands[0]), graph.tensor(p.operands[1]),
+                            None if zp is None else graph.tensor(zp), p.attrs)
 
 
 def output_heads(graph: Graph) -> set[int]:

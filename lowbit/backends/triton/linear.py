@@ -120,7 +120,7 @@ def _quantize_static(x2d: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
     s = scale.float().reshape(1)
     z = None if zero is None else zero.reshape(1)
     q = quantize(x2d.float(), s, z, dtype=dtype, axis=None, group_size=None)
-    if dtype == DType.u8:
+    if dtype in (DType.u8, DType.u4):  # unsigned codes held in uint8
         q8, z8 = uint8_to_int8(q, torch.zeros(1, device=q.device) if z is None else z)
         return q8, s, z8
     return q, s, None if z is None else z.to(torch.int32)
