@@ -55,10 +55,7 @@ def test_4_bit_codes_with_zero_points_run_on_the_integer_gemm(llama, weights, ac
     """int4 per-channel weights with zero points (codes less zero point, as int8) and uint4
     activations, static (codes held in uint8) or per token, on the integer GEMM, as torch computes."""
     spec, calibration = llama
-    pipe = f"insert-qdq{{weights={weights},acts={acts}}}"
-    args = dict(pipeline=pipe, calibration=calibration, dynamic_shapes=spec.dynamic_shapes, progress=False)
-    ref = lowbit.compile(spec.model, spec.example_inputs, **args)
-    fast = lowbit.compile(spec.model, spec.example_inputs, backend="triton", **args)
+    ref, fast = compile_both(spec, calibration, None, pipeline=f"insert-qdq{{weights={weights},acts={acts}}}")
     assert Counter(fast.kernel_nodes().values()) == {"scaled_mm": 7}
     ids = zoo._token_inputs(256, batch=2, seq=5, seed=7)
     assert rel_err(fast(ids).logits, ref(ids).logits) < 1e-5
