@@ -7,6 +7,7 @@ import torch
 import transformers as tf
 
 import lowbit
+from conftest import rel_err
 from lowbit.errors import InputError, LowbitError
 from lowbit.evaluate import byte_windows, perplexity
 from lowbit.zoo import byte_llama
@@ -164,3 +165,51 @@ def test_generate_on_the_triton_backend(llama):
     assert triton_q.kernel_nodes()
     prompt = torch.randint(1, 256, (1, 5))
     assert torch.equal(triton_q.generate(prompt, max_new_tokens=8), torch_q.generate(prompt, max_new_tokens=8))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 4e-2)])
+def test_a_model_compiled_in_fp32_runs_and_generates_after_half(dtype, tol):
+    """``.to(dtype)`` after compiling in fp32, as a GPU user does: the casts that were no-ops when
+    traced (rotary cos/sin to the activations' dtype, a norm's result back from fp32) are restored,
+    so the activations stay in ``dtype`` and the linears meet weights of their own dtype."""
+    model = _model()
+    calibration = [(torch.randint(1, 256, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    fast = lowbit.compile(model, (torch.randint(1, 256, (2, 9)),), recipe="w8a8", calibration=calibration,
+                          progress=False)
+    ids = torch.randint(1, 256, (2, 11), generator=torch.Generator().manual_seed(5))
+    want = fast(ids).logits
+    kept = [fast._buffer_names[n] for n in fast._quantizer_constants if n in fast._buffer_names]
+    before = {n: getattr(fast, n).dtype for n in kept}
+    fast.to(dtype)
+    assert torch.float32 in before.values()  # scales and zero points are not rounded
+    assert {n: getattr(fast, n).dtype for n in kept} == before
+    got = fast(ids)
+    assert got.logits.dtype == dtype
+    assert rel_err(got.logits, want) < tol
+    out = fast.generate(ids[:1, :5], max_new_tokens=6)
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], ids[:1, :5])
+    fast.float()  # and back: the traced dtype again, nothing cast
+    assert rel_err(fast(ids).logits, want) < tol
+
+
+def test_fp8_codes_stay_fp8_after_half():
+    """``Module.half()`` converts every floating-point tensor, fp8 too: the compiled model keeps its
+    fp8 weight codes as they are and still runs."""
+    model = _model()
+    calibration = [(torch.randint(1, 256, (2, 16)),)]
+    fast = lowbit.compile(model, (torch.randint(1, 256, (2, 9)),), recipe="fp8", calibration=calibration,
+                          progress=False)
+    ids = torch.randint(1, 256, (2, 11), generator=torch.Generator().manual_seed(5))
+    want = fast(ids).logits
+    fp8 = {n for n, t in fast.named_buffers() if t.dtype == torch.float8_e4m3fn}
+    fast.half()
+    assert fp8 and all(t.dtype == torch.float8_e4m3fn for n, t in fast.named_buffers() if n in fp8)
+    assert rel_err(fast(ids).logits, want) < 3e-2
+
+
+def test_a_compiled_model_creates_its_tensors_on_the_device_it_was_moved_to():
+    """The tensors a traced graph makes (aranges, masks) follow ``.to(device)``, not the device the
+    model was traced on; the meta device stands in for a GPU."""
+    fast = lowbit.compile(_model(), (torch.randint(1, 256, (2, 9)),), progress=False).to("meta")
+    out = fast(torch.randint(1, 256, (2, 7), device="meta")).logits
+    assert out.device.type == "meta" and out.shape == (2, 7, 256)

@@ -51,6 +51,20 @@ class CallArgs:
         return out
 
 
+def on_device(call: CallArgs, device: str) -> CallArgs:
+    """``call`` with every device literal replaced by ``device`` (a graph traced on one device,
+    run on another: the tensors it creates belong where its other tensors are)."""
+    return CallArgs(_on_device(call.args, device), tuple((k, _on_device(v, device)) for k, v in call.kwargs))
+
+
+def _on_device(value: AttrValue, device: str) -> AttrValue:
+    if isinstance(value, EnumAttr) and value.kind == "device":
+        return EnumAttr("device", device)
+    if isinstance(value, tuple):
+        return tuple(_on_device(v, device) for v in value)
+    return value
+
+
 def _collect_refs(value: AttrValue, out: list[Ref]) -> None:
     if isinstance(value, Ref):
         out.append(value)

@@ -16,10 +16,10 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from lowbit.backends.torch import packed
+from lowbit.backends.torch import packed, run_dtype
 from lowbit.frontend.trace import TracedModel
 from lowbit.ir.graph import Graph
-from lowbit.ir.interpreter import Executor
+from lowbit.ir.interpreter import Executor, node_callable
 from lowbit.ir.printer import print_graph
 
 
@@ -34,8 +34,10 @@ class _Buffers(Mapping):
         self.store = store
 
     def __getitem__(self, key: str) -> torch.Tensor | None:
-        if key in self.lazy:  # read now, onto the device the module was moved to
-            return self.store[key].to(self.module._device_probe.device)
+        if key in self.lazy:  # read now, onto the device (and float dtype) the module was moved to
+            probe, tensor = self.module._device_probe, self.store[key]
+            changed = tensor.dtype in run_dtype.WIDE_FLOATS and self.module._run_dtype() is not None
+            return tensor.to(probe.device, probe.dtype if changed else tensor.dtype)
         name = self.names.get(key)
         return None if name is None else getattr(self.module, name)  # None: repacked, not read
 
@@ -62,7 +64,10 @@ class CompiledModule(torch.nn.Module):
         self._cpu_packed = packed.consumed_constants(self.graph) if pack else set()
         self._buffer_names: dict[str, str] = {}
         self._lazy: set[str] = set()  # constants left in their files (a model compiled from a folder)
-        self.register_buffer("_device_probe", torch.empty(0), persistent=False)
+        # follows .to(device) / .half(): where and in which float dtype the graph runs
+        self._traced_dtype = run_dtype.traced_float_dtype(self.graph)
+        self._quantizer_constants = run_dtype.quantizer_constants(self.graph)
+        self.register_buffer("_device_probe", torch.empty(0, dtype=self._traced_dtype), persistent=False)
         store = self.graph.tensors
         for i, name in enumerate(store):
             if not self._keeps_constant(name):
@@ -97,11 +102,32 @@ class CompiledModule(torch.nn.Module):
     def graph(self) -> Graph:
         return self.traced.graph
 
+    def _run_dtype(self) -> torch.dtype | None:
+        """The float dtype the module was moved to, when it is not the one it was traced in."""
+        dtype = self._device_probe.dtype
+        return None if dtype == self._traced_dtype else dtype
+
+    def _dispatch(self, node):
+        """What the executor calls for ``node``: the backend's function or the op's reference
+        (tensors it creates made on the module's device), with float operands brought to the run
+        dtype where the module was moved to another one (``run_dtype``)."""
+        fn, kwargs = self._override(node) or node_callable(node, str(self._device_probe.device))
+        return run_dtype.wrap_for(node, fn, self._run_dtype(), self._active), kwargs
+
     def _plan(self) -> Executor:
         if self._executor is None or self._executor.version != self.graph.version:
+            self._active = run_dtype.activation_nodes(self.graph) if self._run_dtype() is not None else set()
             self._executor = Executor(self.graph, _Buffers(self, self._buffer_names, self._lazy, self.graph.tensors),
-                                      self._override)
+                                      self._dispatch)
         return self._executor
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ...: quantizer scales and zero points, and fp8 codes, move
+        with the module but keep their dtype (``run_dtype.keeping_dtype``)."""
+        self._executor = None  # planned for the old device and dtype
+        kept = {id(getattr(self, self._buffer_names[name])) for name in self._quantizer_constants
+                if name in self._buffer_names}
+        return super()._apply(lambda t: run_dtype.keeping_dtype(fn, t, id(t) in kept), recurse)
 
     def forward(self, *args, **kwargs):
         leaves = self.traced.flatten_inputs(args, kwargs)
