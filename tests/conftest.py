@@ -41,7 +41,7 @@ def sample_inputs(graph: Graph, sizes: dict[str, int] | None = None, seed: int =
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 

@@ -263,7 +263,9 @@ def _launch_dynamic_quant(x: torch.Tensor, bits: int, symmetric: bool, clip: flo
     if m:
         _dynamic_quant_kernel[(cdiv(m, block_m),)](
             x, q, scale, zero, m, k, clip, QMIN=qmin, QMAX=qmax, SYMMETRIC=symmetric, BLOCK_M=block_m,
-            BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=8 if block_m * block_k > 4096 else 4)
+            BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=8 if block_m * block_k > 4096 else 4,  # no FMA:
+            # lo·c and hi·c contracted into (hi − lo) would round unlike the reference
+            enable_fp_fusion=False)
     return q, scale, zero
 
 
@@ -289,7 +291,7 @@ def _launch_hadamard_quant(x: torch.Tensor, bits: int, symmetric: bool, clip: fl
     qmin, qmax = signed_range(bits)
     if x.shape[0]:
         _hadamard_quant_kernel[(x.shape[0],)](x, q, scale, zero, *args, clip, **meta, QMIN=qmin,
-                                              QMAX=qmax, SYMMETRIC=symmetric)
+                                              QMAX=qmax, SYMMETRIC=symmetric, enable_fp_fusion=False)
     return q, scale, zero
 
 

@@ -266,8 +266,8 @@ def hadamard_transform(x: torch.Tensor, butterflies: bool = True) -> torch.Tenso
     if butterflies:
         y = fast_hadamard(y)
     else:
-        y = y @ (_sylvester(p.power) / math.sqrt(p.power)).to(x.dtype)  # symmetric
+        y = y @ (_sylvester(p.power) / math.sqrt(p.power)).to(x.device, x.dtype)  # symmetric
     for i, b in enumerate(base_factors(n)):
         axis = len(lead) + i
-        y = (y.movedim(axis, -1) @ (b / math.sqrt(b.shape[0])).to(x.dtype).T).movedim(-1, axis)
+        y = (y.movedim(axis, -1) @ (b / math.sqrt(b.shape[0])).to(x.device, x.dtype).T).movedim(-1, axis)
     return y.reshape(x.shape)

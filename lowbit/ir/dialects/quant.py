@@ -98,6 +98,12 @@ def _clip_verify(node):
         raise VerifyError(f"{node.op} clip must be in (0, 1], got {clip}")
 
 
+def _div(a: torch.Tensor, n: float) -> torch.Tensor:
+    """a / n correctly rounded on every device (CUDA multiplies by 1/n when n is a Python
+    number, which can differ in the last bit: the kernels and the CPU divide)."""
+    return a / torch.full_like(a, n)
+
+
 @define("quant.dynamic_quantize", operands=["input"], infer=_dynamic_infer, verify=_dynamic_verify,
         attrs=[AttrDef("dtype", AttrKind.DTYPE), AttrDef("symmetric", AttrKind.BOOL, True),
                AttrDef("clip", AttrKind.FLOAT, 1.0)])
@@ -121,13 +127,13 @@ def dynamic_quantize(input, *, dtype, symmetric, clip=1.0):
         # no extreme on a rounding tie (at 4 bits ±max|x| → ±qmax leaves −8 unused: a step up to
         # 1/7 coarser; at 8 bits that is 1/127, and int8 keeps max|x| → 127, which the ONNX
         # export's per-token kernel and existing exports share)
-        scale = torch.maximum(hi / qmax, lo / qmin).clamp_min(EPS)
+        scale = torch.maximum(_div(hi, qmax), _div(lo, qmin)).clamp_min(EPS)
         zp = torch.zeros_like(scale)
     elif symmetric:
-        scale = (torch.maximum(hi, -lo) / qmax).clamp_min(EPS)
+        scale = _div(torch.maximum(hi, -lo), qmax).clamp_min(EPS)
         zp = torch.zeros_like(scale)
     else:
-        scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+        scale = _div(hi - lo, qmax - qmin).clamp_min(EPS)
         zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     q = (torch.round(x / scale) + zp).clamp(qmin, qmax)
     return q.to(dtype.storage), scale, zp.to(dtype.storage)
