@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.backends.triton.runtime import cdiv, triton_available, use_triton
-from lowbit.ir.dialects.attn import repeat_heads, token_mask
+from lowbit.ir.dialects.attn import causal_block_mask, repeat_heads, token_mask
 
 if triton_available():
     import triton
@@ -75,15 +75,6 @@ def block_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     out = torch.zeros((*keep.shape[:-1], width + 1), dtype=torch.int32, device=keep.device)
     out.scatter_(-1, pos, numbers)
     return counts, out[..., :width]
-
-
-def causal_block_mask(nq: int, nk: int, block: int, lq: int, lk: int,
-                      device: torch.device | None = None) -> torch.Tensor:
-    """bool [nQ, nK]: False where key block j lies wholly above the causal diagonal of query
-    block i, i.e. its first key j·block > (last row of block i) + Lk − Lq."""
-    last_row = (torch.arange(1, nq + 1, device=device) * block).clamp_max(lq) - 1
-    first_key = torch.arange(nk, device=device) * block
-    return first_key[None, :] <= last_row[:, None] + (lk - lq)
 
 
 def kernel_block_indices(block_mask: torch.Tensor, block: int, lq: int, lk: int, causal: bool,

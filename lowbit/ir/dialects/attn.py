@@ -60,17 +60,31 @@ def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
     return xs.sum(-2) / counts[:, None]
 
 
+def causal_block_mask(nq: int, nk: int, block: int, lq: int, lk: int,
+                      device: torch.device | None = None) -> torch.Tensor:
+    """bool [nQ, nK]: False where key block j lies wholly above the causal diagonal of query
+    block i, i.e. its first key j·block > (last row of block i) + Lk − Lq."""
+    last_row = (torch.arange(1, nq + 1, device=device) * block).clamp_max(lq) - 1
+    first_key = torch.arange(nk, device=device) * block
+    return first_key[None, :] <= last_row[:, None] + (lk - lq)
+
+
 def allowed_blocks(mask: torch.Tensor | None, causal: bool, lq: int, lk: int, block: int,
              device: torch.device) -> torch.Tensor:
-    """Block pairs with at least one token pair that the token mask and causality allow."""
-    allowed = torch.ones(1, 1, lq, lk, dtype=torch.bool, device=device)
+    """Block pairs with at least one token pair that the token mask and causality allow. Without
+    a token mask, from the block numbers alone (no [Lq, Lk] tensor: at 64k tokens that is 4 GB)."""
+    nq, nk = math.ceil(lq / block), math.ceil(lk / block)
+    if mask is None:
+        if not causal:
+            return torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
+        return causal_block_mask(nq, nk, block, lq, lk, device)[None, None]
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     if causal:
         allowed = allowed & torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
-    if mask is not None:
-        allowed = allowed & (mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2)
-    nq, nk = math.ceil(lq / block), math.ceil(lk / block)
-    padded = F.pad(allowed.float(), (0, nk * block - lk, 0, nq * block - lq))
-    return F.max_pool2d(padded.flatten(0, 1), block).reshape(*allowed.shape[:2], nq, nk) > 0
+    allowed = allowed.expand(*allowed.shape[:2], lq, lk)
+    padded = allowed.new_zeros(*allowed.shape[:2], nq * block, nk * block)
+    padded[..., :lq, :lk] = allowed
+    return padded.reshape(*allowed.shape[:2], nq, block, nk, block).any(-1).any(-2)
 
 
 def _forced(nq: int, nk: int, lq: int, lk: int, block: int, sinks: int, window: int, causal: bool,
@@ -86,13 +100,14 @@ def _forced(nq: int, nk: int, lq: int, lk: int, block: int, sinks: int, window: 
 def _select(score: torch.Tensor, allowed: torch.Tensor, forced: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per row (last dim), the ``keep`` highest-priority allowed blocks, forced blocks first."""
     prio = torch.where(forced, torch.inf, score).masked_fill(~allowed, -torch.inf)
-    rank = prio.argsort(-1, descending=True).argsort(-1)
-    return (rank < keep) & allowed
+    order = prio.argsort(-1, descending=True)
+    ranked = torch.arange(prio.shape[-1], device=prio.device) < keep  # by rank: kept or not
+    return torch.zeros_like(allowed).scatter(-1, order, ranked.expand_as(order)) & allowed
 
 
 def build_block_mask(q, k, mask, *, block, method, topk, sparsity, mass, sinks, window, causal, scale):
     lq, lk = q.shape[-2], k.shape[-2]
-    qb, kb = _pool(q, block), _pool(repeat_heads(q, k), block)
+    qb, kb = _pool(q, block), repeat_heads(q, _pool(k, block))  # pooled, then shared by the group
     score = qb @ kb.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
     allowed = allowed_blocks(mask, causal, lq, lk, block, q.device).expand_as(score)
     forced = _forced(*score.shape[-2:], lq, lk, block, sinks, window, causal, q.device) & allowed
