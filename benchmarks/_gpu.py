@@ -16,19 +16,46 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run: no speed figures)"
 
 
-def bench(fn, device: str, reps: int = 50) -> float:
+def bench(fn, device: str, reps: int = 50, graph: bool = False) -> float:
     """Median milliseconds per call: CUDA events around each call after warm-up (``do_bench``
-    clears the L2 cache before each call). On the CPU (``--smoke`` runs, which check the
-    scripts and time nothing worth reading) one call after the warm-up."""
+    clears the L2 cache before each call). ``graph``: ``fn`` captured once in a CUDA graph and
+    each call a replay, after the same L2 flush, so the kernels are timed without the Python and
+    launch overhead of eager calls (what a model run in CUDA graphs sees). On the CPU (``--smoke``
+    runs, which check the scripts and time nothing worth reading) one call after the warm-up."""
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
+        if graph:
+            return _bench_graph(fn, reps)
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=reps * 2, return_mode="median"))
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
+
+
+def _bench_graph(fn, reps: int) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")  # 256 MB, past the L2
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for _ in range(3):
+        graph.replay()
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return float(times[len(times) // 2])
 
 
 def write_table(rows: list[dict], folder: Path, name: str) -> None:

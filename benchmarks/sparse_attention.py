@@ -73,9 +73,10 @@ def point(seq, sparsity, heads, dim, block, device, dtype) -> dict:
         return m, kernel_block_indices(m, block, seq, seq, True, dim)
 
     mask, (counts, idx) = build()
-    sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
-    t_mask = bench(build, device)
-    t_attn = bench(lambda: block_sparse_attention_indexed(q, k, v, mask, counts, idx, block, True), device)
+    sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device, graph=True)
+    t_mask = bench(build, device)  # eager: the index lists' width is read on the host
+    t_attn = bench(lambda: block_sparse_attention_indexed(q, k, v, mask, counts, idx, block, True), device,
+                   graph=True)
     out = block_sparse_attention_indexed(q, k, v, mask, counts, idx, block, True).float()
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).float()
     n = mask.shape[-1]
