@@ -192,6 +192,20 @@ def test_a_model_compiled_in_fp32_runs_and_generates_after_half(dtype, tol):
     assert rel_err(fast(ids).logits, want) < tol
 
 
+def test_mixed_float_operands_meet_in_one_dtype():
+    """On the activation path in the run dtype; off it (positions × inverse frequencies, as a
+    matmul in some transformers versions) promoted to the wider, which a matmul does not do."""
+    from lowbit.backends.torch.run_dtype import casting
+
+    half, full = torch.randn(2, 4).half(), torch.randn(4, 3)
+    with pytest.raises(RuntimeError):
+        torch.matmul(half, full)
+    assert casting(torch.matmul, torch.float16)(half, full).dtype == torch.float16
+    assert casting(torch.matmul, None)(half, full).dtype == torch.float32
+    mask = torch.full((2, 3), torch.finfo(torch.float32).min)
+    assert casting(torch.add, torch.float16)(half[:, :3], mask).isfinite().all()  # clamped, not −inf
+
+
 def test_fp8_codes_stay_fp8_after_half():
     """``Module.half()`` converts every floating-point tensor, fp8 too: the compiled model keeps its
     fp8 weight codes as they are and still runs."""

@@ -10,13 +10,16 @@ The rule here is the one those casts expressed: on the activation path (everythi
 from a float input or an embedding lookup), an op whose float operands mix the run dtype with
 another float dtype gets them all in the run dtype, as the model's own code would have cast
 them. Values computed only from positions, masks and constants (rotary angles, say) keep the
-precision they were traced in until they meet the activations. Explicit casts to fp32 on the
+precision they were traced in until they meet the activations; where they mix dtypes among
+themselves (positions in fp32 times an inverse frequency now in fp16), they are promoted to the
+wider, as torch's elementwise ops would do and a matmul does not. Explicit casts to fp32 on the
 activation path (a norm's statistics) are kept too: nothing is cast until they meet a value of
 the run dtype.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 
@@ -78,24 +81,35 @@ def activation_nodes(graph: Graph) -> set[int]:
     return nodes
 
 
-def casting(fn: Callable[..., object], dtype: torch.dtype) -> Callable[..., object]:
-    """``fn`` with its float tensor operands brought to ``dtype`` (clamped to its range) when
-    some of them are in ``dtype`` and others in another float dtype."""
-    low, high = torch.finfo(dtype).min, torch.finfo(dtype).max
+def casting(fn: Callable[..., object], dtype: torch.dtype | None) -> Callable[..., object]:
+    """``fn`` with its float tensor operands brought to one dtype when they mix several:
+    ``dtype`` (clamped to its range) when some of them are in it, else (``dtype`` None, or none
+    in it) the widest of them, as torch's elementwise ops promote (a matmul does not)."""
 
     def run(*args, **kwargs):
-        floats = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in WIDE_FLOATS]
-        if dtype in floats and any(d != dtype for d in floats):
-            args = tuple(a.clamp(low, high).to(dtype)
-                         if isinstance(a, torch.Tensor) and a.dtype in WIDE_FLOATS and a.dtype != dtype else a
+        floats = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in WIDE_FLOATS}
+        if len(floats) > 1:
+            to = dtype if dtype in floats else functools.reduce(torch.promote_types, floats)
+            args = tuple(_cast(a, to) if isinstance(a, torch.Tensor) and a.dtype in WIDE_FLOATS else a
                          for a in args)
         return fn(*args, **kwargs)
 
     return run
 
 
+def _cast(t: torch.Tensor, to: torch.dtype) -> torch.Tensor:
+    if t.dtype == to:
+        return t
+    info = torch.finfo(to)
+    if torch.finfo(t.dtype).max > info.max:  # narrowing: fp32's −3.4e38 mask value → fp16's min, not −inf
+        t = t.clamp(info.min, info.max)
+    return t.to(to)
+
+
 def wrap_for(node: Node, fn: Callable[..., object], dtype: torch.dtype | None,
              active: set[int]) -> Callable[..., object]:
-    """``casting(fn, dtype)`` for an activation-path node when the run dtype differs from the
-    traced one (``dtype`` not None), else ``fn``."""
-    return casting(fn, dtype) if dtype is not None and id(node) in active else fn
+    """When the run dtype differs from the traced one (``dtype`` not None): ``casting(fn,
+    dtype)`` on the activation path, ``casting(fn, None)`` (promotion) off it; else ``fn``."""
+    if dtype is None:
+        return fn
+    return casting(fn, dtype if id(node) in active else None)
