@@ -151,12 +151,14 @@ class W4Config:
     min_k_tiles: int = 4
 
 
-# (largest M, config) for an H100 (guesses from the usual Triton int4 kernels, not yet tuned).
-# Decoding is bound by reading the weights: narrow tiles and split K so ~4 programs per SM keep
-# loads in flight. Prefill is bound by the tensor cores: the dequantized [BLOCK_K, BLOCK_N]
-# tile is reused by BLOCK_M rows. BLOCK_K is also capped by the group size (one group per tile).
+# (largest M, config). Decoding is bound by reading the weights: split K so ~4 programs per SM
+# keep loads in flight; on an H200 (benchmarks/tune_kernels.py, CUDA graphs, 4096×4096 and
+# 4096×11008) 128-wide tiles in 3 stages were the fastest of 18 candidates at M = 1 and 16
+# (1.3× the 64-wide, 4-stage tile they replace at M = 1). Prefill is bound by the tensor cores:
+# the dequantized [BLOCK_K, BLOCK_N] tile is reused by BLOCK_M rows (no candidate beat the
+# 128×128×64 tile at M = 512 or 2048). BLOCK_K is also capped by the group size.
 GPU_CONFIGS: tuple[tuple[int, W4Config], ...] = (
-    (16, W4Config(MMConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4), programs_per_sm=4)),
+    (16, W4Config(MMConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=3), programs_per_sm=4)),
     (64, W4Config(MMConfig(32, 64, 128, group_m=4, num_warps=4, num_stages=4), programs_per_sm=2)),
     (256, W4Config(MMConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4))),
     (1 << 62, W4Config(MMConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3))),
