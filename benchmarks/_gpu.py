@@ -3,6 +3,7 @@ tables, and a small SVG plot with no plotting library needed."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import html
 import math
@@ -14,6 +15,23 @@ import torch
 
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run: no speed figures)"
+
+
+def gpu_parser(doc: str, out: str, smoke: str = "tiny shapes on the CPU (no speed figures)") -> argparse.ArgumentParser:
+    """A GPU benchmark's options: ``--out`` (default ``out``) and ``--smoke``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", default=out, help="folder for the tables and the plot")
+    ap.add_argument("--smoke", action="store_true", help=smoke)
+    return ap
+
+
+def run_device(args: argparse.Namespace, script: str) -> str:
+    """"cpu" for a smoke run, else "cuda", refused with a message where there is no GPU."""
+    if args.smoke:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit(f"benchmarks/{script} needs a CUDA GPU (use --smoke to check the script on a CPU)")
+    return "cuda"
 
 
 def bench(fn, device: str, reps: int = 50, graph: bool = False) -> float:

@@ -17,14 +17,13 @@ stopped early leaves the shapes done), hadamard.csv/.md and kernels.svg (speed-u
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from _acceptance import print_figures
 from _gpu import bench as _bench
-from _gpu import device_name, svg_lines, write_table
+from _gpu import device_name, gpu_parser, run_device, svg_lines, write_table
 
 def bench(fn, device: str) -> float:
     """Kernels timed as CUDA-graph replays (``_gpu.bench``), torch's matmul and copies too."""
@@ -111,14 +110,10 @@ def hadamard_rows(m: int, dims: list[int], device: str, dtype: torch.dtype) -> l
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench-kernels", help="folder for the table and the plot")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (no speed figures)")
+    ap = gpu_parser(__doc__, "bench-kernels")
     ap.add_argument("--ms", default=None, help="comma-separated M values")
     args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU (use --smoke to check the script on a CPU)")
+    device = run_device(args, "kernels.py")
     dtype = torch.float32 if args.smoke else torch.float16
     shapes = [(128, 96), (256, 64)] if args.smoke else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 16, 48] if args.smoke else MS)

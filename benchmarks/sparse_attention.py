@@ -19,14 +19,13 @@ points done) and .svg to --out, and prints the acceptance figures (``_acceptance
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from _acceptance import print_figures
-from _gpu import bench, device_name, svg_lines, write_table
+from _gpu import bench, device_name, gpu_parser, run_device, svg_lines, write_table
 
 SEQS = [4096, 8192, 16384, 32768, 65536]
 SPARSITIES = [0.0, 0.5, 0.75, 0.9, 0.95]
@@ -88,14 +87,10 @@ def point(seq, sparsity, heads, dim, block, device, dtype) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench-sparse")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (no speed figures)")
+    ap = gpu_parser(__doc__, "bench-sparse")
     ap.add_argument("--seqs", default=None)
     args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks/sparse_attention.py needs a CUDA GPU (use --smoke to check the script on a CPU)")
+    device = run_device(args, "sparse_attention.py")
     heads, dim, block, dtype = (2, 32, 32, torch.float32) if args.smoke else (32, 128, 64, torch.float16)
     seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([128] if args.smoke else SEQS)
     print(f"device: {device_name(device)}", flush=True)

@@ -17,14 +17,13 @@ acceptance figures (``_acceptance.py``).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 import lowbit
 from _acceptance import print_figures
-from _gpu import bench, device_name, svg_lines, write_table
+from _gpu import bench, device_name, gpu_parser, run_device, svg_lines, write_table
 
 STEPS = {"prefill 1×2048": (1, 2048), "decode 1 token": (1, 1), "decode 16 tokens": (16, 1)}
 
@@ -95,15 +94,11 @@ def plot(rows: list[dict], folder: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench-e2e")
-    ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (no speed figures)")
+    ap = gpu_parser(__doc__, "bench-e2e", "a tiny model on the CPU (no speed figures)")
     ap.add_argument("--recipes", default="w8a8,w4a16-rtn")
     ap.add_argument("--no-cuda-graph", action="store_true")
     args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks/triton_e2e.py needs a CUDA GPU (use --smoke to check the script on a CPU)")
+    device = run_device(args, "triton_e2e.py")
     dims = (64, 1, 128, 2, 256) if args.smoke else (4096, 4, 11008, 32, 32000)
     steps = {"prefill 1×16": (1, 16), "decode 1 token": (1, 1)} if args.smoke else STEPS
     dtype = torch.float32 if args.smoke else torch.float16

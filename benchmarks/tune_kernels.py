@@ -13,12 +13,11 @@ candidate: what ``GPU_CONFIGS`` in ``lowbit/backends/triton/{w4a16,gemm}.py`` sh
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from _gpu import bench, device_name, write_table
+from _gpu import bench, device_name, gpu_parser, run_device, write_table
 from kernels import _int8, packed_int4
 
 SHAPES = [(4096, 4096), (4096, 11008)]
@@ -108,14 +107,10 @@ def best(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="tune")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (no speed figures)")
+    ap = gpu_parser(__doc__, "tune")
     ap.add_argument("--ms", default=None)
     args = ap.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks/tune_kernels.py needs a CUDA GPU (use --smoke to check the script on a CPU)")
+    device = run_device(args, "tune_kernels.py")
     dtype = torch.float32 if args.smoke else torch.float16
     shapes = [(256, 64)] if args.smoke else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else ([1, 32] if args.smoke else MS)
