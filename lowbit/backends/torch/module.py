@@ -36,7 +36,8 @@ class _Buffers(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor | None:
         if key in self.lazy:  # read now, onto the device (and float dtype) the module was moved to
             probe, tensor = self.module._device_probe, self.store[key]
-            changed = tensor.dtype in run_dtype.WIDE_FLOATS and self.module._run_dtype() is not None
+            changed = tensor.dtype in run_dtype.WIDE_FLOATS and self.module._run_dtype() is not None \
+                and key not in self.module._quantizer_constants  # as _apply keeps them
             return tensor.to(probe.device, probe.dtype if changed else tensor.dtype)
         name = self.names.get(key)
         return None if name is None else getattr(self.module, name)  # None: repacked, not read

@@ -51,7 +51,7 @@ def keeping_dtype(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, k
     """``fn(t)`` (a module's ``_apply`` function: ``.to(device)``, ``.half()``, ...) with ``t``'s
     dtype kept where ``keep`` or where ``t`` holds fp8 codes: ``fn`` sees ``t`` as integers of the
     same width, so it can move it but not convert it."""
-    if t.dtype in WIDE_FLOATS and not keep or not t.is_floating_point():
+    if (t.dtype in WIDE_FLOATS and not keep) or not t.is_floating_point():
         return fn(t)
     as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     return fn(t.view(as_int)).view(t.dtype)
