@@ -29,3 +29,25 @@ def test_family(name, tmp_path):
         if v.status == "note":
             rotation_said = cell == "rotation" and ("fuse-norms" in v.text or "rotate-residual" in v.text)
             assert rotation_said or "no linear layer" in v.text, v.text  # a CNN has no Triton kernel
+
+
+@pytest.mark.parametrize("name", ["gemma2", "deberta-v2", "vit"])
+def test_quantized_family_runs_in_half_precision(name):
+    """``w8a8`` compiled in fp32, then ``.half()``: gemma2's quantized output head dequantizes to
+    fp16 (its softcapping after it meets no fp16 operand that would cast it), deberta-v2's
+    masked_fill with float32's minimum fills with float16's, ViT reads fp16 pixels."""
+    import torch
+
+    from lowbit.families import FAMILIES, _call, _Run, _tensors, build_model, relative_error
+
+    run = _Run(name, FAMILIES[name], build_model(name), Path("."))
+    compiled = run.compile(from_model=True, recipe="w8a8", calibration=run.calibration())
+    inputs = run.fourth()
+    want = _tensors(_call(compiled, inputs))
+    compiled.half()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in inputs.items()} \
+        if isinstance(inputs, dict) else tuple(v.half() if v.is_floating_point() else v for v in inputs)
+    got = _tensors(_call(compiled, half))
+    floats = [t for t in got if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float16 and t.isfinite().all() for t in floats)
+    assert relative_error([t.float() for t in got], want) < 0.05

@@ -8,6 +8,7 @@ an opaque op's ``CallArgs``, a ``Ref`` to one of the node's operands.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from lowbit.ir.types import DType
@@ -51,18 +52,30 @@ class CallArgs:
         return out
 
 
+def map_literals(call: CallArgs, fn) -> CallArgs:
+    """``call`` with ``fn`` applied to each of its literal arguments (operand ``Ref`` s left as
+    they are, tuples entered)."""
+    return CallArgs(_map(call.args, fn), tuple((k, _map(v, fn)) for k, v in call.kwargs))
+
+
+def _map(value: AttrValue, fn) -> AttrValue:
+    if isinstance(value, tuple):
+        return tuple(_map(v, fn) for v in value)
+    return value if isinstance(value, Ref) else fn(value)
+
+
 def on_device(call: CallArgs, device: str) -> CallArgs:
     """``call`` with every device literal replaced by ``device`` (a graph traced on one device,
     run on another: the tensors it creates belong where its other tensors are)."""
-    return CallArgs(_on_device(call.args, device), tuple((k, _on_device(v, device)) for k, v in call.kwargs))
+    return map_literals(call, lambda v: EnumAttr("device", device)
+                        if isinstance(v, EnumAttr) and v.kind == "device" else v)
 
 
-def _on_device(value: AttrValue, device: str) -> AttrValue:
-    if isinstance(value, EnumAttr) and value.kind == "device":
-        return EnumAttr("device", device)
-    if isinstance(value, tuple):
-        return tuple(_on_device(v, device) for v in value)
-    return value
+def within(call: CallArgs, limit: float) -> CallArgs:
+    """``call`` with finite float literals clamped to ±``limit`` (a float32 fill value such as
+    its minimum, run in float16: the model's code would have used float16's)."""
+    return map_literals(call, lambda v: max(-limit, min(limit, v))
+                        if isinstance(v, float) and math.isfinite(v) else v)
 
 
 def _collect_refs(value: AttrValue, out: list[Ref]) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.ir.attrs import CallArgs, on_device
+from lowbit.ir.attrs import CallArgs, on_device, within
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.opdef import is_opaque, lookup, resolve_target
 
@@ -155,15 +155,19 @@ class Executor:
         return self.outputs(env)
 
 
-def node_callable(node: Node, device: str | None = None) -> tuple[Callable[..., object], dict]:
-    """The reference function of ``node`` and the keyword attributes to call it with;
-    ``device``: where the tensors an opaque call creates go, instead of the traced device."""
+def node_callable(node: Node, device: str | None = None, limit: float | None = None
+                  ) -> tuple[Callable[..., object], dict]:
+    """The reference function of ``node`` and the keyword attributes to call it with. For an
+    opaque call, ``device``: where the tensors it creates go, instead of the traced device;
+    ``limit``: the largest magnitude its float literals may have (``attrs.within``)."""
     opdef = lookup(node.op)
     if is_opaque(node.op):
         call = node.attrs["args"]
         assert isinstance(call, CallArgs)
         if device is not None:
             call = on_device(call, device)
+        if limit is not None:
+            call = within(call, limit)
         return functools.partial(opdef.reference, __target__=resolve_target(node.op), args=call), {}
     return opdef.reference, opdef.full_attrs(node.attrs)
 

@@ -110,10 +110,19 @@ class CompiledModule(torch.nn.Module):
 
     def _dispatch(self, node):
         """What the executor calls for ``node``: the backend's function or the op's reference
-        (tensors it creates made on the module's device), with float operands brought to the run
-        dtype where the module was moved to another one (``run_dtype``)."""
-        fn, kwargs = self._override(node) or node_callable(node, str(self._device_probe.device))
-        return run_dtype.wrap_for(node, fn, self._run_dtype(), self._active), kwargs
+        (tensors it creates made on the module's device). Where the module was moved to another
+        float dtype (``run_dtype``): float operands brought to one dtype, and on the activation
+        path the traced float dtype in the node's attributes (a dequantize's output) and the
+        range of its float literals (a fill value) those of the run dtype."""
+        dtype = self._run_dtype()
+        on_path = dtype is not None and id(node) in self._active
+        limit = torch.finfo(dtype).max if on_path else None
+        fn, kwargs = self._override(node) or node_callable(node, str(self._device_probe.device), limit)
+        if dtype is None:
+            return fn, kwargs
+        if on_path:
+            return run_dtype.casting(fn, dtype), run_dtype.retyped(kwargs, self._traced_dtype, dtype)
+        return run_dtype.casting(fn, None), kwargs
 
     def _plan(self) -> Executor:
         if self._executor is None or self._executor.version != self.graph.version:

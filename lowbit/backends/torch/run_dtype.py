@@ -14,7 +14,9 @@ precision they were traced in until they meet the activations; where they mix dt
 themselves (positions in fp32 times an inverse frequency now in fp16), they are promoted to the
 wider, as torch's elementwise ops would do and a matmul does not. Explicit casts to fp32 on the
 activation path (a norm's statistics) are kept too: nothing is cast until they meet a value of
-the run dtype.
+the run dtype. On that path the traced float dtype in an op's attributes (a dequantize's output
+dtype) becomes the run dtype, and float literals are clamped to its range (a masked_fill with
+float32's minimum, which float16 cannot hold).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from collections.abc import Callable
 
 import torch
 
-from lowbit.ir.graph import Graph, Node
+from lowbit.ir.graph import Graph
 from lowbit.ir.opdef import is_opaque, lookup
-from lowbit.ir.types import TensorType
+from lowbit.ir.types import DType, TensorType
 
 # fp8 codes are floating point to torch, but they are codes, not activations: never cast
 WIDE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -106,10 +108,8 @@ def _cast(t: torch.Tensor, to: torch.dtype) -> torch.Tensor:
     return t.to(to)
 
 
-def wrap_for(node: Node, fn: Callable[..., object], dtype: torch.dtype | None,
-             active: set[int]) -> Callable[..., object]:
-    """When the run dtype differs from the traced one (``dtype`` not None): ``casting(fn,
-    dtype)`` on the activation path, ``casting(fn, None)`` (promotion) off it; else ``fn``."""
-    if dtype is None:
-        return fn
-    return casting(fn, dtype if id(node) in active else None)
+def retyped(kwargs: dict, traced: torch.dtype, dtype: torch.dtype) -> dict:
+    """A registered op's attributes with the traced float dtype (a dequantize's ``out_dtype``)
+    replaced by the run dtype."""
+    run = DType.from_torch(dtype)
+    return {k: run if isinstance(v, DType) and v.storage == traced else v for k, v in kwargs.items()}
