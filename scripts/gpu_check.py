@@ -234,13 +234,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def git_commit() -> str:
-    """The checkout's commit ('unknown' where the tree was copied without its .git)."""
+    """The checkout's commit ('unknown' where the tree was copied without its .git), marked when
+    tracked files differ from it (a working tree copied over an older checkout's .git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + (" + changes not committed there" if dirty.stdout.strip() else "")
 
 
 if __name__ == "__main__":
