@@ -375,6 +375,12 @@ def _compile_all_sm90() -> None:
             assert "mma" in _compile_sm90(w4a16._w4a16_kernel, types, consts, t)
     _compile_sm90(w4a16._sum_splits_kernel, dict(part_ptr="*fp32", bias_ptr="*fp16", out_ptr="*fp16"),
                   dict(SPLITS=8, HAS_BIAS=True, BLOCK=1024), gemm.MMConfig(0, 0, 0, num_stages=1))
+    from lowbit.backends.triton import quantize as tq
+
+    for dt, zero in (("fp32", True), ("fp16", False), ("bf16", True)):  # the per-tensor activation quantizer
+        _compile_sm90(tq._static_quant_kernel, dict(x_ptr=f"*{dt}", q_ptr="*i8", s_ptr="*fp32", z_ptr="*u8"),
+                      dict(QMIN=0, QMAX=255, SHIFT=128, HAS_ZERO=zero, BLOCK=tq.STATIC_BLOCK),
+                      gemm.MMConfig(0, 0, 0, num_stages=1))
 
 
 @pytest.mark.slow

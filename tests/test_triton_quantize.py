@@ -8,7 +8,7 @@ from conftest import kernel_devices, rel_err
 
 from lowbit.backends.triton import quantize as tq
 from lowbit.ir.dialects.hadamard import hadamard_transform
-from lowbit.ir.dialects.quant import EPS, dynamic_quantize
+from lowbit.ir.dialects.quant import EPS, dynamic_quantize, quantize
 from lowbit.ir.types import DType
 
 DEVICES = kernel_devices()
@@ -248,3 +248,25 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.lowbit.triton_dynamic_quant.default, (x, 8, False, 1.0))
     torch.library.opcheck(torch.ops.lowbit.triton_hadamard.default, (x,))
     torch.library.opcheck(torch.ops.lowbit.triton_hadamard_quant.default, (x.half(), 4, True, 0.9))
+
+
+# ---- static_quant: per-tensor, bit for bit -------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,zero", [(DType.i8, None), (DType.i8, 3), (DType.u8, 131), (DType.u8, None),
+                                        (DType.i4, None), (DType.u4, 7)])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16])
+def test_static_quant_exact(device, dtype, zero, xdtype):
+    """``quant.quantize`` per tensor, then the signed form (unsigned codes less 128), in one kernel:
+    ties at k + ½ steps (fp32), saturation at both ends, a length no block divides."""
+    scale = torch.tensor([0.0371])
+    x = (rows(7, 333, seed=2) / 50).to(xdtype)
+    x.view(-1)[:40] = (torch.arange(40) - 20.5) * scale  # in fp32, most are exact ties after the division
+    z = None if zero is None else torch.tensor([zero], dtype=dtype.storage)
+    want = quantize(x.float(), scale, z, dtype=dtype, axis=None, group_size=None).to(torch.int16)
+    want = want - (128 if dtype in (DType.u8, DType.u4) else 0)
+    got = tq.static_quant(x.to(device), scale.to(device), None if z is None else z.to(device), dtype)
+    assert got.dtype == torch.int8 and got.shape == x.shape
+    assert torch.equal(got.cpu().to(torch.int16), want)
+    lo, hi = dtype.int_range
+    assert (want == lo - (128 if lo == 0 else 0)).any() and (want == hi - (128 if lo == 0 else 0)).any()

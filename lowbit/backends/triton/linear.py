@@ -114,15 +114,18 @@ def _quantize_dynamic(x2d: torch.Tensor, dtype: DType, symmetric: bool, hadamard
 
 def _quantize_static(x2d: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: DType):
     """Codes of a per-tensor calibrated quantizer (``quant.quantize``), in the signed form the
-    GEMM takes: (codes, scale, zero point or None)."""
-    from lowbit.backends.triton.gemm import uint8_to_int8
+    GEMM takes: (codes, scale, zero point or None). Integer codes in one kernel (``static_quant``:
+    unsigned ones less 128, their zero point too); fp8 by the reference."""
+    from lowbit.backends.triton.quantize import static_quant
 
     s = scale.float().reshape(1)
     z = None if zero is None else zero.reshape(1)
-    q = quantize(x2d.float(), s, z, dtype=dtype, axis=None, group_size=None)
+    if dtype.is_float:
+        q = quantize(x2d.float(), s, z, dtype=dtype, axis=None, group_size=None)
+    else:
+        q = static_quant(x2d, s, z, dtype)
     if dtype in (DType.u8, DType.u4):  # unsigned codes held in uint8
-        q8, z8 = uint8_to_int8(q, torch.zeros(1, device=q.device) if z is None else z)
-        return q8, s, z8
+        return q, s, (torch.zeros(1, dtype=torch.int32, device=q.device) if z is None else z.to(torch.int32)) - 128
     return q, s, None if z is None else z.to(torch.int32)
 
 

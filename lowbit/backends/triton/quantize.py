@@ -244,6 +244,21 @@ if triton_available():
         tl.store(z_ptr + pid, zero.to(tl.int32))
 
 
+    @triton.jit
+    def _static_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, n, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                             SHIFT: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK: tl.constexpr):
+        """clamp(round(x / s) + z, qmin, qmax) − SHIFT over a flat tensor, s and z read from memory."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr).to(tl.float32) - SHIFT
+        else:
+            zero = tl.zeros_like(scale) - SHIFT
+        tl.store(q_ptr + offs, _quantize(x, scale, zero, QMIN - SHIFT, QMAX - SHIFT), mask=mask)
+
+
 # ---- launches and references -----------------------------------------------------------------
 
 def _empty_codes(x: torch.Tensor):
@@ -295,6 +310,27 @@ def _launch_hadamard_quant(x: torch.Tensor, bits: int, symmetric: bool, clip: fl
     return q, scale, zero
 
 
+STATIC_BLOCK = 2048  # elements per program of the per-tensor quantizer
+
+
+def _launch_static_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: int,
+                         qmax: int, shift: int) -> torch.Tensor:
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    if x.numel():
+        _static_quant_kernel[(cdiv(x.numel(), STATIC_BLOCK),)](
+            x, q, scale, scale if zero is None else zero, x.numel(), QMIN=qmin, QMAX=qmax, SHIFT=shift,
+            HAS_ZERO=zero is not None, BLOCK=STATIC_BLOCK, enable_fp_fusion=False)
+    return q
+
+
+def _static_quant_reference(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: int,
+                            qmax: int, shift: int) -> torch.Tensor:
+    q = torch.round(x.float() / scale.float())
+    if zero is not None:
+        q = q + zero.float()
+    return (q.clamp(qmin, qmax) - shift).to(torch.int8)
+
+
 def _dynamic_quant_reference(x: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0):
     """``quant.dynamic_quantize`` in the signed form (module docstring)."""
     dtype = _REFERENCE_DTYPES[(bits, symmetric)]
@@ -319,6 +355,19 @@ def _dynamic_quant_op(x: torch.Tensor, bits: int, symmetric: bool, clip: float) 
     if use_triton(x):
         return _launch_dynamic_quant(x, bits, symmetric, clip)
     return _dynamic_quant_reference(x, bits, symmetric, clip)
+
+
+@torch.library.custom_op("lowbit::triton_static_quant", mutates_args=())
+def _static_quant_op(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: int, qmax: int,
+                     shift: int) -> torch.Tensor:
+    if use_triton(x):
+        return _launch_static_quant(x, scale, zero, qmin, qmax, shift)
+    return _static_quant_reference(x, scale, zero, qmin, qmax, shift)
+
+
+@_static_quant_op.register_fake
+def _(x, scale, zero, qmin, qmax, shift):
+    return torch.empty(x.shape, dtype=torch.int8, device=x.device)
 
 
 @torch.library.custom_op("lowbit::triton_hadamard", mutates_args=())
@@ -366,6 +415,22 @@ def dynamic_quant(x: torch.Tensor, bits: int = 8, symmetric: bool = True, clip: 
     """
     q, scale, zero = torch.ops.lowbit.triton_dynamic_quant(_rows(x, bits), bits, symmetric, float(clip))
     return q.reshape(x.shape), scale.reshape(x.shape[:-1]), zero.reshape(x.shape[:-1])
+
+
+def static_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: DType) -> torch.Tensor:
+    """Per-tensor quantization with calibrated ``scale`` and ``zero`` (one element each, on x's
+    device; ``quant.quantize`` with ``dtype``, int8/int4/uint8/uint4) in one pass, in the signed
+    form the integer GEMM takes: unsigned codes come back less 128 (as ``uint8_to_int8``), so
+    their zero point is ``zero − 128``. Reads no value on the host (CUDA-graph safe).
+
+    >>> q = static_quant(torch.randn(4, 64), torch.tensor([0.02]), torch.tensor([128]), DType.u8)
+    """
+    lo, hi = dtype.int_range
+    shift = 128 if lo == 0 else 0
+    flat = x.reshape(-1).contiguous()
+    q = torch.ops.lowbit.triton_static_quant(flat, scale.reshape(1).float(), None if zero is None else zero.reshape(1),
+                                             lo, hi, shift)
+    return q.reshape(x.shape)
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
