@@ -47,7 +47,7 @@ import torch
 
 from lowbit.backends.triton.runtime import cdiv, triton_available, use_triton
 from lowbit.ir.dialects.hadamard import base_matrix, factor, hadamard_transform, plan
-from lowbit.ir.dialects.quant import EPS, dynamic_quantize
+from lowbit.ir.dialects.quant import EPS, dynamic_quantize, quantize
 from lowbit.ir.dialects.rotate import sylvester_hadamard
 from lowbit.ir.types import DType
 
@@ -325,10 +325,10 @@ def _launch_static_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def _static_quant_reference(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: int,
                             qmax: int, shift: int) -> torch.Tensor:
-    q = torch.round(x.float() / scale.float())
-    if zero is not None:
-        q = q + zero.float()
-    return (q.clamp(qmin, qmax) - shift).to(torch.int8)
+    """``quant.quantize`` per tensor (its dtype: the signed or unsigned one of qmin..qmax), less ``shift``."""
+    dtype = _REFERENCE_DTYPES[((qmax - qmin).bit_length(), qmin < 0)]
+    q = quantize(x.float(), scale, zero, dtype=dtype, axis=None, group_size=None)
+    return (q.to(torch.int16) - shift).to(torch.int8)
 
 
 def _dynamic_quant_reference(x: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0):
