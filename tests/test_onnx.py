@@ -114,6 +114,74 @@ def test_per_token_linears_run_as_one_integer_kernel_each(acts, tmp_path):
         assert diff["cosine"] > 0.9999 and diff["max_abs"] < 2e-2, diff
 
 
+@pytest.mark.parametrize("offset, zero_rows", [(0.0, True), (0.5, False)])
+def test_asymmetric_row_zero_points_enter_the_integer_product(offset, zero_rows, tmp_path):
+    """An asymmetric per-token linear takes its rows' zero points into MatMulIntegerToFloat's
+    own reduction (the codes extended by zero-point columns, the weight by rows summing to
+    −colsum): no Sub after the kernel. A weight whose column sums are too large for that (all
+    its values positive: ``offset``) is corrected after the product instead. Either way ONNX
+    Runtime agrees with the torch backend."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 40), torch.nn.LayerNorm(40)).eval()
+    with torch.no_grad():
+        model[0].weight.add_(offset)
+    x = torch.randn(3, 7, 256) * torch.linspace(0.1, 5, 7)[:, None] + 1.5
+    compiled = lowbit.compile(model, (x,), dynamic_shapes=({0: "batch", 1: "seq"},),
+                              pipeline="insert-qdq{weights=int8/channel,acts=uint8/token/asym}", progress=False)
+    path, weights = compiled.export_onnx(tmp_path / "model.onnx")
+    assert fusion_report(path, weights.layers).fused == {"0": "MatMulIntegerToFloat"}
+    graph = onnx.load(str(path)).graph
+    [weight] = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    [kernel] = [n.output[0] for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    after = {n.op_type for n in graph.node if kernel in n.input}
+    assert (weight.dims[0] > 256) == zero_rows and after == ({"Add"} if zero_rows else {"Sub"}), after
+    for inputs in ((x,), (torch.randn(2, 5, 256) * 3 - 2,)):
+        diff = compare_with_torch(path, compiled, list(inputs))
+        assert diff["cosine"] > 0.9999 and diff["max_abs"] < 2e-2, diff
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_exports_as_instance_normalization(affine, tmp_path):
+    """A float32 LayerNorm over the last axis becomes InstanceNormalization over [rows, 1, width]
+    and the affine Mul/Add (ONNX Runtime's LayerNormalization kernels run a scalar loop per
+    row); at any rank, and exact to float rounding. One over two axes stays LayerNormalization."""
+    torch.manual_seed(0)
+
+    class Norms(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.last = torch.nn.LayerNorm(24, elementwise_affine=affine)
+            self.two = torch.nn.LayerNorm((5, 24))
+
+        def forward(self, x):
+            y = self.last(x * 3 + 1)
+            return y, self.two(y + x), self.last(x[:, 0])
+
+    model = Norms().eval()
+    if affine:
+        with torch.no_grad():
+            model.last.weight.uniform_(0.5, 2)
+            model.last.bias.uniform_(-1, 1)
+    x = torch.randn(3, 5, 24)
+    compiled = lowbit.compile(model, (x,), dynamic_shapes=({0: "batch"},), progress=False)
+    path, _ = compiled.export_onnx(tmp_path / "model.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("InstanceNormalization") == 2 and ops.count("LayerNormalization") == 1, ops
+    for inputs in ((x,), (torch.randn(7, 5, 24) * 10,)):
+        assert compare_with_torch(path, compiled, list(inputs))["max_abs"] < 1e-5
+
+
+def test_zero_point_rows_sum_to_minus_the_column_sums():
+    from lowbit.backends.onnx.ops import ZERO_POINT_ROW_BOUND, zero_point_rows
+
+    colsum = torch.tensor([0, 1, -1, 64, -65, 700, -7000, 6999])
+    rows = zero_point_rows(colsum, in_features=1024)
+    assert rows.dtype == torch.int8 and len(rows) == 110  # ⌈7000 / 64⌉
+    assert torch.equal(rows.sum(0, dtype=torch.int64), -colsum)
+    assert rows.abs().max() <= ZERO_POINT_ROW_BOUND
+    assert zero_point_rows(colsum, in_features=400) is None  # 110 rows > 400 / 4
+
+
 @pytest.mark.parametrize("weights, acts", [("int8/channel", "int4/token/dynamic"),
                                            ("int8/channel", "int4/token/dynamic/mse"),
                                            ("int4/channel/asym/mse", "uint4/token/dynamic/mse")])

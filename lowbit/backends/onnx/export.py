@@ -108,13 +108,29 @@ class _ExportModule(torch.nn.Module):
                 self.sources[buf] = functools.partial(_export_data, graph.tensors, name, flip)
             else:
                 self.register_buffer(buf, _export_data(graph.tensors, name, flip))
-        self.colsums: dict[int, str] = {}  # dynamic linear → buffer holding colsum(W_q)
+        # per-token linears on ONNX Runtime's integer kernel: colsum(W_q) for the symmetric ones,
+        # W_q with its zero-point rows appended for the asymmetric ones (see ops.py)
+        self.colsums: dict[int, str] = {}
+        self.extended: dict[int, tuple[str, int]] = {}  # node → (buffer, rows appended)
+        self.extended_of: dict[str, str] = {}  # that buffer → the weight's own buffer
         for node in graph.nodes:
-            if node.op == "quant.dynamic_linear":
+            if _on_integer_kernel(node):
                 name = str(node.operand(1).producer.attrs["name"])
-                w = _export_data(graph.tensors, name, name in transposed)
-                self.colsums[id(node)] = f"colsum_{len(self.colsums)}"
-                self.register_buffer(self.colsums[id(node)], w.to(torch.int32).sum(0))
+                flip = name in transposed
+                w = _export_data(graph.tensors, name, flip)
+                colsum = w.to(torch.int32).sum(0)
+                rows = None if node.attrs.get("symmetric", True) else ops.zero_point_rows(colsum, w.shape[0])
+                if rows is None:
+                    self.colsums[id(node)] = f"colsum_{len(self.colsums)}"
+                    self.register_buffer(self.colsums[id(node)], colsum)
+                else:
+                    buf = f"{self.names[name]}_zero_rows"
+                    self.extended[id(node)], self.extended_of[buf] = (buf, len(rows)), self.names[name]
+                    if w.numel() >= STANDIN_MIN_ELEMENTS:
+                        self.register_buffer(buf, torch.zeros((), dtype=w.dtype).expand(len(w) + len(rows), w.shape[1]))
+                        self.sources[buf] = functools.partial(_appended, graph.tensors, name, flip, rows)
+                    else:
+                        self.register_buffer(buf, torch.cat([w, rows]))
                 del w
 
     def forward(self, *inputs):
@@ -133,18 +149,22 @@ class _ExportModule(torch.nn.Module):
             block = node.attrs.get("group_size") or 0
             q = node.operand(1).tensor_type.dtype.short
             return (lambda x, w, s, z, b: _as_3d(x, lambda x3: ops.qlinear(x3, w, s, z, b, block, q))), {}
-        if node.op == "quant.dynamic_linear" and node.attrs.get("group_size") is None \
-                and node.operand(1).tensor_type.dtype == DType.i8 and node.operands[3] is None \
-                and node.attrs["act_dtype"] in (DType.i8, DType.u8) \
-                and node.attrs.get("clip", 1.0) == 1.0:  # ORT's 8-bit kernel quantizes over the full range
+        if _on_integer_kernel(node):
             sym = bool(node.attrs.get("symmetric", True))
+            if id(node) in self.extended:
+                buf, rows = self.extended[id(node)]
+                w_rows = getattr(self, buf)
+                return (lambda x, w, s, z, b: ops.dynamic_qlinear(x, w_rows, s, None, b, sym, rows)), {}
             colsum = getattr(self, self.colsums[id(node)])
-            return (lambda x, w, s, z, b: ops.dynamic_qlinear(x, w, s, colsum, b, sym)), {}
+            return (lambda x, w, s, z, b: ops.dynamic_qlinear(x, w, s, colsum, b, sym, 0)), {}
         if node.op == "quant.dynamic_linear" and not node.attrs.get("hadamard"):
             return self._dynamic_then_qlinear(node)
         if node.op == "core.rms_norm" and node.operands[1] is not None and node.operand(0).tensor_type.dtype.is_float:
             eps = float(node.attrs.get("eps", 1e-6))
             return (lambda x, w: ops.rms_norm(x, w, eps)), {}
+        if node.op == "core.layer_norm" and _last_axis_f32(node):
+            eps = float(node.attrs.get("eps", 1e-5))
+            return (lambda x, w, b: ops.layer_norm(x, w, b, eps)), {}
         if node.op == "core.gelu" and node.operand(0).tensor_type.dtype in (DType.f32, DType.f16):
             approximate = str(node.attrs.get("approximate", "none"))
             return (lambda x: ops.gelu(x, approximate)), {}
@@ -218,6 +238,21 @@ def _hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
     return hadamard_transform(x, butterflies=False)
 
 
+def _last_axis_f32(node: Node) -> bool:
+    """A float32 LayerNorm over the last axis alone, of a known width."""
+    t = node.operand(0).tensor_type
+    shape = list(node.attrs.get("normalized_shape") or [])
+    return t.dtype == DType.f32 and len(shape) == 1 and isinstance(t.shape[-1], int) and shape[0] == t.shape[-1]
+
+
+def _on_integer_kernel(node: Node) -> bool:
+    """A per-token linear that ONNX Runtime's MatMulIntegerToFloat computes as compiled: int8
+    per-channel weights without zero points, 8-bit activations over their full range."""
+    return (node.op == "quant.dynamic_linear" and node.attrs.get("group_size") is None
+            and node.operand(1).tensor_type.dtype == DType.i8 and node.operands[3] is None
+            and node.attrs["act_dtype"] in (DType.i8, DType.u8) and node.attrs.get("clip", 1.0) == 1.0)
+
+
 def _as_3d(x: torch.Tensor, fn) -> torch.Tensor:
     """Run ``fn`` on x with a leading unit dim if x is 2-D: ONNX Runtime turns a 2-D MatMul + Add
     into Gemm before its QDQ fusion, and leaves a quantized Gemm in float."""
@@ -229,6 +264,10 @@ def _export_data(store, name: str, transpose: bool) -> torch.Tensor:
     quantized linear's weight, scale and zero point, stored [in, out] for MatMul."""
     t = store[name]
     return t.t().contiguous() if transpose else t
+
+
+def _appended(store, name: str, transpose: bool, rows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([_export_data(store, name, transpose), rows])
 
 
 def lower_for_export(traced: TracedModel) -> tuple[Graph, ExportedWeights, set[str]]:
@@ -294,6 +333,8 @@ def build_onnx(traced: TracedModel, opset: int | None = None, attention_op: bool
     if opset is not None and opset < need:
         raise ValueError(f"opset {opset} cannot hold this model's types: it needs opset {need} or later")
     module = _ExportModule(graph, transposed, attention_op, hadamard, sparse_attention).eval()
+    for buf, own in module.extended_of.items():  # the file holds the extended weight, not its own
+        weights.layers[buf] = weights.layers.pop(own)
     example = _example_spanning_blocks(traced, graph)
     with ops.target_opset(opset or need), quiet():
         program = torch.onnx.export(

@@ -4,9 +4,14 @@ translations (onnxscript, used by ``torch.onnx.export(dynamo=True)``).
 Layouts at export: a quantized linear's weight is stored [in, out] (what ONNX MatMul reads),
 with per-channel scales along axis 1, or int4 groups of G along axis 0 (block_size=G), the
 pattern ONNX Runtime turns into MatMulNBits. A per-token dynamic linear becomes ONNX
-Runtime's MatMulIntegerToFloat on uint8 × int8 (row and column scales in its output pass),
-with an asymmetric row zero point corrected exactly by a rank-1 term:
-    x·W ≈ s_x (q_x − z_x) · s_w q_w = s_x s_w (q_x·q_w) − (s_x z_x) ⊗ (s_w colsum(q_w)).
+Runtime's MatMulIntegerToFloat on uint8 × int8 (row and column scales in its output pass).
+Its zero point is one scalar, so an asymmetric row zero point z_x is taken into the integer
+product itself: the codes get m more columns holding z_x, and the weight m more rows whose
+column sums are −colsum(q_w) (``zero_point_rows``), so that
+    x·W ≈ s_x s_w (q_x − z_x)·q_w = s_x s_w ([q_x, z_x … z_x] · [q_w; R])
+exactly in int32, with no pass over the output. Where colsum(q_w) is so large that R would
+add more than a quarter of the reduction, the rank-1 term (s_x z_x) ⊗ (s_w colsum(q_w)) is
+subtracted after the product instead.
 """
 
 from __future__ import annotations
@@ -74,9 +79,29 @@ def _(x, w_kn, scale, zero_point, bias, block, qdtype):
     return x.new_empty((*x.shape[:-1], w_kn.shape[1]))
 
 
+ZERO_POINT_ROW_BOUND = 64  # |R| ≤ 64: two adjacent products 255·64 stay within int16, which
+# the u8·s8 instructions of CPUs without VNNI (vpmaddubsw) saturate at
+
+
+def zero_point_rows(colsum: torch.Tensor, in_features: int) -> torch.Tensor | None:
+    """int8 rows R [m, out] with R.sum(0) == −colsum and |R| ≤ ``ZERO_POINT_ROW_BOUND``, m as
+    small as that allows; None where m would exceed a quarter of ``in_features`` (the rank-1
+    correction is then cheaper than the longer reduction)."""
+    target = -colsum.to(torch.int64)
+    m = max(1, -(-int(target.abs().max()) // ZERO_POINT_ROW_BOUND)) if target.numel() else 1
+    if m > max(1, in_features // 4):
+        return None
+    base = torch.div(target, m, rounding_mode="floor")
+    extra = torch.arange(m).unsqueeze(1) < (target - base * m)  # the remainder, one unit per row
+    return (base + extra).to(torch.int8)
+
+
 @torch.library.custom_op("lowbit::dynamic_qlinear", mutates_args=())
-def dynamic_qlinear(x: torch.Tensor, w_kn: torch.Tensor, scale: torch.Tensor, colsum: torch.Tensor,
-                    bias: torch.Tensor | None, symmetric: bool) -> torch.Tensor:
+def dynamic_qlinear(x: torch.Tensor, w_kn: torch.Tensor, scale: torch.Tensor, colsum: torch.Tensor | None,
+                    bias: torch.Tensor | None, symmetric: bool, zero_rows: int) -> torch.Tensor:
+    """``zero_rows`` > 0: w_kn's last rows are ``zero_point_rows`` (asymmetric codes only), and
+    the codes are extended by as many columns of their row's zero point; else ``colsum`` is
+    colsum(w_kn)."""
     x2 = x.reshape(-1, x.shape[-1]).float()
     if symmetric:  # int8 codes q in [-127, 127], carried as uint8 q + 128 with zero point 128
         s = (x2.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
@@ -87,13 +112,16 @@ def dynamic_qlinear(x: torch.Tensor, w_kn: torch.Tensor, scale: torch.Tensor, co
         s = ((hi - lo) / 255).clamp_min(1e-8)
         z = torch.round(-lo / s).clamp(0, 255)
     q = (torch.round(x2 / s) + z).clamp(0, 255)
-    acc = q @ w_kn.float() - z * colsum.float()
+    if zero_rows:
+        acc = torch.cat([q, z.expand(-1, zero_rows)], 1) @ w_kn.float()
+    else:
+        acc = q @ w_kn.float() - z * colsum.float()
     y = (acc * s * scale).reshape(*x.shape[:-1], w_kn.shape[1])
     return y + bias if bias is not None else y
 
 
 @dynamic_qlinear.register_fake
-def _(x, w_kn, scale, colsum, bias, symmetric):
+def _(x, w_kn, scale, colsum, bias, symmetric, zero_rows):
     return x.new_empty((*x.shape[:-1], w_kn.shape[1]))
 
 
@@ -134,12 +162,13 @@ def onnx_qlinear(x, w_kn, scale, zero_point, bias, block: int, qdtype: str):
     return op.Add(y, bias) if bias is not None else y
 
 
-def onnx_dynamic_qlinear(x, w_kn, scale, colsum, bias, symmetric: bool):
+def onnx_dynamic_qlinear(x, w_kn, scale, colsum, bias, symmetric: bool, zero_rows: int):
     """Per-token uint8 codes by one per-axis QuantizeLinear, then ONNX Runtime's
     MatMulIntegerToFloat: uint8 × int8 with the row and column scales applied in the GEMM's own
     output pass (its zero point must be one scalar). Symmetric codes are q + 128 with
-    the zero point 128; asymmetric ones take the zero point 0 and subtract the rank-1 term
-    (s_x z_x) ⊗ (s_w colsum(W_q))."""
+    the zero point 128; asymmetric ones take the zero point 0, and their row zero points enter
+    the product as ``zero_rows`` more columns of codes (see the module's docstring), or, without
+    those, are corrected by the rank-1 term (s_x z_x) ⊗ (s_w colsum(W_q))."""
     from onnxscript.values import Opset
 
     declare_contrib_op("MatMulIntegerToFloat",
@@ -157,7 +186,7 @@ def onnx_dynamic_qlinear(x, w_kn, scale, colsum, bias, symmetric: bool):
     flat = op.Constant(value_ints=[-1])
     lo = op.ReduceMin(x, axes, keepdims=1)
     hi = op.ReduceMax(x, axes, keepdims=1)
-    rows = op.Reshape(x, op.Constant(value_ints=[-1, int(w_kn.shape[0])]))
+    rows = op.Reshape(x, op.Constant(value_ints=[-1, int(w_kn.shape[0]) - zero_rows]))
     if symmetric:  # max |x| from the row's min and max: no |x| tensor
         s = op.Max(op.Div(op.Max(hi, op.Neg(lo)), op.Constant(value_float=127.0)), eps)
         z8 = op.Expand(op.Constant(value=onnx.helper.make_tensor("z", onnx.TensorProto.UINT8, [1], [128])),
@@ -171,9 +200,15 @@ def onnx_dynamic_qlinear(x, w_kn, scale, colsum, bias, symmetric: bool):
         s = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=255.0)), eps)
         z = op.Clip(op.Round(op.Div(op.Neg(lo), s)), zero, op.Constant(value_float=255.0))
         z8 = op.Reshape(op.Cast(z, to=onnx.TensorProto.UINT8), flat)
-        q = op.Reshape(op.QuantizeLinear(rows, op.Reshape(s, flat), z8, axis=0), op.Shape(x))
-        y = msft.MatMulIntegerToFloat(q, w_kn, s, scale)
-        y = op.Sub(y, op.Mul(op.Mul(s, z), op.Mul(op.Cast(colsum, to=onnx.TensorProto.FLOAT), scale)))
+        q = op.QuantizeLinear(rows, op.Reshape(s, flat), z8, axis=0)
+        if zero_rows:  # [q, z … z]: the rows' zero points as columns of codes
+            width = op.Constant(value_ints=[int(w_kn.shape[0])])
+            zs = op.Expand(op.Unsqueeze(z8, op.Constant(value_ints=[1])), op.Constant(value_ints=[1, zero_rows]))
+            q = op.Reshape(op.Concat(q, zs, axis=1), op.Concat(op.Shape(x, end=-1), width, axis=0))
+            y = msft.MatMulIntegerToFloat(q, w_kn, s, scale)
+        else:
+            y = msft.MatMulIntegerToFloat(op.Reshape(q, op.Shape(x)), w_kn, s, scale)
+            y = op.Sub(y, op.Mul(op.Mul(s, z), op.Mul(op.Cast(colsum, to=onnx.TensorProto.FLOAT), scale)))
     # not MatMulIntegerToFloat's own bias input: ONNX Runtime scales that by a per-row a_scale
     return op.Add(y, bias) if bias is not None else y
 
@@ -282,6 +317,35 @@ def onnx_rms_norm(x, weight, eps: float):
 
 
 TRANSLATIONS[torch.ops.lowbit.rms_norm.default] = onnx_rms_norm
+
+
+# ---- LayerNorm: InstanceNormalization over each row ------------------------------------------
+
+@torch.library.custom_op("lowbit::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+@layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+def onnx_layer_norm(x, weight, bias, eps: float):
+    """LayerNorm over the last axis as InstanceNormalization of x viewed [rows, 1, width], then
+    the affine Mul and Add. ONNX Runtime's CPU kernels for LayerNormalization and the
+    SkipLayerNormalization it fuses from it run a scalar loop per row: on MiniLM's [1024, 384]
+    rows 1.08 ms per norm, against 0.45 ms for this (and closer to a float64 reference: 8e-7
+    against 3e-6)."""
+    width = int(x.shape[-1])
+    rows = op.Reshape(x, op.Constant(value_ints=[-1, 1, width]))
+    one, zero = op.Constant(value_floats=[1.0]), op.Constant(value_floats=[0.0])
+    y = op.Reshape(op.InstanceNormalization(rows, one, zero, epsilon=eps), op.Shape(x))
+    y = op.Mul(y, weight) if weight is not None else y
+    return op.Add(y, bias) if bias is not None else y
+
+
+TRANSLATIONS[torch.ops.lowbit.layer_norm.default] = onnx_layer_norm
 
 
 # ---- GELU: com.microsoft.Gelu / FastGelu --------------------------------------------------------
