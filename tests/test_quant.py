@@ -256,6 +256,49 @@ def test_dynamic_activations_clip_by_calibrated_ratio(monkeypatch):
         parse_qspec("int4/token/dynamic/kl")
 
 
+def test_smooth_quant_reaches_a_post_norm_models_linears():
+    """A post-norm block's norm output feeds both a linear and the residual add, so no constant
+    can absorb 1/s: smooth-quant gives the linear one per-channel multiply of its own (the
+    residual keeps the norm output), losslessly, and the static int8 error drops."""
+    torch.manual_seed(0)
+
+    class PostNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(40)
+            self.proj = torch.nn.Linear(40, 40)
+            self.out = torch.nn.LayerNorm(40)
+            with torch.no_grad():
+                self.norm.weight.copy_(1 + torch.tensor([30.0 if i % 9 == 0 else 0.0 for i in range(40)]))
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.out(h + self.proj(h))
+
+    model = PostNorm().eval()
+    calib = [(torch.randn(4, 16, 40),) for _ in range(2)]
+    with torch.no_grad():
+        ref = torch.cat([model(*b) for b in calib])
+
+    def compile(explicit, quantize=True):
+        pipeline = f"smooth-quant{{explicit={explicit}}}" + (",insert-qdq{weights=int8/channel,acts=uint8/tensor/asym}"
+                                                               if quantize else "")
+        q = lowbit.compile(model, calib[0], calibration=calib, progress=False, pipeline=pipeline)
+        with torch.no_grad():
+            return q, rel_err(torch.cat([q(*b) for b in calib]), ref)
+
+    smoothed, lossless = compile("true", quantize=False)
+    assert lossless < 1e-6
+    [mul] = [n for n in smoothed.graph.nodes if n.op == "core.mul"]
+    norm = mul.operand(0).producer
+    assert norm.op == "core.layer_norm" and {u.op for u in norm.result.users} == {"core.mul", "core.add"}
+    assert [u.op for u in mul.result.users] == ["core.linear"]
+    assert any("their linears read them through one per-channel multiply" in n for n in smoothed.traced.notes)
+    unsmoothed, _ = compile("false", quantize=False)
+    assert not any(n.op == "core.mul" for n in unsmoothed.graph.nodes)
+    assert compile("true")[1] < 0.7 * compile("false")[1]
+
+
 @pytest.mark.parametrize("weights,acts", [("int8/channel", "uint8/tensor/asym"), ("int8/channel", "int8/token"),
                                           ("int4/channel/mse", "int4/token")])
 def test_smooth_quant_alpha_auto_picks_the_least_error(weights, acts):

@@ -12,9 +12,12 @@ SmoothQuant picks  s_j = max|X_j|^α / max|W_·j|^(1−α)  from calibration sta
 reproduce their float outputs on a sample of calibration tokens (quantized as ``weights`` and
 ``acts`` say, which should match the ``insert-qdq`` that follows).
 
-Regions come from the graph: a value qualifies only if *every* consumer is a linear reading it
-as input (a post-LN model's norm output also feeds the residual add, so it is skipped), and
-the producer can absorb the inverse scale. The pass is lossless; the pass manager checks it.
+Regions come from the graph: a value qualifies if every consumer is a linear reading it as
+input and the producer can absorb the inverse scale. A post-norm model's norm output (BERT,
+MiniLM) also feeds the residual add, so no constant can absorb 1/s there; with ``explicit``
+(the default) its linears read X·diag(s)⁻¹ from one per-channel multiply inserted for them,
+an elementwise pass at run time, while the residual keeps X. The pass is lossless; the pass
+manager checks it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Region:
     x: Value
     producer: Node
     consumers: list[Node]
+    explicit: bool = False  # 1/s as a multiply before ``consumers``, not folded into ``producer``
 
 
 def _keeps_channels(node: Node) -> bool:
@@ -113,22 +117,27 @@ def _gated_producer(x: Value, graph: Graph) -> Node | None:
     return None
 
 
-def find_regions(graph: Graph) -> list[Region]:
+def find_regions(graph: Graph, explicit: bool = False) -> list[Region]:
+    """Values whose linear readers can be smoothed. With ``explicit``, also a norm's output read
+    by linears and by something else (the residual add of a post-norm model)."""
     regions = []
     outputs = {id(v) for v in graph.outputs}
     for node in graph.nodes:
         for x in node.results:
             users = x.users
-            if not users or id(x) in outputs:
+            if not users:
                 continue
-            if not all(u.op == "core.linear" and u.operands[0] is x and _own_constant(u.operands[1], graph)
-                       for u in users):
-                continue  # some consumer is not a linear, or shares its weight (tied embeddings)
-            producer = (_flattened_norm(x, graph) or _attention_producer(x, graph)
-                        or _gated_producer(x, graph))
-            if producer is None:
-                continue
-            regions.append(Region(x, producer, users))
+            linears = [u for u in users
+                       if u.op == "core.linear" and u.operands[0] is x and _own_constant(u.operands[1], graph)]
+            if len(linears) == len(users) and id(x) not in outputs:
+                producer = (_flattened_norm(x, graph) or _attention_producer(x, graph)
+                            or _gated_producer(x, graph))
+                if producer is not None:
+                    regions.append(Region(x, producer, users))
+                    continue
+            if explicit and linears and node.op in ("core.layer_norm", "core.rms_norm") \
+                    and isinstance(x.tensor_type.shape[-1], int):
+                regions.append(Region(x, node, linears, explicit=True))
     return regions
 
 
@@ -143,6 +152,7 @@ class SmoothQuant(Pass):
     weights: str = "int8/channel"  # alpha=auto: the weight and activation quantization the search
     acts: str = "uint8/tensor/asym"  # rounds with (as the insert-qdq that follows)
     rows: int = 512           # alpha=auto: calibration tokens sampled per region
+    explicit: bool = True     # a norm output that also feeds the residual: 1/s as a multiply
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, str):
@@ -156,7 +166,7 @@ class SmoothQuant(Pass):
         parse_qspec(self.acts, f"{self.name}.acts")
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
-        regions = find_regions(graph)
+        regions = find_regions(graph, self.explicit)
         if not regions:
             return False
         search = self.alpha == "auto"
@@ -177,6 +187,10 @@ class SmoothQuant(Pass):
             else:
                 alpha = float(self.alpha)
             apply_scales(graph, r, smoothing_scales(x_absmax, w_absmax, alpha), self.name)
+        explicit = sum(r.explicit for r in regions)
+        if explicit:
+            ctx.note(f"{self.name}: {explicit} of {len(regions)} smoothed values also feed something other than "
+                     "linears (a post-norm residual); their linears read them through one per-channel multiply")
         if chosen:
             counts = {a: chosen.count(a) for a in sorted(set(chosen))}
             ctx.note(f"{self.name}: α chosen per region by quantized output error on {tokens} sampled "
@@ -221,12 +235,21 @@ def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
 
 
 def apply_scales(graph: Graph, r: Region, s: torch.Tensor, pass_name: str) -> None:
-    """X → X·diag(s)⁻¹ absorbed by the producer, W → W·diag(s) for every consumer."""
+    """X → X·diag(s)⁻¹ absorbed by the producer (or, for an explicit region, computed by a
+    multiply the consumers read), W → W·diag(s) for every consumer."""
     for u in r.consumers:
         w = u.operand(1)
         graph.set_tensor(w, graph.tensor(w) * s.to(graph.tensor(w).dtype))
         u.touch(pass_name)
     p = r.producer
+    if r.explicit:
+        inverse = graph.constant((1 / s).to(r.x.tensor_type.dtype.storage), f"{pass_name}_inverse_scale")
+        mul = graph.create_node("core.mul", [r.x, inverse], loc=p.loc.copy())
+        graph.insert(mul, after=p)
+        mul.touch(pass_name)
+        for u in r.consumers:
+            u.set_operand(0, mul.result)
+        return
     if p.op in ("core.layer_norm", "core.rms_norm"):
         for v in p.operands[1:]:
             if v is not None:
