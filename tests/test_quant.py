@@ -297,6 +297,11 @@ def test_smooth_quant_reaches_a_post_norm_models_linears():
     unsmoothed, _ = compile("false", quantize=False)
     assert not any(n.op == "core.mul" for n in unsmoothed.graph.nodes)
     assert compile("true")[1] < 0.7 * compile("false")[1]
+    from lowbit.backends import compressed_tensors  # a checkpoint cannot hold the multiply
+
+    with pytest.raises(compressed_tensors.ExportError, match="explicit=false"):
+        compressed_tensors._refuse_extras(smoothed.graph, {})
+    compressed_tensors._refuse_extras(unsmoothed.graph, {})
 
 
 @pytest.mark.parametrize("weights,acts", [("int8/channel", "uint8/tensor/asym"), ("int8/channel", "int8/token"),

@@ -143,6 +143,10 @@ def _refuse_extras(graph: Graph, online: dict[Node, list[str]]) -> None:
             raise ExportError(f"{where}: an online {node.op} rotation that compressed-tensors' transform_config "
                               "cannot express (only a Sylvester Hadamard of a power-of-two size, read by linears "
                               "only, as their input transform)")
+        if node.op == "core.mul" and "smooth-quant" in node.loc.touched_by:
+            raise ExportError(f"{where}: smooth-quant divided a norm's output by per-channel scales in a multiply "
+                              "of its own (the norm also feeds the residual, so no weight could absorb them); a "
+                              "checkpoint has no place for it: compile with smooth-quant{explicit=false}")
         if node.op.startswith("attn.") and "sparse" in node.op:
             raise ExportError(f"{where}: block-sparse attention has no compressed-tensors form")
         if node.op in ("quant.quantize", "quant.dynamic_quantize", "quant.dequantize"):
