@@ -161,6 +161,7 @@ class InsertQdq(Pass):
     sequential: bool = False  # GPTQ: block by block, each on the outputs of the quantized blocks before
     true_sequential: bool = False  # sequential GPTQ: layer by layer inside a block too
     rounded_inputs: bool = False  # sequential GPTQ: Hessians of the inputs after their own QDQ
+    refit: bool = True       # GPTQ: once the codes are chosen, solve their scales for the least error
     head: bool = False       # quantize the output head (a linear writing a graph output: lm_head)
     embeddings: str = "none"  # a weight spec for embedding tables (rows as output channels)
     clip_rows: int = 512     # dynamic acts with the mse observer: calibration tokens sampled per quantizer
@@ -373,7 +374,7 @@ class InsertQdq(Pass):
         full = graph.tensor(node.operand(index)).float()
         flat = full.reshape(full.shape[0], -1)  # a convolution's [out, in, kh, kw] as rows
         if hessian is not None:
-            q, scale, zp, attrs = gptq_quantize(flat, hessian, spec, self.damp, self.act_order)
+            q, scale, zp, attrs = gptq_quantize(flat, hessian, spec, self.damp, self.act_order, refit=self.refit)
         else:
             q, scale, zp, attrs = quantize_weight(flat, spec)
         return Rounded(q.reshape(full.shape), scale, zp, attrs)
