@@ -28,10 +28,14 @@ model one table, rows = configuration x tool/method, columns:
 
     perplexity   exp(mean next-byte cross-entropy) on the held-out windows (lower is better)
     vs fp32      perplexity change against the same environment's fp32 model, in percent
+    KL           mean KL divergence from that fp32 model's next-byte distribution, per predicted
+                 byte (10^-3 nats): how far quantization moved the predictions. Perplexity also
+                 rewards a lucky perturbation (rows land below fp32), and among methods within
+                 0.1% of fp32 its order is noise; the KL is the steadier measure of fidelity
     time         seconds to quantize (calibrate, run the algorithm) and evaluate that row
 
 "lowbit best" is the best of the lowbit recipes listed for a configuration; under each table, one
-line per configuration compares it with the best peer. ``n/a`` cells carry a footnote saying why
+line per configuration compares it with the best peer, by perplexity and by KL. ``n/a`` cells carry a footnote saying why
 the tool cannot express the configuration; ``error`` cells carry the exception's first line.
 """
 
@@ -180,7 +184,7 @@ def run_lowbit(model_dir: Path, configs: list[str], quick: bool) -> tuple[list[d
     import transformers
 
     import lowbit
-    from lowbit.evaluate import byte_windows, perplexity
+    from lowbit.evaluate import byte_windows, next_token_scores, reference_logprobs
     from lowbit.frontend import Dim
 
     start = time.time()
@@ -191,7 +195,8 @@ def run_lowbit(model_dir: Path, configs: list[str], quick: bool) -> tuple[list[d
         calib = [(torch.cat([b[0] for b in calib])[:QUICK_CALIB],)]
     example = (torch.tensor(list(VAL.read_bytes()[:64]), dtype=torch.long).reshape(2, 32),)
     shapes = ({0: "batch", 1: Dim("seq", max=model.config.max_position_embeddings)},)
-    rows = [{"config": "fp32", "method": "fp32", "ppl": perplexity(model, val)}]
+    reference = reference_logprobs(model, val)
+    rows = [{"config": "fp32", "method": "fp32", "ppl": next_token_scores(model, val)["perplexity"]}]
     for config in configs:
         for recipe in LOWBIT_RECIPES.get(config, []):
             name = Path(recipe).stem if recipe.endswith((".yaml", ".toml")) else recipe
@@ -199,10 +204,12 @@ def run_lowbit(model_dir: Path, configs: list[str], quick: bool) -> tuple[list[d
             try:
                 q = lowbit.compile(model, example, dynamic_shapes=shapes, recipe=recipe,
                                    calibration=calib, progress=False)
-                ppl = perplexity(q, val)
+                scores = next_token_scores(q, val, reference)
+                ppl = scores["perplexity"]
                 if not math.isfinite(ppl):
                     raise RuntimeError(f"perplexity is {ppl}")
-                rows.append({"config": config, "method": name, "ppl": ppl, "seconds": time.time() - t0})
+                rows.append({"config": config, "method": name, "ppl": ppl, "kl": scores["kl"],
+                             "seconds": time.time() - t0})
             except Exception as e:  # noqa: BLE001 -- a failed recipe is a cell, not a crash
                 rows.append({"config": config, "method": name, "seconds": time.time() - t0,
                              "error": one_line(f"{type(e).__name__}: {e}".splitlines()[0])})
@@ -241,13 +248,13 @@ def model_section(name: str, result: dict, tools: list[str], configs: list[str])
     lines += [f"fp32 perplexity per environment (sanity): {sanity} — {verdict} "
               f"(max relative difference {spread:.1e}, tolerance {FP32_TOLERANCE:.0e}).", ""]
     notes = Footnotes()
-    lines += ["| configuration | tool | method | perplexity | vs fp32 | time |",
-              "| --- | --- | --- | ---: | ---: | ---: |",
-              f"| fp32 | — | — | {ref:.4f} | +0.00% | |"]
+    lines += ["| configuration | tool | method | perplexity | vs fp32 | KL from fp32 (10⁻³) | time |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+              f"| fp32 | — | — | {ref:.4f} | +0.00% | | |"]
     summary = []
     for config in configs:
         rows = [r for r in result["rows"] if r["config"] == config]
-        best = {}
+        best, closest = {}, {}  # per tool: the lowest perplexity, the lowest KL from fp32
         for tool in tools:
             tool_rows = [r for r in rows if r["tool"] == tool]
             if not tool_rows:
@@ -255,20 +262,24 @@ def model_section(name: str, result: dict, tools: list[str], configs: list[str])
             for r in tool_rows:
                 own = fp32.get(tool, ref)
                 if "ppl" in r:
-                    cells = f"{r['ppl']:.4f} | {pct(r['ppl'], own)}"
+                    kl = f"{1e3 * r['kl']:.3f}" if r.get("kl") is not None else ""
+                    cells = f"{r['ppl']:.4f} | {pct(r['ppl'], own)} | {kl}"
                     if tool not in best or r["ppl"] < best[tool]["ppl"]:
                         best[tool] = r
+                    if r.get("kl") is not None and (tool not in closest or r["kl"] < closest[tool]["kl"]):
+                        closest[tool] = r
                 elif "na" in r:
-                    cells = f"n/a {notes.mark(r['tool'] + ': ' + r['na'])} | "
+                    cells = f"n/a {notes.mark(r['tool'] + ': ' + r['na'])} | | "
                 else:
-                    cells = f"error: {r['error'].replace('|', '/')} | "
+                    cells = f"error: {r['error'].replace('|', '/')} | | "
                 secs = f"{r['seconds']:.0f} s" if r.get("seconds") else ""
                 method = r["method"] + (f" {notes.mark(r['note'])}" if r.get("note") else "")
                 lines.append(f"| {SHORT[config]} | {tool} | {method} | {cells} | {secs} |")
             if tool == "lowbit" and "lowbit" in best:
                 b = best["lowbit"]
+                kl = f"{1e3 * b['kl']:.3f}" if b.get("kl") is not None else ""
                 lines.append(f"| {SHORT[config]} | **lowbit best** | {b['method']} | "
-                             f"**{b['ppl']:.4f}** | **{pct(b['ppl'], fp32.get('lowbit', ref))}** | |")
+                             f"**{b['ppl']:.4f}** | **{pct(b['ppl'], fp32.get('lowbit', ref))}** | {kl} | |")
         peers = [best[t] for t in best if t != "lowbit"]
         head = f"- **{CONFIGS[config]}**: "
         if "lowbit" not in best:
@@ -280,8 +291,16 @@ def model_section(name: str, result: dict, tools: list[str], configs: list[str])
             lb, pb = best["lowbit"], min(peers, key=lambda r: r["ppl"])
             d = 100 * (lb["ppl"] / pb["ppl"] - 1)
             word = "better" if d < 0 else "worse" if d > 0 else "equal"
-            summary.append(head + f"lowbit best {lb['method']} {lb['ppl']:.4f} vs best peer "
-                           f"{pb['tool']} {pb['method']} {pb['ppl']:.4f}: lowbit {abs(d):.2f}% {word}.")
+            line = (f"lowbit best {lb['method']} {lb['ppl']:.4f} vs best peer "
+                    f"{pb['tool']} {pb['method']} {pb['ppl']:.4f}: lowbit {abs(d):.2f}% {word}.")
+            near = [closest[t] for t in closest if t != "lowbit"]
+            if "lowbit" in closest and near:
+                lk, pk = closest["lowbit"], min(near, key=lambda r: r["kl"])
+                k = 100 * (lk["kl"] / pk["kl"] - 1)
+                line += (f" KL from fp32: lowbit {lk['method']} {1e3 * lk['kl']:.3f}e-3 vs {pk['tool']} "
+                         f"{pk['method']} {1e3 * pk['kl']:.3f}e-3, lowbit {abs(k):.0f}% "
+                         f"{'lower' if k < 0 else 'higher'}.")
+            summary.append(head + line)
     lines += ["", "lowbit best vs best peer:", ""] + summary
     if notes.notes:
         lines += ["", "Notes:", ""] + [f"{i + 1}. {n}" for i, n in enumerate(notes.notes)]

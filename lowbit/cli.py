@@ -249,6 +249,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _cell(value: object) -> str:
+    if isinstance(value, float) and 0 < abs(value) < 1e-2:  # a KL divergence near fp32
+        return f"{value:.3e}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 

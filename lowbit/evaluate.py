@@ -82,21 +82,43 @@ def byte_windows(split: str, window: int = 256, batch_size: int = 16) -> list[tu
 
 def perplexity(model: torch.nn.Module, batches: list[tuple] | None = None) -> float:
     """exp(mean next-byte cross-entropy) over the evaluation windows."""
+    return next_token_scores(model, batches)["perplexity"]
+
+
+def next_token_scores(model: torch.nn.Module, batches: list[tuple] | None = None,
+                      reference: list[torch.Tensor] | None = None) -> dict:
+    """Perplexity over the evaluation windows and, given the ``reference`` model's next-token
+    log-probabilities on them (``reference_logprobs``), the mean KL divergence from the
+    reference to this model per predicted token (nats). Perplexity also rewards a lucky
+    perturbation (a quantized model can land below fp32); the KL only counts how far the
+    predictions moved, so it separates methods whose perplexities differ by noise."""
     batches = batches if batches is not None else byte_windows("val")
-    total, count = 0.0, 0
+    total, count, kl = 0.0, 0, 0.0
     with torch.no_grad():
-        for (ids,) in batches:
+        for i, (ids,) in enumerate(batches):
             logits = model(ids).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                      ids[:, 1:].reshape(-1), reduction="sum")
             total += loss.item()
             count += ids[:, 1:].numel()
-    return float(torch.exp(torch.tensor(total / count)))
+            if reference is not None:
+                ref = reference[i]
+                kl += float((ref.exp() * (ref - torch.log_softmax(logits, -1))).sum())
+    out = {"perplexity": float(torch.exp(torch.tensor(total / count)))}
+    if reference is not None:
+        out["kl"] = kl / count
+    return out
+
+
+def reference_logprobs(model: torch.nn.Module, batches: list[tuple]) -> list[torch.Tensor]:
+    """The next-token log-probabilities of ``model`` on each batch (for ``next_token_scores``)."""
+    with torch.no_grad():
+        return [torch.log_softmax(model(ids).logits[:, :-1].float(), -1) for (ids,) in batches]
 
 
 def quality_table(name: str, recipes: list[str], batch_size: int = 32, progress: bool = True) -> list[dict]:
     """Compile zoo model ``name`` with each recipe and measure quality vs fp32, one row each
-    (minilm: embedding cosine; byte-llama: perplexity)."""
+    (minilm: embedding cosine; byte-llama: perplexity and KL divergence from fp32)."""
     import lowbit
     from lowbit.zoo import load_model
 
@@ -111,7 +133,9 @@ def quality_table(name: str, recipes: list[str], batch_size: int = 32, progress:
         rows = [{"recipe": "fp32", "mean cos": 1.0, "min cos": 1.0}]
     else:
         calib, evals = byte_windows("calib", batch_size=batch_size), byte_windows("val")
-        rows = [{"recipe": "fp32", "perplexity": perplexity(spec.model, evals), "vs fp32": "+0.00%"}]
+        reference = reference_logprobs(spec.model, evals)
+        rows = [{"recipe": "fp32", "perplexity": perplexity(spec.model, evals), "vs fp32": "+0.00%",
+                 "KL to fp32": 0.0}]
     for recipe in recipes:
         q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
                            recipe=recipe, calibration=calib, progress=progress)
@@ -120,9 +144,10 @@ def quality_table(name: str, recipes: list[str], batch_size: int = 32, progress:
             r = minilm_cosine(q, spec.model, evals)
             rows.append({"recipe": recipe, "mean cos": r["mean"], "min cos": r["min"], "static/dynamic acts": acts})
         else:
-            p = perplexity(q, evals)
+            r = next_token_scores(q, evals, reference)
+            p = r["perplexity"]
             rows.append({"recipe": recipe, "perplexity": p, "vs fp32": f"{100 * (p / rows[0]['perplexity'] - 1):+.2f}%",
-                         "static/dynamic acts": acts})
+                         "KL to fp32": r["kl"], "static/dynamic acts": acts})
     return rows
 
 

@@ -3,7 +3,9 @@ perplexity, so a peer venv never imports lowbit), and the JSON-lines output of a
 
 Protocol: the text file's bytes cut into non-overlapping 256-byte windows (the remainder dropped),
 token id == byte value; perplexity = exp(mean next-token cross-entropy over all windows,
-predicting tokens 1..255 of each window from the ones before it, no cache).
+predicting tokens 1..255 of each window from the ones before it, no cache); the KL divergence
+from the runner's fp32 model to the quantized one, per predicted token (nats), on the same
+windows (``reference`` records the fp32 predictions; every later evaluation is compared to them).
 """
 
 from __future__ import annotations
@@ -38,25 +40,46 @@ def batches(ids, batch_size: int = EVAL_BATCH) -> list:
     return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
 
 
-def perplexity_from_logits(logit_fn, ids) -> float:
+_REFERENCE: dict = {}  # the fp32 model's next-token log-probabilities, and the last KL measured
+
+
+def perplexity_from_logits(logit_fn, ids, record: bool = False) -> float:
     """exp(mean cross-entropy of tokens 1..255 given the ones before), summed over all windows.
-    ``logit_fn(batch_ids) -> (b, 256, vocab) float tensor``."""
+    ``logit_fn(batch_ids) -> (b, 256, vocab) float tensor``. With ``record`` the predictions
+    become the reference; otherwise, once a reference exists for these windows, the KL from
+    it is left in ``_REFERENCE["kl"]`` for ``run_method``."""
     import torch
 
-    total, count = 0.0, 0
+    total, count, kl = 0.0, 0, 0.0
+    compare = not record and _REFERENCE.get("ids") is not None and torch.equal(_REFERENCE["ids"], ids)
+    logprobs = []
     with torch.no_grad():
-        for b in batches(ids):
+        for i, b in enumerate(batches(ids)):
             logits = logit_fn(b)[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                      b[:, 1:].reshape(-1), reduction="sum")
             total += loss.item()
             count += b[:, 1:].numel()
+            lp = torch.log_softmax(logits, -1)
+            if record:
+                logprobs.append(lp)
+            elif compare:
+                ref = _REFERENCE["logprobs"][i]
+                kl += float((ref.exp() * (ref - lp)).sum())
+    if record:
+        _REFERENCE.update(ids=ids, logprobs=logprobs)
+    _REFERENCE["kl"] = kl / count if compare else None
     return float(torch.exp(torch.tensor(total / count)))
 
 
-def perplexity(model, ids) -> float:
+def perplexity(model, ids, record: bool = False) -> float:
     """Perplexity of a torch causal LM (``model(ids).logits``) under the protocol."""
-    return perplexity_from_logits(lambda b: model(b).logits, ids)
+    return perplexity_from_logits(lambda b: model(b).logits, ids, record)
+
+
+def reference(model, ids) -> float:
+    """The fp32 model's perplexity; its predictions become the reference for the KL column."""
+    return perplexity(model, ids, record=True)
 
 
 def load_model(path: str):
@@ -105,11 +128,13 @@ def run_method(config: str, method: str, fn, ref_note: str = "") -> None:
     """Run ``fn() -> ppl`` and emit its row, or an error row with one line of the exception
     (the full traceback goes to stderr)."""
     t0 = time.time()
+    _REFERENCE["kl"] = None
     try:
         ppl = fn()
         if ppl is None or not math.isfinite(ppl):
             raise RuntimeError(f"perplexity is {ppl}")
-        emit(config=config, method=method, ppl=ppl, seconds=time.time() - t0, note=ref_note)
+        emit(config=config, method=method, ppl=ppl, kl=_REFERENCE.get("kl"), seconds=time.time() - t0,
+             note=ref_note)
     except Exception as e:  # noqa: BLE001 -- a failed method is a table cell, not a crash
         traceback.print_exc(file=sys.stderr)
         emit(config=config, method=method, error=one_line(e), seconds=time.time() - t0)

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import emit, load_model, parse_args, perplexity, run_method, setup, versions, windows  # noqa: E402
+from _common import (emit, load_model, parse_args, perplexity, reference, run_method, setup,  # noqa: E402
+                     versions, windows)
 
 # configuration -> the llm example's options (names as in `brevitas_ptq_llm --help`, dashes as _)
 SCHEMES = {
@@ -118,7 +119,7 @@ def main() -> None:
     emit(info=True, tool="brevitas", versions=versions("brevitas", "torch", "transformers"))
     val = windows(args.val, args.eval_windows)
     cal = windows(args.calib, args.calib_windows)
-    emit(config="fp32", method="fp32", ppl=perplexity(load_model(args.model), val))
+    emit(config="fp32", method="fp32", ppl=reference(load_model(args.model), val))
     for config in args.configs:
         for name, extra in METHODS[config]:
             run_method(config, name,

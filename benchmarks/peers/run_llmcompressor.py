@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (emit, load_model, not_available, parse_args, perplexity, run_method,  # noqa: E402
+from _common import (emit, load_model, not_available, parse_args, perplexity, reference, run_method,  # noqa: E402
                      setup, versions, windows)
 
 IGNORE = ["lm_head"]  # embeddings are not Linear, so they stay float too
@@ -144,7 +144,7 @@ def main() -> None:
          versions=versions("llmcompressor", "compressed-tensors", "torch", "transformers"))
     val = windows(args.val, args.eval_windows)
     cal = windows(args.calib, args.calib_windows)
-    emit(config="fp32", method="fp32", ppl=perplexity(load_model(args.model), val))
+    emit(config="fp32", method="fp32", ppl=reference(load_model(args.model), val))
     dataset = Dataset.from_dict({"input_ids": cal.tolist(),
                                  "attention_mask": torch.ones_like(cal).tolist()})
     tokenizer = byte_tokenizer()

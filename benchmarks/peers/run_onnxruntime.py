@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (emit, load_model, not_available, parse_args, perplexity,  # noqa: E402
-                     perplexity_from_logits, run_method, setup, versions, windows)
+from _common import (emit, load_model, not_available, parse_args,  # noqa: E402
+                     perplexity_from_logits, reference, run_method, setup, versions, windows)
 
 BLOCK = 128
 
@@ -131,7 +131,7 @@ def main() -> None:
     emit(info=True, tool="onnxruntime", versions=versions("onnxruntime", "onnx", "torch", "transformers"))
     val = windows(args.val, args.eval_windows)
     cal = windows(args.calib, args.calib_windows)
-    emit(config="fp32", method="fp32", ppl=perplexity(load_model(args.model), val))
+    emit(config="fp32", method="fp32", ppl=reference(load_model(args.model), val))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lowbit-peers-ort-"))
     work.mkdir(parents=True, exist_ok=True)
     fp32 = work / "fp32.onnx"
