@@ -9,16 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import lowbit
-from lowbit.evaluate import BYTE_LMS, byte_windows, perplexity
+from lowbit.evaluate import BYTE_LMS, byte_windows, next_token_scores, reference_logprobs
 from lowbit.zoo import load_model
-
-
-def log_probs(model, batches) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [torch.log_softmax(model(ids).logits.double(), -1) for (ids,) in batches]
 
 
 def main() -> None:
@@ -30,15 +23,15 @@ def main() -> None:
     print(f"{'model':16s} {'recipe':10s} {'perplexity':>10s} {'KL vs fp32':>11s}  rotation guard")
     for name in args.model or list(BYTE_LMS):
         spec = load_model(name)
-        reference = log_probs(spec.model, evals)
-        print(f"{name:16s} {'fp32':10s} {perplexity(spec.model, evals):10.4f} {0:11.6f}")
+        reference = reference_logprobs(spec.model, evals)
+        fp32 = next_token_scores(spec.model, evals, reference)
+        print(f"{name:16s} {'fp32':10s} {fp32['perplexity']:10.4f} {fp32['kl']:11.6f}")
         for recipe in args.recipe or ["w4a8", "w4a8-rot"]:
             q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
                                recipe=recipe, calibration=calib, progress=False)
-            kl = [(p0.exp() * (p0 - p)).sum(-1).mean().item() for p0, p in zip(reference, log_probs(q, evals))]
+            r = next_token_scores(q, evals, reference)
             guard = next((n.split(":")[0] for n in q.traced.notes if n.startswith("rotation ")), "")
-            print(f"{name:16s} {recipe:10s} {perplexity(q, evals):10.4f} {sum(kl) / len(kl):11.6f}  {guard}",
-                  flush=True)
+            print(f"{name:16s} {recipe:10s} {r['perplexity']:10.4f} {r['kl']:11.6f}  {guard}", flush=True)
 
 
 if __name__ == "__main__":

@@ -134,8 +134,8 @@ def quality_table(name: str, recipes: list[str], batch_size: int = 32, progress:
     else:
         calib, evals = byte_windows("calib", batch_size=batch_size), byte_windows("val")
         reference = reference_logprobs(spec.model, evals)
-        rows = [{"recipe": "fp32", "perplexity": perplexity(spec.model, evals), "vs fp32": "+0.00%",
-                 "KL to fp32": 0.0}]
+        r = next_token_scores(spec.model, evals, reference)
+        rows = [{"recipe": "fp32", "perplexity": r["perplexity"], "vs fp32": "+0.00%", "KL to fp32": r["kl"]}]
     for recipe in recipes:
         q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
                            recipe=recipe, calibration=calib, progress=progress)

@@ -185,11 +185,15 @@ def test_every_folding_pass_is_lossless(name):
 def test_byte_llama_perplexity_table():
     from lowbit.evaluate import quality_table
 
-    rows = {r["recipe"]: r["perplexity"] for r in quality_table(
-        "byte-llama", ["w8a8", "w4a16-rtn", "w4a16", "w4a16-gptq"], progress=False)}
+    table = quality_table("byte-llama", ["w8a8", "w4a16-rtn", "w4a16", "w4a16-gptq"], progress=False)
+    rows = {r["recipe"]: r["perplexity"] for r in table}
+    kl = {r["recipe"]: r["KL to fp32"] for r in table}
     assert rows["fp32"] < 5.5  # the shipped model is trained (≈ 1.61 nats/byte)
     assert rows["w8a8"] <= 1.02 * rows["fp32"]
     assert rows["w4a16"] < rows["w4a16-rtn"] and rows["w4a16-gptq"] < rows["w4a16-rtn"]
+    # the KL from fp32's predictions: zero for fp32 itself, and it orders the 4-bit methods too
+    assert abs(kl["fp32"]) < 1e-9 and all(v > 0 for k, v in kl.items() if k != "fp32")
+    assert kl["w4a16-gptq"] < kl["w4a16"] < kl["w4a16-rtn"] and kl["w8a8"] < kl["w4a16-rtn"]
 
 
 def test_convolutions_are_quantized_per_output_channel_and_export(tmp_path):

@@ -3,7 +3,6 @@ the reference, the torch backend's packed GEMM and ONNX Runtime's MatMulNBits), 
 scales, GPTQ with static groups, sequential calibration, the output-head and embedding options,
 and rotation against no rotation on both shipped byte-level LMs."""
 
-import math
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 import lowbit
 from lowbit import zoo
 from lowbit.api import build
-from lowbit.evaluate import byte_windows, perplexity
+from lowbit.evaluate import byte_windows, next_token_scores, perplexity, reference_logprobs
 from lowbit.quant.gptq import gptq_quantize
 from lowbit.quant.spec import parse_qspec
 from lowbit.quant.weights import MSE_NORM, dequantize_codes, fake_quantize, group_view, weight_qparams
@@ -132,19 +131,6 @@ def test_sequential_gptq_calibrates_each_block_on_quantized_inputs():
     assert max(one, two) < 1.03 * fp32, (fp32, one, two)
 
 
-def _ppl_and_kl(q, float_logps, evals) -> tuple[float, float]:
-    """Perplexity on the evaluation windows, and the mean KL(float ‖ quantized) of the next-byte
-    distributions, from one pass."""
-    nll, kl, count = 0.0, 0.0, 0
-    with torch.no_grad():
-        for (ids,), logp0 in zip(evals, float_logps):
-            logp = torch.log_softmax(q(ids).logits.double(), -1)
-            kl += (logp0.exp() * (logp0 - logp)).sum(-1).sum().item()
-            nll -= logp[:, :-1].gather(-1, ids[:, 1:, None]).sum().item()
-            count += ids.numel()
-    return math.exp(nll / sum(ids[:, 1:].numel() for (ids,) in evals)), kl / count
-
-
 @pytest.mark.parametrize("name", ["byte-llama", "byte-llama-192"])
 def test_rotation_makes_the_4_bit_recipes_closer_to_float(name):
     """On held-out text: w4a4-rot's perplexity gap to fp32 is at most half w4a4's; both rotated recipes' next-byte
@@ -158,11 +144,9 @@ def test_rotation_makes_the_4_bit_recipes_closer_to_float(name):
                                   rotation="always" if r == "w4a4-rot" else "auto")
                 for r in ("w4a4", "w4a4-rot", "w4a8", "w4a8-rot")}
     assert any("rotation kept" in n for n in compiled["w4a8-rot"].traced.notes)
-    with torch.no_grad():
-        float_logps = [torch.log_softmax(spec.model(ids).logits.double(), -1) for (ids,) in evals]
-    ppl, kl = {}, {}
-    for r, q in compiled.items():
-        ppl[r], kl[r] = _ppl_and_kl(q, float_logps, evals)
+    reference = reference_logprobs(spec.model, evals)
+    scores = {r: next_token_scores(q, evals, reference) for r, q in compiled.items()}
+    ppl, kl = ({r: v[k] for r, v in scores.items()} for k in ("perplexity", "kl"))
     fp32 = perplexity(spec.model, evals)
     assert ppl["w4a4-rot"] - fp32 <= 0.5 * (ppl["w4a4"] - fp32), (fp32, ppl)  # rotation halves the gap
     assert kl["w4a4-rot"] < kl["w4a4"] and kl["w4a8-rot"] < kl["w4a8"], kl

@@ -84,14 +84,17 @@ def refit_scales(w: torch.Tensor, wq: torch.Tensor, scale_cols: torch.Tensor, h:
     solved for the least (w − Ŵ)·H·(w − Ŵ)ᵀ, H damped as the GPTQ loop damped it. ``wq`` and
     ``scale_cols`` are [out, in], the scale repeated over each group's columns. A row where a
     scale would come out non-positive keeps its old scales; a tiny ridge toward the old scales
-    settles a group whose codes all sit at the zero point. Rows go in chunks of about ``budget`` floats."""
+    settles a group whose codes all sit at the zero point. Rows go in chunks of about
+    ``budget`` floats."""
     rows, cols = w.shape
     groups = -(-cols // group)
     pad = groups * group - cols
-    hd = h.detach().float().clone()
-    hd[torch.diag(hd) == 0, torch.diag(hd) == 0] = 1.0
+    hd = h.detach().to(torch.float32, copy=True)
+    dead = torch.diag(hd) == 0
+    hd[dead, dead] = 1.0
     hd.diagonal().add_(damp * float(torch.diag(hd).double().mean()))
     hv = torch.nn.functional.pad(hd, (0, pad)).reshape(cols, groups, group)  # H[i, (k, c)]
+    del hd
     old = scale_cols[:, ::group]
     d = torch.nn.functional.pad(torch.round(wq / scale_cols), (0, pad)).reshape(rows, groups, group)
     new = torch.empty_like(old)
@@ -100,7 +103,8 @@ def refit_scales(w: torch.Tensor, wq: torch.Tensor, scale_cols: torch.Tensor, h:
     for r0 in range(0, rows, step):
         dc = d[r0:r0 + step]
         hdc = torch.einsum("ikc,rkc->rik", hv, dc)  # (H·D)[r, i, k]
-        a = torch.einsum("rgc,rgck->rgk", dc, torch.nn.functional.pad(hdc, (0, 0, 0, pad)).reshape(-1, groups, group, groups))
+        per_group = torch.nn.functional.pad(hdc, (0, 0, 0, pad)).reshape(-1, groups, group, groups)
+        a = torch.einsum("rgc,rgck->rgk", dc, per_group)  # DᵀHD per row
         b = torch.einsum("rik,ri->rk", hdc, w[r0:r0 + step])
         ridge = 1e-6 * a.diagonal(dim1=1, dim2=2).amax(1).clamp_min(1e-30)[:, None, None] * eye
         sol, info = torch.linalg.solve_ex(a + ridge, (b + ridge[:, 0, 0, None] * old[r0:r0 + step])[..., None])
