@@ -35,8 +35,9 @@ model one table, rows = configuration x tool/method, columns:
     time         seconds to quantize (calibrate, run the algorithm) and evaluate that row
 
 "lowbit best" is the best of the lowbit recipes listed for a configuration; under each table, one
-line per configuration compares it with the best peer, by perplexity and by KL. ``n/a`` cells carry a footnote saying why
-the tool cannot express the configuration; ``error`` cells carry the exception's first line.
+line per configuration compares it with the best peer, by perplexity and by KL. ``n/a`` cells
+carry a footnote saying why the tool cannot express the configuration; ``error`` cells carry the
+exception's first line.
 """
 
 from __future__ import annotations
