@@ -60,12 +60,11 @@ def perplexity_from_logits(logit_fn, ids, record: bool = False) -> float:
                                                      b[:, 1:].reshape(-1), reduction="sum")
             total += loss.item()
             count += b[:, 1:].numel()
-            lp = torch.log_softmax(logits, -1)
             if record:
-                logprobs.append(lp)
+                logprobs.append(torch.log_softmax(logits, -1))
             elif compare:
                 ref = _REFERENCE["logprobs"][i]
-                kl += float((ref.exp() * (ref - lp)).sum())
+                kl += float((ref.exp() * (ref - torch.log_softmax(logits, -1))).sum())
     if record:
         _REFERENCE.update(ids=ids, logprobs=logprobs)
     _REFERENCE["kl"] = kl / count if compare else None

@@ -33,7 +33,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0
     The loop runs in float32, as the reference implementations do (twice the speed of float64
     on CPUs, with the same results to within rounding)."""
     w = w.detach().float().clone()
-    original = w.clone() if refit and not spec.dtype.is_float else None
     given, h = h, h.detach().float()  # a copy when given float64 (as the Hessians are summed)
     if h.data_ptr() == given.data_ptr():
         h = h.clone()  # given in float32: not to be changed in place
@@ -41,6 +40,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    original = w.clone() if refit and not spec.dtype.is_float else None  # what the refit fits
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_cholesky(h, damp)
@@ -73,7 +73,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0
     inv = torch.argsort(perm)
     wq, scale_cols = wt[inv].T, scale_cols[inv].T
     if original is not None:
-        original[:, dead] = 0.0
         wq, scale_cols = refit_scales(original, wq, scale_cols, given, group or cols, damp)
     return _pack(wq, scale_cols, zp_cols[inv].T, spec, group)
 
