@@ -97,6 +97,29 @@ def test_rotation_passes_are_lossless_on_pre_layernorm_models(name):
     assert all(n.operands[1] is None for n in traced.graph.nodes if n.op == "core.rms_norm")
 
 
+@pytest.mark.parametrize("name", ["gemma", "cohere"])
+def test_norms_written_out_are_found_and_rotated(name):
+    """Norms that arrive in other forms become norm ops, so the rotation folds them as Llama's:
+    Gemma's RMSNorm scales by 1 + w, a constant only once folded (canonicalization gives it
+    to the norm as its weight); Cohere writes LayerNorm out, (x − mean) · rsqrt(var + ε) · w,
+    computing x − mean twice. Before, each norm kept its multiply or stayed ATen ops and the
+    rotation refused both models."""
+    from lowbit.families import build_family
+
+    spec = build_family(name)
+    traced, _ = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, progress=False)
+    ops = [n.op for n in traced.graph.nodes]
+    norms = [n for n in traced.graph.nodes if n.op in ("core.rms_norm", "core.layer_norm")]
+    per_layer = {"gemma": 2, "cohere": 1}[name]  # Cohere's attention and MLP read one norm (parallel)
+    assert len(norms) == per_layer * spec.model.config.num_hidden_layers + 1, ops
+    assert norms and all(n.operands[1] is not None for n in norms) and "aten.rsqrt.default" not in ops
+    assert not any(n.op == "core.mul" and any(o.producer in norms for o in n.operands) for n in traced.graph.nodes)
+    traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,
+                            pipeline=ROTATION, progress=False)
+    assert all(r.changed and r.drift < 1e-4 for r in records[-3:]), records[-3:]
+    assert not [n for n in traced.notes if "fuse-norms" in n or "rotate-residual" in n], traced.notes
+
+
 def test_rotation_of_a_post_norm_model_is_online_only():
     spec = zoo.minilm()
     traced, records = build(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes,

@@ -12,6 +12,7 @@ from lowbit.passes.rewriter import Rule, apply_rules, why_not
 
 register_alias("canonicalize", ",".join([
     "remove-identities",      # dropout/clone/same-dtype casts are identities in a functional graph
+    "eliminate-common-subexpressions",  # one x − mean(x) where a hand-written LayerNorm computes it twice
     "addmm-to-linear",        # GPT-2's Conv1D: one linear op for every projection
     "fuse-rms-norm",          # Llama's RMSNorm arrives as pow/mean/rsqrt/mul
     "fuse-attention",         # eager attention → sdpa, so attention passes see one op
@@ -19,6 +20,7 @@ register_alias("canonicalize", ",".join([
     "fold-batchnorm",         # inference BN is an affine map the conv/linear can absorb
     "fold-constants",         # shape/mask arithmetic on constants
     "addmm-to-linear",        # again: a matmul whose weight was transposed by a folded op (Falcon)
+    "fold-norm-scale",        # Gemma's norm scale 1 + w, a constant once folded
     "eliminate-common-subexpressions",
     "eliminate-dead-code",
 ]))

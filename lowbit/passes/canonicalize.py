@@ -4,7 +4,10 @@
   ``mm`` and ``matmul(x, W)``: Falcon's bias-free linears are ``x @ Wᵀ``)
   (GPT-2's Conv1D). Exact: x·W + b = x·(Wᵀ)ᵀ + b.
 - fuse-rms-norm: ``w · (x · rsqrt(mean(x², -1) + ε))`` → ``rms_norm(x, w){eps=ε}``
-  (optionally wrapped in casts to fp32 and back, as Llama writes it).
+  (optionally wrapped in casts to fp32 and back, as Llama writes it); with x = y − mean(y),
+  a LayerNorm written out (Cohere's), → ``layer_norm(y, w, b)``.
+- fold-norm-scale: ``rms_norm(x) · c`` with a constant vector c (Gemma's ``1 + w``, a
+  constant only once folded) → ``rms_norm(x, c)``, so that norm passes see the norm's scale.
 - fuse-attention: ``softmax(q·kᵀ · c + mask) · v`` → ``sdpa(q, k, v, mask){scale=c}``
   (``/ d`` gives scale = 1/d).
 - fold-repeat-kv: ``sdpa(q, repeat_kv(k), repeat_kv(v))`` → ``sdpa(q, k, v){gqa}``: the query
@@ -120,16 +123,63 @@ def _match_rms_norm(rsqrt: Node, graph: Graph) -> Bindings | str:
     if normed is mul.result:
         source = x
     end = scale if weight is not None else normed.producer
-    return {"x": source, "weight": weight, "eps": _scalar_arg(add, 1), "end": end}
+    bindings = {"x": source, "weight": weight, "eps": _scalar_arg(add, 1), "end": end}
+    centered = _centered(source, rank)
+    if centered is not None:  # (y − mean(y)) · rsqrt(mean((y − mean(y))²) + ε): a LayerNorm written out
+        bindings["x"], bindings["bias"] = centered, None
+        shift = single_user(end.result, graph) if weight is not None else None
+        if shift is not None and shift.op == "core.add":
+            other = [v for v in shift.operands if v is not end.result]
+            if len(other) == 1 and graph.is_constant(other[0]) and other[0].tensor_type.rank == 1 \
+                    and shift.result.type == end.result.type:
+                bindings["bias"], bindings["end"] = other[0], shift
+    return bindings
+
+
+def _centered(x: Value, rank: int) -> Value | None:
+    """y where ``x`` is y − mean(y) over the last dim (keepdim), else None."""
+    sub = x.producer
+    if sub is None or sub.op != "core.sub":
+        return None
+    y, mean = sub.operand(0), sub.operand(1).producer
+    if mean is None or mean.op != "aten.mean.dim" or mean.operand(0) is not y:
+        return None
+    args = _call(mean).args
+    if len(args) < 3 or args[2] is not True or args[1] not in ((-1,), (rank - 1,)):
+        return None
+    return y
 
 
 def _rewrite_rms_norm(b: Bindings, graph: Graph) -> None:
     end = b["end"]
     assert isinstance(end, Node)
+    if "bias" in b:
+        width = int(b["x"].tensor_type.shape[-1])
+        replace_with(graph, end, "core.layer_norm", [b["x"], b["weight"], b["bias"]],
+                     {"normalized_shape": (width,), "eps": b["eps"]}, "fuse-rms-norm")
+        return
     replace_with(graph, end, "core.rms_norm", [b["x"], b["weight"]], {"eps": b["eps"]}, "fuse-rms-norm")
 
 
 FUSE_RMS_NORM = Rule("fuse-rms-norm", ("aten.rsqrt.default",), _match_rms_norm, _rewrite_rms_norm)
+
+
+def _match_norm_scale(norm: Node, graph: Graph) -> Bindings | str:
+    if norm.operands[1] is not None:
+        return "the norm has its own weight"
+    mul = single_user(norm.result, graph)
+    if mul is None or mul.op != "core.mul":
+        return "the norm's output is not read by one multiply"
+    other = [v for v in mul.operands if v is not norm.result]
+    width = norm.result.tensor_type.shape[-1]
+    if len(other) != 1 or not graph.is_constant(other[0]) or tuple(other[0].tensor_type.shape) != (width,):
+        return "the multiply's other operand is not a constant vector over the normalized axis"
+    if mul.result.type != norm.result.type or other[0].tensor_type.dtype != norm.result.tensor_type.dtype:
+        return "the multiply changes the dtype"
+    return {"x": norm.operand(0), "weight": other[0], "eps": norm.attrs["eps"], "end": mul}
+
+
+FOLD_NORM_SCALE = Rule("fold-norm-scale", ("core.rms_norm",), _match_norm_scale, _rewrite_rms_norm)
 
 
 # ---- attention ---------------------------------------------------------------------------
@@ -302,9 +352,10 @@ def _rule_pass(rule: Rule, summary: str) -> type[Pass]:
     return register(RulePass)
 
 
-RULES = {r.name: r for r in (ADDMM_TO_LINEAR, FUSE_RMS_NORM, FUSE_ATTENTION, FOLD_REPEAT_KV, FOLD_BATCHNORM)}
+RULES = {r.name: r for r in (ADDMM_TO_LINEAR, FUSE_RMS_NORM, FOLD_NORM_SCALE, FUSE_ATTENTION, FOLD_REPEAT_KV, FOLD_BATCHNORM)}
 AddmmToLinear = _rule_pass(ADDMM_TO_LINEAR, "addmm/mm with a constant [in, out] weight → linear")
 FuseRmsNorm = _rule_pass(FUSE_RMS_NORM, "pow/mean/rsqrt/mul → rms_norm")
+FoldNormScale = _rule_pass(FOLD_NORM_SCALE, "rms_norm without a weight, times a constant vector → rms_norm with it")
 FuseAttention = _rule_pass(FUSE_ATTENTION, "matmul/softmax/matmul → sdpa")
 FoldRepeatKv = _rule_pass(FOLD_REPEAT_KV, "attention on head-repeated keys/values → grouped-query sdpa (no copies)")
 FoldBatchnorm = _rule_pass(FOLD_BATCHNORM, "fold inference batch norm into the conv/linear before it")
