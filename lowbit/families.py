@@ -73,6 +73,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("gpt-neox", "GPTNeoXForCausalLM", "GPTNeoXConfig", dict(_TEXT), "ids"),
     Family("gpt2", "GPT2LMHeadModel", "GPT2Config", dict(_TEXT, n_inner=96), "ids"),
     Family("falcon", "FalconForCausalLM", "FalconConfig", dict(_TEXT), "ids"),
+    Family("bloom", "BloomForCausalLM", "BloomConfig", dict(vocab_size=256, hidden_size=64, n_layer=1, n_head=4), "ids"),
     _decoder("stablelm", "StableLm"),
     _decoder("olmo", "Olmo"),
     Family("bert", "BertModel", "BertConfig", dict(_TEXT)),

@@ -47,8 +47,8 @@ def cache_unsupported(model: torch.nn.Module, example: Call) -> str | None:
     if not getattr(model, "can_generate", lambda: False)():
         return "it does not generate"
     names = list(inspect.signature(model.forward).parameters)
-    if _cache_parameter(model) is None or "position_ids" not in names:
-        return f"{type(model).__name__}.forward takes no cache or no position_ids"
+    if _cache_parameter(model) is None:
+        return f"{type(model).__name__}.forward takes no cache"
     args, kwargs = example
     given = set(kwargs) | set(names[:len(args)])
     extra = given - set(STEP_INPUTS)
@@ -67,14 +67,18 @@ class DecoderStep(torch.nn.Module):
         super().__init__()
         self.model = model
         self.cache_arg = _cache_parameter(model)
+        # ALiBi models (Bloom, MPT) place tokens by the mask alone: the step still takes the
+        # positions, so that every decode step has the same inputs, and leaves them unread
+        self.positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list):
         from transformers.cache_utils import DynamicCache
 
         pairs = [(past_key_values[i], past_key_values[i + 1]) for i in range(0, len(past_key_values), 2)]
         cache = DynamicCache(pairs, config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self.cache_arg: cache})
+        where = {"position_ids": position_ids} if self.positions else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                         **where, **{self.cache_arg: cache})
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return out.logits, present
 

@@ -305,6 +305,8 @@ def _dynamic_shapes(traced: TracedModel) -> tuple:
                 if d not in dims:
                     dims[d] = Dim(d, min=max(lo, 1), max=hi) if hi else Dim(d, min=max(lo, 1))
                 spec[axis] = dims[d]
+            elif isinstance(d, str):  # a dim derived from others (Bloom's mask: past+seq): torch.export works it out
+                spec[axis] = Dim.AUTO
         shapes.append(spec or None)
     return tuple(shapes)
 
