@@ -69,6 +69,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", dict(_DECODER, head_dim=16), "ids"),
     _decoder("phi3", "Phi3"),
     _decoder("cohere", "Cohere", head_dim=16),
+    _decoder("gpt-oss", "GptOss", head_dim=16, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+             sliding_window=8, layer_types=["sliding_attention", "full_attention"]),  # a window shorter than
+    # generate's test run
     Family("opt", "OPTForCausalLM", "OPTConfig", dict(_TEXT, ffn_dim=96, word_embed_proj_dim=64), "ids"),
     Family("gpt-neox", "GPTNeoXForCausalLM", "GPTNeoXConfig", dict(_TEXT), "ids"),
     Family("gpt2", "GPT2LMHeadModel", "GPT2Config", dict(_TEXT, n_inner=96), "ids"),

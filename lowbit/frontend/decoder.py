@@ -61,7 +61,13 @@ def cache_unsupported(model: torch.nn.Module, example: Call) -> str | None:
 
 
 class DecoderStep(torch.nn.Module):
-    """``model`` as one decode step over tensors (see the module docstring)."""
+    """``model`` as one decode step over tensors (see the module docstring).
+
+    Every layer's cache is a full one (transformers' ``DynamicLayer``), sliding-window layers
+    included: their attention masks still apply the window (transformers builds them from the
+    config), but the cache is not trimmed to it. So every layer's cache has the same length,
+    ``past``, one dynamic dim; trimmed caches (GPT-OSS, Gemma 2/3 past their windows) would
+    stop at the window while the others grow, which one graph cannot type."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -75,7 +81,7 @@ class DecoderStep(torch.nn.Module):
         from transformers.cache_utils import DynamicCache
 
         pairs = [(past_key_values[i], past_key_values[i + 1]) for i in range(0, len(past_key_values), 2)]
-        cache = DynamicCache(pairs, config=self.model.config)
+        cache = DynamicCache(pairs)  # full layers, the window by the mask (see above)
         where = {"position_ids": position_ids} if self.positions else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                          **where, **{self.cache_arg: cache})
