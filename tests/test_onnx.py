@@ -180,6 +180,48 @@ def test_layer_norm_stays_apart_from_the_residual_add(affine, tmp_path):
         assert compare_with_torch(path, compiled, list(inputs))["max_abs"] < 1e-5
 
 
+def test_attention_with_wider_values_keeps_the_standard_ops(tmp_path):
+    """MultiHeadAttention takes one head size for keys and values; attention whose values are
+    wider (LeViT's) stays the standard decomposition, and runs; equal widths still fuse."""
+    torch.manual_seed(0)
+
+    class Attention(torch.nn.Module):
+        def __init__(self, value_dim):
+            super().__init__()
+            self.qk, self.v = torch.nn.Linear(32, 2 * 32), torch.nn.Linear(32, 4 * value_dim)
+            self.value_dim = value_dim
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k = self.qk(x).view(b, s, 2, 4, 8).permute(2, 0, 3, 1, 4)
+            v = self.v(x).view(b, s, 4, self.value_dim).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, -1)
+
+    for value_dim, fused in ((16, False), (8, True)):
+        model = Attention(value_dim).eval()
+        x = torch.randn(2, 6, 32)
+        compiled = lowbit.compile(model, (x,), dynamic_shapes=({0: "batch", 1: "seq"},), progress=False)
+        path, _ = compiled.export_onnx(tmp_path / f"v{value_dim}.onnx")
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert ("MultiHeadAttention" in ops) == fused, ops
+        for inputs in ((x,), (torch.randn(3, 9, 32),)):
+            assert compare_with_torch(path, compiled, list(inputs))["max_abs"] < 1e-5
+
+
+def test_all_zero_outputs_agree(tmp_path):
+    """Two all-zero outputs (a model at random init can give them: MobileViT at 32×32) are the
+    same output, not a cosine of 0."""
+
+    class Zeros(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(-x.abs()), x
+
+    compiled = lowbit.compile(Zeros(), (torch.randn(2, 4),), progress=False)
+    path, _ = compiled.export_onnx(tmp_path / "zeros.onnx")
+    assert compare_with_torch(path, compiled, [torch.randn(2, 4)]) == {"max_abs": 0.0, "cosine": 1.0}
+    assert compare_with_torch(path, compiled, [torch.zeros(2, 4)])["cosine"] == 1.0
+
+
 def test_zero_point_rows_sum_to_minus_the_column_sums():
     from lowbit.backends.onnx.ops import ZERO_POINT_ROW_BOUND, zero_point_rows
 

@@ -193,13 +193,15 @@ class _ExportModule(torch.nn.Module):
         return linear, {}
 
     def _attention(self, node: Node):
-        """sdpa as MultiHeadAttention where it fits: 4-D, static head counts, not causal; grouped
+        """sdpa as MultiHeadAttention where it fits: 4-D, static head counts, not causal, values
+        as wide as keys (the kernel takes one head size; LeViT's values are wider); grouped
         heads (``gqa``) as one head per group over the group's query rows (a mask shared by the
         heads); a boolean mask becomes an additive bias."""
-        q, k = node.operand(0).tensor_type, node.operand(1).tensor_type
+        q, k, v = (node.operand(i).tensor_type for i in range(3))
         mask = node.operands[3].tensor_type if node.operands[3] is not None else None
         grouped = bool(node.attrs.get("gqa"))
         if (q.rank != 4 or not isinstance(q.shape[1], int) or not isinstance(k.shape[1], int)
+                or v.rank != 4 or v.shape[3] != k.shape[3]
                 or node.attrs.get("causal") or (k.shape[1] != q.shape[1]) != grouped
                 or (grouped and mask is not None and mask.shape[1] != 1)):
             return None
