@@ -59,3 +59,41 @@ def test_bad_factory_specs():
         load_model("no_such_package_xyz.models:make")
     with pytest.raises(ModelSpecError, match="has no callable 'nope'"):
         load_model("lowbit.zoo:nope")
+
+
+class _Counter(torch.nn.Module):
+    """State carried from call to call: the count read, then written."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return x * self.calls
+
+
+class _Recomputed(torch.nn.Module):
+    """A buffer overwritten from the input before it is read (transformers' longrope picks its
+    frequencies this way on every call): nothing is carried between calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("freq", torch.ones(4))
+        self.register_buffer("short", torch.full((4,), 2.0))
+        self.register_buffer("long", torch.full((4,), -3.0))
+
+    def forward(self, x):
+        self.freq.copy_(torch.where(x.shape[0] * x.abs().amax() > 8, self.long, self.short))
+        return x * self.freq
+
+
+def test_state_carried_between_calls_is_refused_and_a_recomputed_buffer_is_not():
+    with pytest.raises(TraceError, match=r"mutates state during forward \(calls\)"):
+        trace(_Counter(), (torch.randn(2, 4),))
+    traced = trace(_Recomputed(), (torch.randn(2, 4),), dynamic_shapes=({0: "batch"},))
+    from lowbit.ir import run_graph
+
+    model = _Recomputed()
+    for x in (torch.full((2, 4), 0.5), torch.full((3, 4), 5.0)):  # the short, then the long set
+        assert torch.equal(run_graph(traced.graph, [x])[0], model(x))

@@ -171,13 +171,20 @@ class _Converter:
         return self.graph.constant(tensor.detach(), key, Location(module))
 
     def outputs(self, node: torch.fx.Node) -> None:
-        kinds = [s.kind for s in self.ep.graph_signature.output_specs]
-        if any(k != OutputKind.USER_OUTPUT for k in kinds):
-            mutated = [s.target for s in self.ep.graph_signature.output_specs if s.kind != OutputKind.USER_OUTPUT]
-            raise TraceError(f"the model mutates state during forward ({', '.join(map(str, mutated))}); "
+        """The user outputs. A buffer the forward writes but never reads before writing (longrope's
+        ``inv_freq``, recomputed from the positions on every call) carries nothing from one call
+        to the next, so its write is dropped; any other state the forward changes is refused."""
+        specs = self.ep.graph_signature.output_specs
+        placeholders = [n for n in self.ep.graph.nodes if n.op == "placeholder"]
+        unread = {s.target for n, s in zip(placeholders, self.ep.graph_signature.input_specs)
+                  if s.kind == InputKind.BUFFER and not n.users}
+        carried = [s.target for s in specs if s.kind != OutputKind.USER_OUTPUT
+                   and not (s.kind == OutputKind.BUFFER_MUTATION and s.target in unread)]
+        if carried:
+            raise TraceError(f"the model mutates state during forward ({', '.join(map(str, carried))}); "
                              "lowbit needs a model without side effects")
         outs = []
-        for arg in node.args[0]:
+        for arg in (a for a, s in zip(node.args[0], specs) if s.kind == OutputKind.USER_OUTPUT):
             if not isinstance(arg, torch.fx.Node):
                 raise TraceError(f"model output {arg!r} is not a tensor computed by the graph")
             outs.append(self.value(arg))
