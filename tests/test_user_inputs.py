@@ -56,6 +56,41 @@ def test_default_config_decoder_compiles_quantizes_and_serves_any_length():
         assert rel_err(out.logits, ref.logits) < 0.1
 
 
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),  # branches in Python on the longest length seen
+    dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8, long_factor=[2.0] * 8,
+         original_max_position_embeddings=32),  # writes its choice into a buffer on every call
+])
+def test_rope_scaled_by_the_call_length_traces_and_matches_past_the_trained_positions(rope):
+    """RoPE whose frequencies depend on the call's length (dynamic NTK, longrope: Phi-3.5 and
+    Phi-4-mini) compiles and matches eager below and past the trained positions (32), decode
+    steps included; the model's own buffers are left as they were."""
+    sizes = dict(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=96, rope_parameters=rope)
+    if rope["rope_type"] == "longrope":
+        config = tf.Phi3Config(**sizes, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    else:
+        config = tf.LlamaConfig(**sizes, max_position_embeddings=32)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    state = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    gen = torch.Generator().manual_seed(0)
+    q = lowbit.compile(model, (torch.randint(0, 256, (2, 12), generator=gen),), progress=False)
+    assert all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in buffers.items())
+    for length in (20, 50, 100):
+        ids = torch.randint(0, 256, (2, length), generator=gen)
+        fresh = type(model)(config).eval()
+        fresh.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            ref = fresh(ids).logits
+        assert rel_err(q(ids).logits, ref) < 1e-5, length
+    prompt = torch.randint(0, 256, (1, 28), generator=gen)  # decoding across the 32 trained positions
+    fresh = type(model)(config).eval()
+    fresh.load_state_dict(state, strict=False)
+    want = fresh.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(q.generate(prompt, max_new_tokens=12), want)
+
+
 def test_tokenizer_output_as_example_and_calibration(encoder, tokenizer):
     enc = tokenizer(SENTENCES[:2], padding=True, return_tensors="pt")
     calibration = [tokenizer(SENTENCES[i:i + b], padding=True, return_tensors="pt")

@@ -136,6 +136,35 @@ def _module_stack(model: torch.nn.Module) -> Iterator[list[str]]:
             h.remove()
 
 
+@contextlib.contextmanager
+def _stateless_rope(model: torch.nn.Module) -> Iterator[None]:
+    """Within: transformers' rotary embeddings with dynamic NTK scaling (``rope_type`` dynamic)
+    compute their frequencies from each call's positions. Theirs keep the longest length seen
+    and branch in Python on it, which torch.export cannot trace; for a call that does not
+    follow a longer one (a prompt, or decoding as it grows) both give the same frequencies:
+    transformers' own function of the length, which keeps the trained ones up to the model's
+    maximum position."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    patched = []
+    for mod in model.modules():
+        kind, plain = getattr(mod, "rope_type", None), getattr(type(mod).forward, "__wrapped__", None)
+        if not (isinstance(kind, str) and "dynamic" in kind and plain is not None and hasattr(mod, "inv_freq")):
+            continue
+
+        def forward(x, position_ids, mod=mod, plain=plain, init=ROPE_INIT_FUNCTIONS[kind]):
+            mod.inv_freq.copy_(init(mod.config, x.device, seq_len=position_ids.max() + 1)[0])
+            return plain(mod, x, position_ids)
+
+        mod.forward = forward
+        patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
 def _user_frame(exc: BaseException) -> str:
     """The innermost frame of the model's own code in the traceback, as 'file:line in fn'."""
     torch_dir = os.path.dirname(torch.__file__)
@@ -149,7 +178,7 @@ def _user_frame(exc: BaseException) -> str:
 
 def export_model(model: torch.nn.Module, call: Call, dynamic_shapes: object) -> ExportedProgram:
     args, kwargs = call
-    with _module_stack(model) as stack, quiet():
+    with _module_stack(model) as stack, quiet(), _stateless_rope(model):
         try:
             ep = export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             return ep.run_decompositions({})  # functional ATen, higher-order ops inlined, no CIA decomps
