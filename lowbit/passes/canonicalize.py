@@ -102,8 +102,7 @@ def _match_rms_norm(rsqrt: Node, graph: Graph) -> Bindings | str:
         return "the mean is not over x²"
     x = x32.operand(0)
     rank = x.tensor_type.rank
-    dims, keep = _call(mean).args[1:3] if len(_call(mean).args) >= 3 else ((), False)
-    if keep is not True or dims not in ((-1,), (rank - 1,)):
+    if not _mean_over_last(mean, rank):
         return "the mean is not over the last dim with keepdim"
     mul = single_user(rsqrt.result, graph)
     if mul is None or mul.op != "core.mul" or x not in mul.operands:
@@ -123,10 +122,10 @@ def _match_rms_norm(rsqrt: Node, graph: Graph) -> Bindings | str:
     if normed is mul.result:
         source = x
     end = scale if weight is not None else normed.producer
-    bindings = {"x": source, "weight": weight, "eps": _scalar_arg(add, 1), "end": end}
+    bindings = {"x": source, "weight": weight, "eps": _scalar_arg(add, 1), "end": end, "layer_norm": False}
     centered = _centered(source, rank)
     if centered is not None:  # (y − mean(y)) · rsqrt(mean((y − mean(y))²) + ε): a LayerNorm written out
-        bindings["x"], bindings["bias"] = centered, None
+        bindings.update(x=centered, bias=None, layer_norm=True)
         shift = single_user(end.result, graph) if weight is not None else None
         if shift is not None and shift.op == "core.add":
             other = [v for v in shift.operands if v is not end.result]
@@ -142,18 +141,21 @@ def _centered(x: Value, rank: int) -> Value | None:
     if sub is None or sub.op != "core.sub":
         return None
     y, mean = sub.operand(0), sub.operand(1).producer
-    if mean is None or mean.op != "aten.mean.dim" or mean.operand(0) is not y:
-        return None
-    args = _call(mean).args
-    if len(args) < 3 or args[2] is not True or args[1] not in ((-1,), (rank - 1,)):
+    if mean is None or mean.op != "aten.mean.dim" or mean.operand(0) is not y or not _mean_over_last(mean, rank):
         return None
     return y
+
+
+def _mean_over_last(mean: Node, rank: int) -> bool:
+    """``mean`` (aten.mean.dim) is over the last dim only, with keepdim."""
+    args = _call(mean).args
+    return len(args) >= 3 and args[2] is True and args[1] in ((-1,), (rank - 1,))
 
 
 def _rewrite_rms_norm(b: Bindings, graph: Graph) -> None:
     end = b["end"]
     assert isinstance(end, Node)
-    if "bias" in b:
+    if b.get("layer_norm"):
         width = int(b["x"].tensor_type.shape[-1])
         replace_with(graph, end, "core.layer_norm", [b["x"], b["weight"], b["bias"]],
                      {"normalized_shape": (width,), "eps": b["eps"]}, "fuse-rms-norm")
