@@ -126,6 +126,41 @@ def test_minilm_w8a8_quality():
     assert r["mean"] >= 0.995 and r["min"] >= 0.98, r
 
 
+def test_dynamic_last_quantizes_the_last_blocks_inputs_per_token():
+    """dynamic_last=N: the linears of the last N repeated blocks (in graph order) read per-token
+    activations, every other one keeps its calibrated static range; a note names the blocks, and
+    one without repeated blocks says it found none."""
+    spec = zoo.tiny_llama(layers=3)
+    calib = [spec.example_inputs]
+
+    def per_token_blocks(last: int) -> tuple[dict[str, bool], list[str]]:
+        q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, calibration=calib,
+                           progress=False, pipeline="insert-qdq{weights=int8/channel,acts=uint8/tensor/asym,"
+                                                    f"dynamic_last={last}}}")
+        blocks: dict[str, bool] = {}
+        for n in q.graph.nodes:
+            if n.op in ("quant.linear", "quant.dynamic_linear", "quant.static_linear"):
+                block = ".".join(n.loc.module.split(".")[:3])  # model.layers.<i>
+                blocks[block] = blocks.get(block, True) and n.op == "quant.dynamic_linear"
+        return blocks, q.traced.notes
+
+    layers = sorted(b for b in per_token_blocks(0)[0] if b.startswith("model.layers."))
+    assert len(layers) >= 2 and not any(per_token_blocks(0)[0].values())
+    blocks, notes = per_token_blocks(1)
+    assert [b for b, dyn in blocks.items() if dyn] == [layers[-1]], blocks
+    assert any(f"last 1 blocks ({layers[-1]})" in n for n in notes), notes
+    blocks, _ = per_token_blocks(len(layers) + 3)  # more than there are: all of them
+    assert all(blocks[b] for b in layers), blocks
+
+    g = _linear_graph()  # one linear at path "fc": no repeated block
+    ctx = PassContext(calibration=[[torch.randn(3, 8)]], progress=False)
+    parse_pipeline("insert-qdq{weights=int8/channel,acts=uint8/tensor/asym,dynamic_last=2}")[0].run(g, ctx)
+    assert any("found no repeated blocks" in n for n in ctx.notes), ctx.notes
+    assert [n.op for n in g.nodes].count("quant.quantize") == 1  # static, as without the option
+    with pytest.raises(PipelineError, match="dynamic_last: -1 is not a count"):
+        parse_pipeline("insert-qdq{dynamic_last=-1}")
+
+
 def test_observers_choose_sensible_ranges():
     from lowbit.quant.observers import TensorStats
 

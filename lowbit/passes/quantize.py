@@ -154,6 +154,7 @@ class InsertQdq(Pass):
     skip: str = ""           # ';'-separated module-path patterns left in float
     dynamic: str = ""        # ';'-separated module-path patterns whose inputs are quantized per token
     auto_dynamic: float = 0.0
+    dynamic_last: int = 0    # the linears of the last N repeated blocks read per-token activations
     dynamic_acts: str = "none"  # the spec of activations quantized per token (default: acts' dtype)
     rounding: str = "rtn"    # rtn | gptq
     damp: float = 0.01       # GPTQ: damping, as a fraction of mean(diag H)
@@ -176,6 +177,8 @@ class InsertQdq(Pass):
         if self.embeddings != "none" and parse_qspec(self.embeddings, f"{self.name}.embeddings").granularity \
                 not in ("channel", "group", "tensor"):
             raise ValueError(f"{self.name}.embeddings: rows take channel, group or tensor scales")
+        if self.dynamic_last < 0:
+            raise ValueError(f"{self.name}.dynamic_last: {self.dynamic_last} is not a count of blocks (0 or more)")
         if self.rounding not in ("rtn", "gptq"):
             raise ValueError(f"{self.name}.rounding: {self.rounding!r} is not one of rtn, gptq")
 
@@ -201,7 +204,8 @@ class InsertQdq(Pass):
         if self.acts != "none":
             acts = parse_qspec(self.acts, f"{self.name}.acts")
             static_only = self._conv_inputs(ctx, convs, acts)  # calibrated in the same pass as the linears'
-            self._quantize_activations(graph, ctx, [(n, 0) for n in linears + static_only], acts, self.dynamic,
+            force = ";".join(p for p in (self.dynamic, self._last_blocks(ctx, linears)) if p)
+            self._quantize_activations(graph, ctx, [(n, 0) for n in linears + static_only], acts, force,
                                        {id(n) for n in static_only})
         if self.kv != "none":
             attention = [n for n in graph.nodes if n.op == "core.sdpa" and not _matches(n.loc.module, self.skip)]
@@ -391,6 +395,28 @@ class InsertQdq(Pass):
         dq.touch(self.name)
         node.set_operand(index, dq.result)
         node.touch(self.name)
+
+    def _last_blocks(self, ctx: PassContext, linears: list[Node]) -> str:
+        """Module-path patterns of the last ``dynamic_last`` repeated blocks (a path with a
+        numeric part: ``encoder.layer.5``) holding the listed linears, in graph order.
+
+        Why the last ones: a float difference of one ulp (another runtime's summation order)
+        can flip a static int8 code, and each flip moves codes in the quantizers after it,
+        about threefold per quantizer on MiniLM. By the last blocks two runtimes' rounding no
+        longer agrees, so the noise those blocks add reaches the output differently in each;
+        per-token steps there are finer and that disagreement smaller."""
+        if not self.dynamic_last:
+            return ""
+        blocks = list(dict.fromkeys(block_of(n.loc.module) for n in linears
+                                    if n.loc.module and any(p.isdigit() for p in n.loc.module.split("."))))
+        if not blocks:
+            ctx.note(f"{self.name}: dynamic_last={self.dynamic_last} found no repeated blocks (module paths "
+                     "with a numeric part); activations keep the static/auto_dynamic choice")
+            return ""
+        last = blocks[-self.dynamic_last:]
+        ctx.note(f"{self.name}: the linears of the last {len(last)} blocks ({', '.join(last)}) read per-token "
+                 "activations (dynamic_last)")
+        return ";".join(f"{b};{b}.*" for b in last)
 
     def _quantize_activations(self, graph: Graph, ctx: PassContext, uses: list[tuple[Node, int]],
                               spec: QSpec, force_dynamic: str, static_only: set[int] = frozenset()) -> None:
