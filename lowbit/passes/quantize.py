@@ -19,6 +19,7 @@ where calibration shows it holds quality, dynamic only where a layer needs it.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -416,7 +417,7 @@ class InsertQdq(Pass):
         last = blocks[-self.dynamic_last:]
         ctx.note(f"{self.name}: the linears of the last {len(last)} blocks ({', '.join(last)}) read per-token "
                  "activations (dynamic_last)")
-        return ";".join(f"{b};{b}.*" for b in last)
+        return ";".join(f"{b};{b}.*" for b in map(glob.escape, last))
 
     def _quantize_activations(self, graph: Graph, ctx: PassContext, uses: list[tuple[Node, int]],
                               spec: QSpec, force_dynamic: str, static_only: set[int] = frozenset()) -> None:
