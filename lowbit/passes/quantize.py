@@ -405,18 +405,23 @@ class InsertQdq(Pass):
         can flip a static int8 code, and each flip moves codes in the quantizers after it,
         about threefold per quantizer on MiniLM. By the last blocks two runtimes' rounding no
         longer agrees, so the noise those blocks add reaches the output differently in each;
-        per-token steps there are finer and that disagreement smaller."""
+        per-token steps there are finer and that disagreement smaller. The first block always
+        stays static: the option makes a static model's tail finer, not a model per token
+        throughout (that is ``w8a8-dynamic``)."""
         if not self.dynamic_last:
             return ""
         blocks = list(dict.fromkeys(block_of(n.loc.module) for n in linears
                                     if n.loc.module and any(p.isdigit() for p in n.loc.module.split("."))))
-        if not blocks:
-            ctx.note(f"{self.name}: dynamic_last={self.dynamic_last} found no repeated blocks (module paths "
-                     "with a numeric part); activations keep the static/auto_dynamic choice")
+        if len(blocks) < 2:
+            ctx.note(f"{self.name}: dynamic_last={self.dynamic_last} found {len(blocks)} repeated block(s) (module "
+                     "paths with a numeric part) and keeps the first static; activations keep the static/"
+                     "auto_dynamic choice")
             return ""
-        last = blocks[-self.dynamic_last:]
-        ctx.note(f"{self.name}: the linears of the last {len(last)} blocks ({', '.join(last)}) read per-token "
-                 "activations (dynamic_last)")
+        count = min(self.dynamic_last, len(blocks) - 1)
+        last = blocks[-count:]
+        capped = f"; the first of {len(blocks)} blocks stays static" if count < self.dynamic_last else ""
+        ctx.note(f"{self.name}: the linears of the last {count} blocks ({', '.join(last)}) read per-token "
+                 f"activations (dynamic_last{capped})")
         return ";".join(f"{b};{b}.*" for b in map(glob.escape, last))
 
     def _quantize_activations(self, graph: Graph, ctx: PassContext, uses: list[tuple[Node, int]],
