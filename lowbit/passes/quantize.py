@@ -19,9 +19,8 @@ where calibration shows it holds quality, dynamic only where a layer needs it.
 from __future__ import annotations
 
 import fnmatch
-import glob
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -205,13 +204,14 @@ class InsertQdq(Pass):
         if self.acts != "none":
             acts = parse_qspec(self.acts, f"{self.name}.acts")
             static_only = self._conv_inputs(ctx, convs, acts)  # calibrated in the same pass as the linears'
-            force = ";".join(p for p in (self.dynamic, self._last_blocks(ctx, linears)) if p)
-            self._quantize_activations(graph, ctx, [(n, 0) for n in linears + static_only], acts, force,
+            last = self._last_blocks(ctx, linears)
+            self._quantize_activations(graph, ctx, [(n, 0) for n in linears + static_only], acts,
+                                       lambda m: _matches(m, self.dynamic) or block_of(m) in last,
                                        {id(n) for n in static_only})
         if self.kv != "none":
             attention = [n for n in graph.nodes if n.op == "core.sdpa" and not _matches(n.loc.module, self.skip)]
             self._quantize_activations(graph, ctx, [(n, i) for n in attention for i in (1, 2)],
-                                       parse_qspec(self.kv, f"{self.name}.kv"), "")
+                                       parse_qspec(self.kv, f"{self.name}.kv"), lambda m: False)
         if sequential:  # Hessians of the activations after the blocks (and layers) before are quantized
             self._quantize_gptq(graph, ctx, linears, wspec)
         elif self.rounding == "rtn":
@@ -397,8 +397,8 @@ class InsertQdq(Pass):
         node.set_operand(index, dq.result)
         node.touch(self.name)
 
-    def _last_blocks(self, ctx: PassContext, linears: list[Node]) -> str:
-        """Module-path patterns of the last ``dynamic_last`` repeated blocks (a path with a
+    def _last_blocks(self, ctx: PassContext, linears: list[Node]) -> set[str]:
+        """The last ``dynamic_last`` repeated blocks (a path with a
         numeric part: ``encoder.layer.5``) holding the listed linears, in graph order.
 
         Why the last ones: a float difference of one ulp (another runtime's summation order)
@@ -409,32 +409,34 @@ class InsertQdq(Pass):
         stays static: the option makes a static model's tail finer, not a model per token
         throughout (that is ``w8a8-dynamic``)."""
         if not self.dynamic_last:
-            return ""
-        blocks = list(dict.fromkeys(block_of(n.loc.module) for n in linears
-                                    if n.loc.module and any(p.isdigit() for p in n.loc.module.split("."))))
+            return set()
+        blocks = [b for b in dict.fromkeys(block_of(n.loc.module) for n in linears if n.loc.module)
+                  if b.rsplit(".", 1)[-1].isdigit()]  # block_of gives a path without a number whole
         if len(blocks) < 2:
             ctx.note(f"{self.name}: dynamic_last={self.dynamic_last} found {len(blocks)} repeated block(s) (module "
                      "paths with a numeric part) and keeps the first static; activations keep the static/"
                      "auto_dynamic choice")
-            return ""
+            return set()
         count = min(self.dynamic_last, len(blocks) - 1)
         last = blocks[-count:]
         capped = f"; the first of {len(blocks)} blocks stays static" if count < self.dynamic_last else ""
         ctx.note(f"{self.name}: the linears of the last {count} blocks ({', '.join(last)}) read per-token "
                  f"activations (dynamic_last{capped})")
-        return ";".join(f"{b};{b}.*" for b in map(glob.escape, last))
+        return set(last)
 
     def _quantize_activations(self, graph: Graph, ctx: PassContext, uses: list[tuple[Node, int]],
-                              spec: QSpec, force_dynamic: str, static_only: set[int] = frozenset()) -> None:
+                              spec: QSpec, force_dynamic: Callable[[str], bool],
+                              static_only: set[int] = frozenset()) -> None:
         """QDQ on operand ``index`` of each listed node; one pair per distinct value. A value read
-        by a node in ``static_only`` (by id: a convolution) keeps one calibrated scale."""
+        by a node in ``static_only`` (by id: a convolution) keeps one calibrated scale; one read by
+        a node whose module path ``force_dynamic`` accepts is quantized per token."""
         groups: dict[int, tuple[Value, list[tuple[Node, int]]]] = {}
         for node, index in uses:
             x = node.operand(index)
             groups.setdefault(id(x), (x, []))[1].append((node, index))
         fixed = {vid for vid, (_, users) in groups.items() if any(id(u) in static_only for u, _ in users)}
         static = [x for vid, (x, users) in groups.items() if vid in fixed or (
-            not spec.dynamic and not any(_matches(u.loc.module, force_dynamic) for u, _ in users))]
+            not spec.dynamic and not any(force_dynamic(u.loc.module) for u, _ in users))]
         stats = calibrate(graph, ctx.require_calibration(self.name), static,
                           progress=ctx.progress, desc=self.name) if static else {}
         dyn = parse_qspec(self.dynamic_acts, f"{self.name}.dynamic_acts") if self.dynamic_acts != "none" else spec
