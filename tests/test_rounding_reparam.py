@@ -63,6 +63,28 @@ def test_gptq_refit_solves_the_scales_for_the_codes(spec_text):
         _out_err(dequantize_codes(*before[:3], before[3]), w, held_out)
 
 
+@pytest.mark.parametrize("spec_text", ["int4/channel", "int4/group16/asym"])
+def test_gptq_toward_the_float_outputs(spec_text):
+    """The quantized model's inputs X̃ differ from the float model's X by a fixed distortion (what
+    rounded layers before leave): with C = XᵀX̃, GPTQ's target moves toward the float outputs and
+    the error ‖X̃·Ŵᵀ − X·Wᵀ‖ on held-out pairs drops; at t = 0, or when X̃ = X, the codes are GPTQ's own."""
+    spec = parse_qspec(spec_text)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    distort = torch.eye(64) + 0.05 * torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
+    x = _correlated(2048, 64, 1)
+    xq = x @ distort
+    h, c = xq.T.double() @ xq.double(), x.T.double() @ xq.double()
+    plain = gptq_quantize(w, h, spec, act_order=True)
+    unmoved = gptq_quantize(w, h, spec, act_order=True, cross=c, toward=0.0)
+    assert torch.equal(plain[0], unmoved[0]) and torch.equal(plain[1], unmoved[1])
+    same = gptq_quantize(w, x.T.double() @ x.double(), spec, act_order=True, cross=x.T.double() @ x.double())
+    assert torch.equal(same[0], gptq_quantize(w, x.T.double() @ x.double(), spec, act_order=True)[0])
+    held, held_q = _correlated(1024, 64, 2), _correlated(1024, 64, 2) @ distort
+    err = lambda r: ((held_q @ dequantize_codes(*r[:3], r[3]).T - held @ w.T).norm() / (held @ w.T).norm()).item()
+    half, full = (gptq_quantize(w, h, spec, act_order=True, cross=c, toward=t) for t in (0.5, 1.0))
+    assert err(half) < 0.9 * err(plain) and err(full) < err(half), (err(plain), err(half), err(full))
+
+
 def test_awq_scale_and_clip_search_reduce_error():
     spec = parse_qspec("int4/group16/asym")
     gen = torch.Generator().manual_seed(0)

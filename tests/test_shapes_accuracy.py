@@ -10,7 +10,9 @@ import torch
 import lowbit
 from lowbit import zoo
 from lowbit.api import build
+from lowbit.errors import PipelineError
 from lowbit.evaluate import byte_windows, next_token_scores, perplexity, reference_logprobs
+from lowbit.passes import parse_pipeline
 from lowbit.quant.gptq import gptq_quantize
 from lowbit.quant.spec import parse_qspec
 from lowbit.quant.weights import MSE_NORM, dequantize_codes, fake_quantize, group_view, weight_qparams
@@ -131,10 +133,58 @@ def test_sequential_gptq_calibrates_each_block_on_quantized_inputs():
     assert max(one, two) < 1.03 * fp32, (fp32, one, two)
 
 
+def test_float_target_brings_sequential_gptq_closer_to_float():
+    """GPTQ block by block with ``float_target``: each layer's target moves toward the float
+    model's outputs, so what the rounded blocks before left in its input is compensated. On
+    held-out text the next-byte distributions are closer (KL) to fp32's than without, at 4-bit
+    weights (groups of 64: a short last group of 16 in the 528-wide MLP) alone (measured 7%
+    closer) and with 4-bit per-token activations (26%)."""
+    spec, calib, evals = _byte_lm("byte-llama-192")
+    reference = reference_logprobs(spec.model, evals)
+    kl = {}
+    for acts, gain in (("none", 0.97), ("uint4/token/dynamic", 0.85)):
+        for target in (0.0, 0.5):
+            q = lowbit.compile(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes, calibration=calib,
+                               progress=False, pipeline=f"insert-qdq{{weights=int4/group64/asym,acts={acts},"
+                               f"rounding=gptq,act_order=true,sequential=true,float_target={target}}}")
+            kl[acts, target] = next_token_scores(q, evals, reference)["kl"]
+        assert kl[acts, 0.5] < gain * kl[acts, 0.0], kl
+
+
+def test_float_target_options():
+    """``float_target`` is a fraction and needs sequential GPTQ. Where the quantized model's
+    input equals the float model's (the first block's q, k, v, without activation rounding in
+    the Hessian) the codes are GPTQ's own; with ``rounded_inputs`` the target maps the inputs
+    after their own QDQ (named differently from the float model's) to the float outputs, so
+    even those layers move."""
+    with pytest.raises(PipelineError, match="float_target: 1.5 is not a fraction"):
+        parse_pipeline("insert-qdq{rounding=gptq,sequential=true,float_target=1.5}")
+    with pytest.raises(PipelineError, match="float_target needs rounding: gptq with sequential: true"):
+        parse_pipeline("insert-qdq{rounding=gptq,float_target=0.5}")
+    spec = zoo.tiny_llama()
+    model = lowbit.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
+    calib = [(zoo._token_inputs(256, seed=i),) for i in range(4)]
+    codes = {}
+    for rounded in ("false", "true"):
+        for target in ("0", "0.5"):
+            traced, _ = build(model, calibration=calib, progress=False,
+                              pipeline="insert-qdq{weights=int4/group32/asym,acts=int8/token/dynamic,rounding=gptq,"
+                                       f"sequential=true,rounded_inputs={rounded},float_target={target}}}")
+            codes[rounded, target] = {n.loc.module: traced.graph.tensor(n.operand(0)) for n in traced.graph.nodes
+                                      if n.op == "quant.dequantize" and traced.graph.is_constant(n.operand(0))}
+    first = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert len(codes["false", "0"]) == 14 and set(first) <= set(codes["false", "0"])  # every linear but the head
+    moved = lambda rounded, m: not torch.equal(codes[rounded, "0"][m], codes[rounded, "0.5"][m])
+    assert not any(moved("false", m) for m in first) and any(moved("false", m) for m in codes["false", "0"])
+    assert all(moved("true", m) for m in first)
+
+
 @pytest.mark.parametrize("name", ["byte-llama", "byte-llama-192"])
 def test_rotation_makes_the_4_bit_recipes_closer_to_float(name):
-    """On held-out text: w4a4-rot's perplexity gap to fp32 is at most half w4a4's; both rotated recipes' next-byte
-    distributions are closer (KL) to the float model's than the unrotated ones'. (At w4a8 the
+    """On held-out text: rotation closes at least a third of w4a4's perplexity gap to fp32 (about
+    45% with float_target in both recipes, which helps the unrotated one most; more than half
+    before it); both rotated recipes' next-byte distributions are closer (KL) to the float
+    model's than the unrotated ones'. (At w4a8 the
     perplexities of both are within ±0.1% of fp32, where they move by as much between equally good
     roundings; the KL is the finer measure.) w4a8-rot runs the rotation guard, which must keep it;
     w4a4-rot keeps it unchecked (the guard has its own test)."""
@@ -148,7 +198,7 @@ def test_rotation_makes_the_4_bit_recipes_closer_to_float(name):
     scores = {r: next_token_scores(q, evals, reference) for r, q in compiled.items()}
     ppl, kl = ({r: v[k] for r, v in scores.items()} for k in ("perplexity", "kl"))
     fp32 = perplexity(spec.model, evals)
-    assert ppl["w4a4-rot"] - fp32 <= 0.5 * (ppl["w4a4"] - fp32), (fp32, ppl)  # rotation halves the gap
+    assert ppl["w4a4-rot"] - fp32 <= 2 / 3 * (ppl["w4a4"] - fp32), (fp32, ppl)
     assert kl["w4a4-rot"] < kl["w4a4"] and kl["w4a8-rot"] < kl["w4a8"], kl
 
 

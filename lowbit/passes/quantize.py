@@ -28,6 +28,7 @@ import torch
 
 from lowbit.ir.dialects.quant import dynamic_quantize
 from lowbit.ir.graph import Graph, Location, Node, Value
+from lowbit.ir.parser import clone_graph
 from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.cleanup import remove_dead_nodes
 from tqdm.auto import tqdm
@@ -136,6 +137,16 @@ def _hessian(xs: Iterable[torch.Tensor]) -> torch.Tensor:
     return h
 
 
+def _cross(floats: Iterable[torch.Tensor], rounded: Iterable[torch.Tensor]) -> torch.Tensor:
+    """C = Σ xᵀx̃ over the same tokens of the float model's inputs x and the quantized model's x̃
+    (float32 products, summed in float64): GPTQ's target moves to the float outputs with it."""
+    c = None
+    for x, xq in zip(floats, rounded, strict=True):
+        part = (x.detach().reshape(-1, x.shape[-1]).float().T @ xq.detach().reshape(-1, xq.shape[-1]).float()).double()
+        c = part if c is None else c + part
+    return c
+
+
 def _matches(loc: str, patterns: str) -> bool:
     return any(fnmatch.fnmatchcase(loc, p.strip()) for p in patterns.split(";") if p.strip())
 
@@ -163,6 +174,7 @@ class InsertQdq(Pass):
     true_sequential: bool = False  # sequential GPTQ: layer by layer inside a block too
     rounded_inputs: bool = False  # sequential GPTQ: Hessians of the inputs after their own QDQ
     refit: bool = True       # GPTQ: once the codes are chosen, solve their scales for the least error
+    float_target: float = 0.0  # sequential GPTQ: how far (0-1) each layer's target moves to the float model's outputs
     head: bool = False       # quantize the output head (a linear writing a graph output: lm_head)
     embeddings: str = "none"  # a weight spec for embedding tables (rows as output channels)
     clip_rows: int = 512     # dynamic acts with the mse observer: calibration tokens sampled per quantizer
@@ -181,6 +193,11 @@ class InsertQdq(Pass):
             raise ValueError(f"{self.name}.dynamic_last: {self.dynamic_last} is not a count of blocks (0 or more)")
         if self.rounding not in ("rtn", "gptq"):
             raise ValueError(f"{self.name}.rounding: {self.rounding!r} is not one of rtn, gptq")
+        if not 0.0 <= self.float_target <= 1.0:
+            raise ValueError(f"{self.name}.float_target: {self.float_target} is not a fraction from 0 to 1")
+        if self.float_target and not (self.rounding == "gptq" and self.sequential):
+            raise ValueError(f"{self.name}.float_target needs rounding: gptq with sequential: true (without "
+                             "sequential, GPTQ already reads the float model's inputs)")
 
     def _targets(self, graph: Graph, ctx: PassContext) -> list[Node]:
         linears = [n for n in graph.nodes if n.op == "core.linear" and graph.is_constant(n.operands[1])
@@ -199,6 +216,8 @@ class InsertQdq(Pass):
                  and not _matches(n.loc.module, self.skip)]
         sequential = self.rounding == "gptq" and self.sequential
         wspec = parse_qspec(self.weights, f"{self.name}.weights")
+        # the float model, run beside the quantized one for float_target (its tensors shared, not copied)
+        reference = clone_graph(graph, share_tensors=True) if self.float_target else None
         if self.rounding == "gptq" and not sequential:  # Hessians of the float model's activations
             self._quantize_gptq(graph, ctx, linears, wspec)
         if self.acts != "none":
@@ -213,7 +232,7 @@ class InsertQdq(Pass):
             self._quantize_activations(graph, ctx, [(n, i) for n in attention for i in (1, 2)],
                                        parse_qspec(self.kv, f"{self.name}.kv"), lambda m: False)
         if sequential:  # Hessians of the activations after the blocks (and layers) before are quantized
-            self._quantize_gptq(graph, ctx, linears, wspec)
+            self._quantize_gptq(graph, ctx, linears, wspec, reference)
         elif self.rounding == "rtn":
             for node in linears:
                 self._quantize_weight(graph, node, self._layer_spec(node, wspec, graph), None)
@@ -267,7 +286,8 @@ class InsertQdq(Pass):
             return QSpec(spec.dtype, "channel", None, spec.symmetric, observer=spec.observer)
         return spec
 
-    def _quantize_gptq(self, graph: Graph, ctx: PassContext, linears: list[Node], wspec: QSpec) -> None:
+    def _quantize_gptq(self, graph: Graph, ctx: PassContext, linears: list[Node], wspec: QSpec,
+                       reference: Graph | None = None) -> None:
         """GPTQ in one sweep of the calibration set through the graph (``Sweep``: all batches
         together, block by block, each block's weights read once). The sweep stops after each
         linear input is computed; that input's Hessian H = Σ xᵀx rounds the linears reading it.
@@ -282,6 +302,11 @@ class InsertQdq(Pass):
         float weights: the Hessians of the float model. Only the Hessians of the layers being
         rounded are ever held.
 
+        With a ``reference`` (the graph as the pass found it: ``float_target``) a second sweep
+        runs the float model alongside, and each layer's target moves toward the float model's
+        outputs (``gptq_quantize``'s ``cross``): the error the quantized blocks before left in
+        the layer's input is then compensated, not only measured.
+
         With a work folder (``ctx.work_dir``) the state is saved after each block, and a run
         of the same graph, pass and calibration set resumes from it (``SweepCheckpoint``)."""
         source = (lambda v: v) if self.rounded_inputs and self.sequential else _unquantized
@@ -290,6 +315,9 @@ class InsertQdq(Pass):
         state = ckpt.load() if ckpt else None
         sweep = Sweep(graph, batches)
         ex = sweep.executor
+        floats = Sweep(reference, batches) if reference is not None else None
+        float_values = {} if reference is None else \
+            {v.name: v for v in [*reference.inputs, *(r for n in reference.nodes for r in n.results)]}
         groups: dict[int, tuple[Value, list[Node]]] = {}
         for node in linears:
             x = source(node.operand(0))
@@ -325,9 +353,14 @@ class InsertQdq(Pass):
                     if ckpt and not pinned and ckpt.save(block, sweep.pos, fresh, sweep.envs, set(ex.const_names)):
                         fresh = {}
                 h = _hessian(sweep.tokens(x))
+                cross = None
+                if floats is not None:  # the same input in the float model (it is named as before the pass)
+                    fx = float_values[_unquantized(x).name]
+                    floats.advance(0 if fx.producer is None else floats.executor.step_index(fx.producer) + 1)
+                    cross = _cross(floats.tokens(fx), sweep.tokens(x))
                 for node in nodes:
                     spec = self._layer_spec(node, wspec, graph)
-                    rounded = self._round_weight(graph, node, spec, h)
+                    rounded = self._round_weight(graph, node, spec, h, cross=cross)
                     self._set_weight(graph, node, spec, rounded)
                     if ckpt:
                         fresh[node.results[0].name] = rounded
@@ -375,11 +408,12 @@ class InsertQdq(Pass):
         self._set_weight(graph, node, spec, self._round_weight(graph, node, spec, hessian, index), index)
 
     def _round_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None,
-                      index: int = 1) -> Rounded:
+                      index: int = 1, cross: torch.Tensor | None = None) -> Rounded:
         full = graph.tensor(node.operand(index)).float()
         flat = full.reshape(full.shape[0], -1)  # a convolution's [out, in, kh, kw] as rows
         if hessian is not None:
-            q, scale, zp, attrs = gptq_quantize(flat, hessian, spec, self.damp, self.act_order, refit=self.refit)
+            q, scale, zp, attrs = gptq_quantize(flat, hessian, spec, self.damp, self.act_order, refit=self.refit,
+                                                cross=cross, toward=self.float_target)
         else:
             q, scale, zp, attrs = quantize_weight(flat, spec)
         return Rounded(q.reshape(full.shape), scale, zp, attrs)

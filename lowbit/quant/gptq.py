@@ -26,12 +26,21 @@ from lowbit.quant.weights import apply_qparams, dequantize_codes, weight_qparams
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0.01,
-                  act_order: bool = False, block: int = 128, refit: bool = True
+                  act_order: bool = False, block: int = 128, refit: bool = True,
+                  cross: torch.Tensor | None = None, toward: float = 1.0
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
     """(codes, scale, zero point, dequantize attrs) for the [out, in] weight ``w`` given the
     input Hessian ``h`` [in, in]. The parameters follow ``spec`` as round-to-nearest would.
     The loop runs in float32, as the reference implementations do (twice the speed of float64
-    on CPUs, with the same results to within rounding)."""
+    on CPUs, with the same results to within rounding).
+
+    ``cross`` = XᵀX̃ [in, in], with X̃ the inputs ``h`` was taken on (H = X̃ᵀX̃: the model whose
+    earlier layers are already quantized) and X the float model's inputs at the same tokens,
+    makes the target the float model's outputs (asymmetric calibration, as GPTAQ): the loop
+    rounds W* = W + t·W·(C − H)·H⁻¹, t = ``toward``, in place of W. At t = 1, W* = W·C·H⁻¹ is
+    the least-squares map from X̃ to X·Wᵀ, and since ‖Ŵ·X̃ᵀ − W·Xᵀ‖² = ‖(Ŵ − W*)·X̃ᵀ‖² + const,
+    GPTQ on W* with H minimizes the error against the float outputs. H⁻¹ is the damped inverse
+    the loop uses (UᵀU), so the shift costs two products with U."""
     w = w.detach().float().clone()
     given, h = h, h.detach().float()  # a copy when given float64 (as the Hessians are summed)
     if h.data_ptr() == given.data_ptr():
@@ -40,11 +49,15 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    original = w.clone() if refit and not spec.dtype.is_float else None  # what the refit fits
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_cholesky(h, damp)
+    if cross is not None:  # W·(C − H), in the loop's column order, times H⁻¹ = UᵀU
+        moved = w @ (cross.float()[perm][:, perm] - h)
+        w += toward * ((moved @ u.T) @ u)
+        del moved
     del h
+    original = w[:, torch.argsort(perm)].clone() if refit and not spec.dtype.is_float else None  # what the refit fits
 
     group = spec.group_size if spec.granularity == "group" else None
     fixed = _fixed_params(w, perm, spec, group, act_order)
