@@ -127,24 +127,20 @@ def _unquantized(v: Value) -> Value:
     return v
 
 
-def _hessian(xs: Iterable[torch.Tensor]) -> torch.Tensor:
-    """GPTQ's H = Σ xᵀx over every row (real token) of every batch: float32 products, summed in float64."""
-    h = None
-    for x in xs:
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        part = (x2.T @ x2).double()
+def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GPTQ's H = Σ x̃ᵀx̃ over every row (real token) of every batch ``xs``, and with ``floats``
+    (the float model's inputs at the same tokens) C = Σ xᵀx̃, which moves GPTQ's target to the
+    float outputs: float32 products, summed in float64, in one pass over the batches."""
+    h = c = None
+    for xq, x in zip(xs, floats, strict=True) if floats is not None else ((xq, None) for xq in xs):
+        xq2 = xq.detach().reshape(-1, xq.shape[-1]).float()
+        part = (xq2.T @ xq2).double()
         h = part if h is None else h + part
-    return h
-
-
-def _cross(floats: Iterable[torch.Tensor], rounded: Iterable[torch.Tensor]) -> torch.Tensor:
-    """C = Σ xᵀx̃ over the same tokens of the float model's inputs x and the quantized model's x̃
-    (float32 products, summed in float64): GPTQ's target moves to the float outputs with it."""
-    c = None
-    for x, xq in zip(floats, rounded, strict=True):
-        part = (x.detach().reshape(-1, x.shape[-1]).float().T @ xq.detach().reshape(-1, xq.shape[-1]).float()).double()
-        c = part if c is None else c + part
-    return c
+        if x is not None:
+            part = (x.detach().reshape(-1, x.shape[-1]).float().T @ xq2).double()
+            c = part if c is None else c + part
+    return h, c
 
 
 def _matches(loc: str, patterns: str) -> bool:
@@ -352,12 +348,11 @@ class InsertQdq(Pass):
                     bar.update(block - bar.n)
                     if ckpt and not pinned and ckpt.save(block, sweep.pos, fresh, sweep.envs, set(ex.const_names)):
                         fresh = {}
-                h = _hessian(sweep.tokens(x))
-                cross = None
+                fx = None
                 if floats is not None:  # the same input in the float model (it is named as before the pass)
                     fx = float_values[_unquantized(x).name]
                     floats.advance(0 if fx.producer is None else floats.executor.step_index(fx.producer) + 1)
-                    cross = _cross(floats.tokens(fx), sweep.tokens(x))
+                h, cross = _hessian(sweep.tokens(x), None if fx is None else floats.tokens(fx))
                 for node in nodes:
                     spec = self._layer_spec(node, wspec, graph)
                     rounded = self._round_weight(graph, node, spec, h, cross=cross)
