@@ -156,14 +156,15 @@ def test_float_target_options():
     input equals the float model's (the first block's q, k, v, without activation rounding in
     the Hessian) the codes are GPTQ's own; with ``rounded_inputs`` the target maps the inputs
     after their own QDQ (named differently from the float model's) to the float outputs, so
-    even those layers move."""
+    even those layers move. On few calibration tokens the move is shrunk toward plain GPTQ (the
+    shrinkage has its own test), and the pass says where."""
     with pytest.raises(PipelineError, match="float_target: 1.5 is not a fraction"):
         parse_pipeline("insert-qdq{rounding=gptq,sequential=true,float_target=1.5}")
     with pytest.raises(PipelineError, match="float_target needs rounding: gptq with sequential: true"):
         parse_pipeline("insert-qdq{rounding=gptq,float_target=0.5}")
     spec = zoo.tiny_llama()
     model = lowbit.trace(spec.model, spec.example_inputs, dynamic_shapes=spec.dynamic_shapes)
-    calib = [(zoo._token_inputs(256, seed=i),) for i in range(4)]
+    calib = [(zoo._token_inputs(256, seed=i),) for i in range(16)]  # 512 tokens for 64 and 128 features
     codes = {}
     for rounded in ("false", "true"):
         for target in ("0", "0.5"):
@@ -177,6 +178,10 @@ def test_float_target_options():
     moved = lambda rounded, m: not torch.equal(codes[rounded, "0"][m], codes[rounded, "0.5"][m])
     assert not any(moved("false", m) for m in first) and any(moved("false", m) for m in codes["false", "0"])
     assert all(moved("true", m) for m in first)
+    few, _ = build(model, calibration=calib[:2], progress=False,
+                   pipeline="insert-qdq{weights=int4/group32/asym,rounding=gptq,sequential=true,float_target=0.5}")
+    said = [n for n in few.notes if "float_target=0.5 moved" in n]
+    assert said and "on 64 tokens" in said[0] and "more calibration tokens" in said[0], few.notes
 
 
 @pytest.mark.parametrize("name", ["byte-llama", "byte-llama-192"])

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from lowbit.quant.calibrate import RowSample, Sweep, block_of, calibrate
 from lowbit.quant.checkpoint import Rounded, SweepCheckpoint, fingerprint
-from lowbit.quant.gptq import gptq_quantize
+from lowbit.quant.gptq import FloatTarget, gptq_quantize
 from lowbit.quant.observers import EPS, TensorStats, scale_zero_point
 from lowbit.quant.spec import QSpec, parse_qspec
 from lowbit.quant.weights import apply_qparams, dequantize_codes, weight_qparams
@@ -128,19 +128,27 @@ def _unquantized(v: Value) -> Value:
 
 
 def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+             ) -> tuple[torch.Tensor, FloatTarget | None]:
     """GPTQ's H = Σ x̃ᵀx̃ over every row (real token) of every batch ``xs``, and with ``floats``
-    (the float model's inputs at the same tokens) C = Σ xᵀx̃, which moves GPTQ's target to the
-    float outputs: float32 products, summed in float64, in one pass over the batches."""
-    h = c = None
+    (the float model's inputs at the same tokens) what moves GPTQ's target to the float
+    outputs: C = Σ xᵀx̃, Σ (x − x̃)ᵀ(x − x̃) and the number of tokens (``FloatTarget``).
+    float32 products, summed in float64, in one pass over the batches."""
+    h = c = gap = None
+    tokens = 0
     for xq, x in zip(xs, floats, strict=True) if floats is not None else ((xq, None) for xq in xs):
         xq2 = xq.detach().reshape(-1, xq.shape[-1]).float()
-        part = (xq2.T @ xq2).double()
-        h = part if h is None else h + part
+        h = _add(h, xq2.T @ xq2)
         if x is not None:
-            part = (x.detach().reshape(-1, x.shape[-1]).float().T @ xq2).double()
-            c = part if c is None else c + part
-    return h, c
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            c = _add(c, x2.T @ xq2)
+            e = x2 - xq2
+            gap = _add(gap, e.T @ e)
+            tokens += xq2.shape[0]
+    return h, (None if c is None else FloatTarget(c, gap=gap, tokens=tokens))
+
+
+def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part.double() if total is None else total.add_(part.double())
 
 
 def _matches(loc: str, patterns: str) -> bool:
@@ -300,7 +308,7 @@ class InsertQdq(Pass):
 
         With a ``reference`` (the graph as the pass found it: ``float_target``) a second sweep
         runs the float model alongside, and each layer's target moves toward the float model's
-        outputs (``gptq_quantize``'s ``cross``): the error the quantized blocks before left in
+        outputs (``FloatTarget``): the error the quantized blocks before left in
         the layer's input is then compensated, not only measured.
 
         With a work folder (``ctx.work_dir``) the state is saved after each block, and a run
@@ -327,6 +335,7 @@ class InsertQdq(Pass):
         pinned: list[Node] = []
         waiting: list[tuple[Node, torch.Tensor]] = []  # rounded in this block; used once it is done
         marked, current = None, None
+        moved: list[tuple[float, int, str]] = []  # float_target: (fraction applied, tokens, layer)
         with torch.no_grad(), bar:
             for x, nodes in order:
                 block = blocks.index(block_of(nodes[0].loc.module))
@@ -352,10 +361,14 @@ class InsertQdq(Pass):
                 if floats is not None:  # the same input in the float model (it is named as before the pass)
                     fx = float_values[_unquantized(x).name]
                     floats.advance(0 if fx.producer is None else floats.executor.step_index(fx.producer) + 1)
-                h, cross = _hessian(sweep.tokens(x), None if fx is None else floats.tokens(fx))
+                h, target = _hessian(sweep.tokens(x), None if fx is None else floats.tokens(fx))
+                if target is not None:
+                    target.toward = self.float_target
                 for node in nodes:
                     spec = self._layer_spec(node, wspec, graph)
-                    rounded = self._round_weight(graph, node, spec, h, cross=cross)
+                    rounded = self._round_weight(graph, node, spec, h, target=target)
+                    if target is not None:
+                        moved.append((target.moved, target.tokens, node.loc.module or node.results[0].name))
                     self._set_weight(graph, node, spec, rounded)
                     if ckpt:
                         fresh[node.results[0].name] = rounded
@@ -370,6 +383,18 @@ class InsertQdq(Pass):
             bar.update(len(blocks) - bar.n)
         if ckpt:
             ckpt.clear()
+        self._note_moved(ctx, moved)
+
+    def _note_moved(self, ctx: PassContext, moved: list[tuple[float, int, str]]) -> None:
+        """Say where float_target moved a layer's target less than asked, and why."""
+        short = sorted(m for m in moved if m[0] < 0.9 * self.float_target)
+        if not short:
+            return
+        fraction, tokens, layer = short[0]
+        ctx.note(f"{self.name}: float_target={self.float_target:g} moved {len(short)} of {len(moved)} layers less "
+                 f"far (median {short[len(short) // 2][0]:.2f}, least {fraction:.2f} at {layer} on {tokens} tokens): "
+                 f"the move is fitted on the calibration tokens and is shrunk by how much of it is noise; "
+                 f"more calibration tokens let it act in full")
 
     def _resume(self, graph, ctx, ckpt, state, sweep, linears, wspec, blocks) -> tuple[int, dict]:
         """Apply a saved state: the layers it rounded, the sweep's position and values; returns
@@ -403,12 +428,12 @@ class InsertQdq(Pass):
         self._set_weight(graph, node, spec, self._round_weight(graph, node, spec, hessian, index), index)
 
     def _round_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None,
-                      index: int = 1, cross: torch.Tensor | None = None) -> Rounded:
+                      index: int = 1, target: FloatTarget | None = None) -> Rounded:
         full = graph.tensor(node.operand(index)).float()
         flat = full.reshape(full.shape[0], -1)  # a convolution's [out, in, kh, kw] as rows
         if hessian is not None:
             q, scale, zp, attrs = gptq_quantize(flat, hessian, spec, self.damp, self.act_order, refit=self.refit,
-                                                cross=cross, toward=self.float_target)
+                                                target=target)
         else:
             q, scale, zp, attrs = quantize_weight(flat, spec)
         return Rounded(q.reshape(full.shape), scale, zp, attrs)

@@ -19,28 +19,73 @@ scale for them. Costs about what the GPTQ loop costs (rows·in² multiply-adds).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowbit.quant.spec import QSpec
 from lowbit.quant.weights import apply_qparams, dequantize_codes, weight_qparams
 
 
+@dataclass
+class FloatTarget:
+    """Moves GPTQ's target from the layer's weights W to the float model's outputs (asymmetric
+    calibration, as GPTAQ). ``cross`` = C = XᵀX̃ [in, in], with X̃ the inputs the Hessian
+    H = X̃ᵀX̃ was taken on (the model whose earlier layers are already quantized) and X the float
+    model's inputs at the same tokens. The loop rounds W* = W + f·Δ, Δ = W·(C − H)·H⁻¹, in place
+    of W. At f = 1, W* = W·C·H⁻¹ is the least-squares map from X̃ to X·Wᵀ, and since
+    ‖Ŵ·X̃ᵀ − W·Xᵀ‖² = ‖(Ŵ − W*)·X̃ᵀ‖² + const, GPTQ on W* with H minimizes the error against the
+    float outputs. H⁻¹ is the damped inverse the loop uses (UᵀU), so Δ costs two products with U.
+
+    Δ is a regression fitted on the calibration tokens, and on few tokens it fits their noise.
+    With ``gap`` = Σ (x − x̃)ᵀ(x − x̃) and the number of ``tokens`` n, f = ``toward`` × the
+    positive-part James–Stein factor 1 − E‖noise in Δ‖²/‖Δ‖², all in the norm of H: with R the
+    residual left by the float weights, R = (X − X̃)·Wᵀ, its variance after the fit σ² =
+    (‖R‖² − ‖R fitted‖²)/(n − k) and k = tr(H·(H + λI)⁻¹) the fit's degrees of freedom, the noise
+    is σ²·k·n/(n − k − 1) (out of sample). Plenty of tokens: f ≈ ``toward``; tokens near the
+    width: f → 0, plain GPTQ. ``moved`` is set to f."""
+
+    cross: torch.Tensor
+    toward: float = 1.0
+    gap: torch.Tensor | None = None
+    tokens: int = 0
+    moved: float | None = None
+
+    def residual(self, w: torch.Tensor) -> float | None:
+        """‖(X − X̃)·Wᵀ‖² = tr(W·gap·Wᵀ)."""
+        return None if self.gap is None else float(((w @ self.gap.float()) * w).double().sum())
+
+    def shift(self, w: torch.Tensor, h: torch.Tensor, u: torch.Tensor, ridge: float,
+              perm: torch.Tensor, residual: float | None) -> torch.Tensor:
+        """f·Δ for W, H and U in the loop's column order ``perm``; H + ridge·I = (UᵀU)⁻¹."""
+        half = (w @ (self.cross.float()[perm][:, perm] - h)) @ u.T  # W·(C − H)·Uᵀ
+        delta = half @ u
+        self.moved = self.toward
+        if residual:  # (no gap: X̃ = X, and Δ = 0)
+            along = float(half.double().square().sum())  # tr(Δ·W·(C − H)ᵀ): ‖R‖² falls by 2·along − size
+            ridged = ridge * float(delta.double().square().sum())
+            size = along - ridged  # ‖X̃·Δᵀ‖² = tr(Δ·H·Δᵀ)
+            k = w.shape[1] - ridge * float(u.double().square().sum())  # tr(H·(H + λI)⁻¹)
+            n = self.tokens
+            if n - k - 1 <= 0 or size <= 0:
+                self.moved = 0.0
+            else:
+                sigma2 = max(residual - along - ridged, 0.0) / (n - k)
+                noise = sigma2 * k * n / (n - k - 1)
+                self.moved = self.toward * max(0.0, 1.0 - noise / size)
+        return delta.mul_(self.moved)
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0.01,
                   act_order: bool = False, block: int = 128, refit: bool = True,
-                  cross: torch.Tensor | None = None, toward: float = 1.0
+                  target: FloatTarget | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
     """(codes, scale, zero point, dequantize attrs) for the [out, in] weight ``w`` given the
     input Hessian ``h`` [in, in]. The parameters follow ``spec`` as round-to-nearest would.
     The loop runs in float32, as the reference implementations do (twice the speed of float64
     on CPUs, with the same results to within rounding).
 
-    ``cross`` = XᵀX̃ [in, in], with X̃ the inputs ``h`` was taken on (H = X̃ᵀX̃: the model whose
-    earlier layers are already quantized) and X the float model's inputs at the same tokens,
-    makes the target the float model's outputs (asymmetric calibration, as GPTAQ): the loop
-    rounds W* = W + t·W·(C − H)·H⁻¹, t = ``toward``, in place of W. At t = 1, W* = W·C·H⁻¹ is
-    the least-squares map from X̃ to X·Wᵀ, and since ‖Ŵ·X̃ᵀ − W·Xᵀ‖² = ‖(Ŵ − W*)·X̃ᵀ‖² + const,
-    GPTQ on W* with H minimizes the error against the float outputs. H⁻¹ is the damped inverse
-    the loop uses (UᵀU), so the shift costs two products with U."""
+    A ``target`` moves the loop's target toward the float model's outputs (``FloatTarget``)."""
     w = w.detach().float().clone()
     given, h = h, h.detach().float()  # a copy when given float64 (as the Hessians are summed)
     if h.data_ptr() == given.data_ptr():
@@ -50,12 +95,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    residual = target.residual(w) if target is not None else None
     w, h = w[:, perm], h[perm][:, perm]
-    u = _inverse_cholesky(h, damp)
-    if cross is not None:  # W·(C − H), in the loop's column order, times H⁻¹ = UᵀU
-        moved = w @ (cross.float()[perm][:, perm] - h)
-        w += toward * ((moved @ u.T) @ u)
-        del moved
+    u, ridge = _inverse_cholesky(h, damp)
+    if target is not None:
+        w += target.shift(w, h, u, ridge, perm, residual)
     del h
     original = w[:, torch.argsort(perm)].clone() if refit and not spec.dtype.is_float else None  # what the refit fits
 
@@ -127,11 +171,11 @@ def refit_scales(w: torch.Tensor, wq: torch.Tensor, scale_cols: torch.Tensor, h:
     return d.reshape(rows, -1)[:, :cols] * scale, scale
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """U, the upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, in float32: with J the
     reversal, J·H·J = M·Mᵀ gives H⁻¹ = Uᵀ·U for U = J·M⁻¹·J (one factorization and one
     triangular inverse, not three factorizations). λ grows tenfold while the damped H is not
-    positive definite in float32."""
+    positive definite in float32. Returns U and the ridge λ·mean(diag H) that was added."""
     mean = float(torch.diag(h).double().mean())
     for _ in range(6):
         flipped = h.flip(0, 1)
@@ -139,7 +183,8 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
         m, info = torch.linalg.cholesky_ex(flipped)
         del flipped
         if int(info) == 0:
-            return torch.linalg.solve_triangular(m, torch.eye(h.shape[0], dtype=h.dtype), upper=False).flip(0, 1)
+            eye = torch.eye(h.shape[0], dtype=h.dtype)
+            return torch.linalg.solve_triangular(m, eye, upper=False).flip(0, 1), damp * mean
         damp *= 10
     raise ValueError("GPTQ: the layer's input Hessian is not positive definite even with heavy damping")
 
