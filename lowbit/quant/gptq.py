@@ -53,7 +53,7 @@ class FloatTarget:
 
     def residual(self, w: torch.Tensor) -> float | None:
         """‖(X − X̃)·Wᵀ‖² = tr(W·gap·Wᵀ)."""
-        return None if self.gap is None else float(((w @ self.gap.float()) * w).double().sum())
+        return None if self.gap is None else _dot(w @ self.gap.float(), w)
 
     def shift(self, w: torch.Tensor, h: torch.Tensor, u: torch.Tensor, ridge: float,
               perm: torch.Tensor, residual: float | None) -> torch.Tensor:
@@ -62,10 +62,10 @@ class FloatTarget:
         delta = half @ u
         self.moved = self.toward
         if residual:  # (no gap: X̃ = X, and Δ = 0)
-            along = float(half.double().square().sum())  # tr(Δ·W·(C − H)ᵀ): ‖R‖² falls by 2·along − size
-            ridged = ridge * float(delta.double().square().sum())
+            along = _dot(half, half)  # tr(Δ·W·(C − H)ᵀ): ‖R‖² falls by 2·along − size
+            ridged = ridge * _dot(delta, delta)
             size = along - ridged  # ‖X̃·Δᵀ‖² = tr(Δ·H·Δᵀ)
-            k = w.shape[1] - ridge * float(u.double().square().sum())  # tr(H·(H + λI)⁻¹)
+            k = w.shape[1] - ridge * _dot(u, u)  # tr(H·(H + λI)⁻¹)
             n = self.tokens
             if n - k - 1 <= 0 or size <= 0:
                 self.moved = 0.0
@@ -74,6 +74,11 @@ class FloatTarget:
                 noise = sigma2 * k * n / (n - k - 1)
                 self.moved = self.toward * max(0.0, 1.0 - noise / size)
         return delta.mul_(self.moved)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Σ a·b elementwise, with no copy of either (float32: the shrinkage needs no more)."""
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0.01,
