@@ -132,7 +132,8 @@ def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None =
     """GPTQ's H = Σ x̃ᵀx̃ over every row (real token) of every batch ``xs``, and with ``floats``
     (the float model's inputs at the same tokens) what moves GPTQ's target to the float
     outputs: C = Σ xᵀx̃, Σ (x − x̃)ᵀ(x − x̃) and the number of tokens (``FloatTarget``).
-    float32 products, summed in float64, in one pass over the batches."""
+    float32 products, summed in float64, in one pass over the batches; C and the gap are then
+    held in float32, as GPTQ reads them (once for all the layers sharing the input)."""
     h = c = gap = None
     tokens = 0
     for xq, x in zip(xs, floats, strict=True) if floats is not None else ((xq, None) for xq in xs):
@@ -144,7 +145,7 @@ def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None =
             e = x2 - xq2
             gap = _add(gap, e.T @ e)
             tokens += xq2.shape[0]
-    return h, (None if c is None else FloatTarget(c, gap=gap, tokens=tokens))
+    return h, (None if c is None else FloatTarget(c.float(), gap=gap.float(), tokens=tokens))
 
 
 def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
