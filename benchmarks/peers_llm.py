@@ -140,10 +140,14 @@ def one_line(text: str) -> str:
 
 
 def run_peer(tool: str, venv: Path, model: Path, configs: list[str], quick: bool, log_path: Path,
-             work: Path, timeout: float) -> tuple[list[dict], dict]:
-    """Run the tool's runner in its venv; its JSON rows, and {seconds, versions, error}."""
+             work: Path, timeout: float, calib_offset: int = 0,
+             methods: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Run the tool's runner in its venv; its JSON rows, and {seconds, versions, error}. With
+    ``calib_offset`` the calibration windows are cut from that byte on; with ``methods`` only
+    the methods of those names run."""
     cmd = [str(venv_python(venv)), str(PEERS / RUNNERS[tool]), "--model", str(model), "--calib", str(CALIB),
-           "--val", str(VAL), "--configs", ",".join(configs), "--work-dir", str(work)]
+           "--val", str(VAL), "--configs", ",".join(configs), "--work-dir", str(work),
+           "--calib-offset", str(calib_offset), "--methods", ",".join(methods or [])]
     if quick:
         cmd += ["--eval-windows", str(QUICK_EVAL), "--calib-windows", str(QUICK_CALIB)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -177,8 +181,21 @@ def run_peer(tool: str, venv: Path, model: Path, configs: list[str], quick: bool
     return rows, info
 
 
-def run_lowbit(model_dir: Path, configs: list[str], quick: bool) -> tuple[list[dict], dict]:
-    """lowbit in this process: lowbit.compile with each recipe of LOWBIT_RECIPES."""
+def calibration_windows(offset: int = 0, batch_size: int = 16) -> list[tuple]:
+    """The calibration file's 256-byte windows cut from byte ``offset`` on, as (ids,) batches
+    (the runners' ``_common.windows`` with the same offset gives the same windows)."""
+    import torch
+
+    data = CALIB.read_bytes()[offset:]
+    n = len(data) // 256
+    ids = torch.tensor(list(data[: n * 256]), dtype=torch.long).reshape(n, 256)
+    return [(ids[i:i + batch_size],) for i in range(0, n, batch_size)]
+
+
+def run_lowbit(model_dir: Path, configs: list[str], quick: bool, calib_offset: int = 0,
+               methods: list[str] | None = None) -> tuple[list[dict], dict]:
+    """lowbit in this process: lowbit.compile with each recipe of LOWBIT_RECIPES (only those
+    named in ``methods``, when given), calibrated on the windows from ``calib_offset`` on."""
     import torch
 
     torch.set_num_threads(1)
@@ -190,7 +207,7 @@ def run_lowbit(model_dir: Path, configs: list[str], quick: bool) -> tuple[list[d
 
     start = time.time()
     model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    val, calib = byte_windows("val"), byte_windows("calib")
+    val, calib = byte_windows("val"), calibration_windows(calib_offset)
     if quick:
         val = [(torch.cat([b[0] for b in val])[:QUICK_EVAL],)]
         calib = [(torch.cat([b[0] for b in calib])[:QUICK_CALIB],)]
@@ -201,6 +218,8 @@ def run_lowbit(model_dir: Path, configs: list[str], quick: bool) -> tuple[list[d
     for config in configs:
         for recipe in LOWBIT_RECIPES.get(config, []):
             name = Path(recipe).stem if recipe.endswith((".yaml", ".toml")) else recipe
+            if methods and name not in methods:
+                continue
             t0 = time.time()
             try:
                 q = lowbit.compile(model, example, dynamic_shapes=shapes, recipe=recipe,

@@ -26,11 +26,12 @@ CONFIGS = ["w4a16", "w8a8-static", "w4a8", "w4a4-token", "w4a4-token-rot", "w4a4
            "w4a4-static-rot"]
 
 
-def windows(path: str, limit: int | None = None):
-    """(n, 256) int64 tensor of the file's non-overlapping byte windows (first ``limit`` only)."""
+def windows(path: str, limit: int | None = None, offset: int = 0):
+    """(n, 256) int64 tensor of the file's non-overlapping byte windows (first ``limit`` only),
+    cut from byte ``offset`` on (a different draw of calibration windows from the same text)."""
     import torch
 
-    data = open(path, "rb").read()
+    data = open(path, "rb").read()[offset:]
     n = len(data) // WINDOW
     ids = torch.tensor(list(data[: n * WINDOW]), dtype=torch.long).reshape(n, WINDOW)
     return ids if limit is None else ids[:limit]
@@ -97,10 +98,18 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate on the first N windows only")
     p.add_argument("--calib-windows", type=int, default=None, help="calibrate on the first N windows only")
+    p.add_argument("--calib-offset", type=int, default=0,
+                   help="cut the calibration windows from this byte of the file on")
+    p.add_argument("--methods", default="",
+                   help="comma-separated method names to run (default: every method of a configuration)")
     p.add_argument("--work-dir", default=None, help="scratch directory (exported files)")
     args = p.parse_args()
     args.configs = [c for c in args.configs.split(",") if c]
+    _ONLY.update(m for m in args.methods.split(",") if m)
     return args
+
+
+_ONLY: set[str] = set()  # --methods: run only these (empty: all)
 
 
 def setup() -> None:
@@ -125,7 +134,9 @@ def one_line(exc: BaseException) -> str:
 
 def run_method(config: str, method: str, fn, ref_note: str = "") -> None:
     """Run ``fn() -> ppl`` and emit its row, or an error row with one line of the exception
-    (the full traceback goes to stderr)."""
+    (the full traceback goes to stderr). A method left out by ``--methods`` prints nothing."""
+    if _ONLY and method not in _ONLY:
+        return
     t0 = time.time()
     _REFERENCE["kl"] = None
     try:
@@ -140,6 +151,8 @@ def run_method(config: str, method: str, fn, ref_note: str = "") -> None:
 
 
 def not_available(config: str, method: str, reason: str) -> None:
+    if _ONLY and method not in _ONLY:
+        return
     emit(config=config, method=method, na=reason)
 
 

@@ -118,7 +118,7 @@ def main() -> None:
     setup()
     emit(info=True, tool="brevitas", versions=versions("brevitas", "torch", "transformers"))
     val = windows(args.val, args.eval_windows)
-    cal = windows(args.calib, args.calib_windows)
+    cal = windows(args.calib, args.calib_windows, args.calib_offset)
     emit(config="fp32", method="fp32", ppl=reference(load_model(args.model), val))
     for config in args.configs:
         for name, extra in METHODS[config]:

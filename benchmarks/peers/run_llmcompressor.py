@@ -143,7 +143,7 @@ def main() -> None:
     emit(info=True, tool="llm-compressor",
          versions=versions("llmcompressor", "compressed-tensors", "torch", "transformers"))
     val = windows(args.val, args.eval_windows)
-    cal = windows(args.calib, args.calib_windows)
+    cal = windows(args.calib, args.calib_windows, args.calib_offset)
     emit(config="fp32", method="fp32", ppl=reference(load_model(args.model), val))
     dataset = Dataset.from_dict({"input_ids": cal.tolist(),
                                  "attention_mask": torch.ones_like(cal).tolist()})

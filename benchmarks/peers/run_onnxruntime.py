@@ -130,7 +130,7 @@ def main() -> None:
     logging.disable(logging.WARNING)  # onnx export / quantizer chatter
     emit(info=True, tool="onnxruntime", versions=versions("onnxruntime", "onnx", "torch", "transformers"))
     val = windows(args.val, args.eval_windows)
-    cal = windows(args.calib, args.calib_windows)
+    cal = windows(args.calib, args.calib_windows, args.calib_offset)
     emit(config="fp32", method="fp32", ppl=reference(load_model(args.model), val))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lowbit-peers-ort-"))
     work.mkdir(parents=True, exist_ok=True)
