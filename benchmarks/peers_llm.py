@@ -182,14 +182,14 @@ def run_peer(tool: str, venv: Path, model: Path, configs: list[str], quick: bool
 
 
 def calibration_windows(offset: int = 0, batch_size: int = 16) -> list[tuple]:
-    """The calibration file's 256-byte windows cut from byte ``offset`` on, as (ids,) batches
-    (the runners' ``_common.windows`` with the same offset gives the same windows)."""
-    import torch
+    """The calibration windows the runners cut (``_common.windows`` from byte ``offset`` on), as
+    lowbit's (ids,) batches."""
+    if str(PEERS) not in sys.path:
+        sys.path.insert(0, str(PEERS))
+    from _common import windows
 
-    data = CALIB.read_bytes()[offset:]
-    n = len(data) // 256
-    ids = torch.tensor(list(data[: n * 256]), dtype=torch.long).reshape(n, 256)
-    return [(ids[i:i + batch_size],) for i in range(0, n, batch_size)]
+    ids = windows(str(CALIB), None, offset)
+    return [(ids[i:i + batch_size],) for i in range(0, len(ids), batch_size)]
 
 
 def run_lowbit(model_dir: Path, configs: list[str], quick: bool, calib_offset: int = 0,

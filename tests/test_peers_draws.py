@@ -14,15 +14,22 @@ import peers_llm  # noqa: E402
 import peers_llm_draws  # noqa: E402
 from _common import windows  # noqa: E402
 
+from lowbit.evaluate import byte_windows  # noqa: E402
 
-@pytest.mark.parametrize("offset", [0, 51, 255])
-def test_lowbit_and_runners_cut_the_same_calibration_windows(offset):
-    ours = torch.cat([b[0] for b in peers_llm.calibration_windows(offset)])
-    theirs = windows(str(peers_llm.CALIB), None, offset)
-    assert torch.equal(ours, theirs)
-    assert len(theirs) == (32768 - offset) // 256
-    if offset:  # a different draw: the windows start elsewhere in the text
-        assert not torch.equal(theirs[0], windows(str(peers_llm.CALIB))[0])
+
+def test_draw_zero_is_the_calibration_set_of_lowbit_eval():
+    ours = peers_llm.calibration_windows(0)
+    assert [b[0].shape for b in ours] == [b[0].shape for b in byte_windows("calib")]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ours, byte_windows("calib")))
+
+
+@pytest.mark.parametrize("offset", [51, 255])
+def test_other_draws_cut_windows_elsewhere_in_the_same_text(offset):
+    ids = torch.cat([b[0] for b in peers_llm.calibration_windows(offset)])
+    text = peers_llm.CALIB.read_bytes()
+    assert len(ids) == (len(text) - offset) // 256
+    assert bytes(ids[0].tolist()) == text[offset:offset + 256]
+    assert not torch.equal(ids[0], windows(str(peers_llm.CALIB))[0])
 
 
 def _result(lowbit: list[float], peer: list[float]) -> dict:
