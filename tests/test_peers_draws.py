@@ -7,14 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowbit.evaluate import byte_windows
+
+# benchmarks/ holds scripts named like packages (kernels.py, hadamard.py): on the path only
+# while these three are imported, so no later import in the session finds them
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path[:0] = [str(BENCH), str(BENCH / "peers")]
-
-import peers_llm  # noqa: E402
-import peers_llm_draws  # noqa: E402
-from _common import windows  # noqa: E402
-
-from lowbit.evaluate import byte_windows  # noqa: E402
+try:
+    import peers_llm
+    import peers_llm_draws
+    from _common import windows
+finally:
+    del sys.path[:2]
 
 
 def test_draw_zero_is_the_calibration_set_of_lowbit_eval():
