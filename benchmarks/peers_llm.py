@@ -239,6 +239,19 @@ def run_lowbit(model_dir: Path, configs: list[str], quick: bool, calib_offset: i
     return rows, info
 
 
+def run_tool(tool: str, model_dir: Path, configs: list[str], venv_dir: Path, timeout: float, quick: bool = False,
+             calib_offset: int = 0, methods: list[str] | None = None) -> tuple[list[dict], dict]:
+    """``tool``'s rows on one model: lowbit in this process, a peer in its venv (scratch files and
+    log named after the model, the tool and the calibration offset)."""
+    if tool == "lowbit":
+        return run_lowbit(model_dir, configs, quick, calib_offset, methods)
+    tag = f"{model_dir.name}-{tool}" + (f"-draw{calib_offset}" if calib_offset else "")
+    work = venv_dir / "work" / tag
+    work.mkdir(parents=True, exist_ok=True)
+    return run_peer(tool, venv_dir / tool, model_dir, configs, quick, venv_dir / "logs" / f"{tag}.log", work,
+                    timeout, calib_offset, methods)
+
+
 # -------------------------------------------------------------------------------------- report
 
 
@@ -415,13 +428,8 @@ def main() -> None:
             print(f"[peers] {name}: {tool} ...", file=sys.stderr, flush=True)
             if tool in install_errors:
                 rows, info = [], {"seconds": 0.0, "error": install_errors[tool]}
-            elif tool == "lowbit":
-                rows, info = run_lowbit(model_dir, configs, args.quick)
             else:
-                work = venv_dir / "work" / f"{name}-{tool}"
-                work.mkdir(parents=True, exist_ok=True)
-                rows, info = run_peer(tool, venv_dir / tool, model_dir, configs, args.quick,
-                                      logs / f"{name}-{tool}.log", work, args.timeout)
+                rows, info = run_tool(tool, model_dir, configs, venv_dir, args.timeout, quick=args.quick)
             if tool in install_seconds:
                 info["install_seconds"] = install_seconds[tool]
             result["tools"][tool] = info

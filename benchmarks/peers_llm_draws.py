@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from peers_llm import (CONFIGS, DATA, DEFAULT_VENVS, PEER_TOOLS, ROOT, SHORT, TOOLS, describe, git_state,
-                       run_lowbit, run_peer, venv_python)
+                       run_tool, venv_python)
 
 DEFAULT_OFFSETS = "0,51,102,153,204"
 
@@ -47,8 +47,7 @@ def run(args) -> dict:
     missing = [t for t in tools if t in PEER_TOOLS and not venv_python(venv_dir / t).exists()]
     if missing:
         sys.exit(f"no venv for {missing} under {venv_dir}: run benchmarks/peers_llm.py once to create them")
-    logs = venv_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    (venv_dir / "logs").mkdir(parents=True, exist_ok=True)
     models = {}
     for m in [m for m in args.models.split(",") if m]:
         model_dir = Path(m) if "/" in m else DATA / m
@@ -57,14 +56,8 @@ def run(args) -> dict:
         for offset in offsets:
             for tool in tools:
                 print(f"[draws] {model_dir.name}: offset {offset}: {tool} ...", file=sys.stderr, flush=True)
-                if tool == "lowbit":
-                    rows, info = run_lowbit(model_dir, configs, False, offset, methods)
-                else:
-                    work = venv_dir / "work" / f"{model_dir.name}-{tool}-draw{offset}"
-                    work.mkdir(parents=True, exist_ok=True)
-                    rows, info = run_peer(tool, venv_dir / tool, model_dir, configs, False,
-                                          logs / f"{model_dir.name}-{tool}-draw{offset}.log", work,
-                                          args.timeout, offset, methods)
+                rows, info = run_tool(tool, model_dir, configs, venv_dir, args.timeout,
+                                      calib_offset=offset, methods=methods)
                 if info.get("error"):
                     print(f"[draws] {tool}: {info['error']}", file=sys.stderr, flush=True)
                 for r in rows:
@@ -103,9 +96,9 @@ def section(name: str, result: dict, configs: list[str], offsets: list[int]) -> 
                              "n/a" if r and "na" in r else "error" if r else "—")
             ppls = [by_offset[o]["ppl"] for o in offsets if "ppl" in by_offset.get(o, {})]
             kls = [by_offset[o]["kl"] for o in offsets if by_offset.get(o, {}).get("kl") is not None]
-            if len(ppls) == len(offsets):
-                means[(tool, method)] = spread(ppls)[0]
             mean, sd = spread(ppls) if ppls else (float("nan"), float("nan"))
+            if len(ppls) == len(offsets):
+                means[(tool, method)] = mean
             kl = f"{1e3 * statistics.fmean(kls):.3f}" if kls else ""
             stats = (f"{mean:.4f} | {sd:.4f} | {100 * (mean / fp32 - 1):+.2f}% | {kl}" if ppls
                      else " | | | ")
