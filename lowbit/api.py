@@ -17,6 +17,7 @@ from lowbit.ir.parser import clone_graph
 from lowbit.passes.base import PassContext
 from lowbit.passes.manager import PassManager, PassRecord
 from lowbit.passes.pipeline import parse_pipeline
+from lowbit.recipes import Recipe
 
 
 BACKENDS = ("torch", "triton")  # ONNX is an export target: CompiledModule.export_onnx
@@ -27,7 +28,7 @@ GUARD_BATCHES = 8      # calibration batches the two results are compared on (at
 GUARD_HOLDOUT = 4      # with this many batches or more, 1/4 of them is held out for the comparison
 
 
-def full_pipeline(pipeline: str | None, recipe: str | None = None, kv_cache: str | None = None,
+def full_pipeline(pipeline: str | None, recipe: Recipe | None = None, kv_cache: str | None = None,
                   kv_storage: str = "quantized") -> str:
     """Canonicalization always runs first, then the recipe's passes, then the user's pipeline,
     then the key/value cache's quantization (``kv_cache``: a preset of ``KV_PRESETS``)."""
@@ -59,7 +60,7 @@ def calibration_calls(calibration: Iterable | None, example: Call) -> list[Call]
 
 
 def build(model: torch.nn.Module | TracedModel | str | os.PathLike, example_inputs: object = (), *, pipeline: str | None = None,
-          recipe: str | None = None, calibration: Iterable | None = None,
+          recipe: Recipe | None = None, calibration: Iterable | None = None,
           kwargs: Mapping | None = None, dynamic_shapes: object = None, verify: bool = True,
           dump_dir: str | os.PathLike | None = None, measure_drift: bool = True,
           progress: bool = True, observer=None, kv_cache: str | None = None,
@@ -172,7 +173,7 @@ def _calibration_error(graph, original, batches, decoder: bool) -> float:
     return sum(errors) / len(errors)
 
 
-def compile(model: torch.nn.Module | TracedModel | str | os.PathLike, example_inputs: object = (), *, recipe: str | None = None,
+def compile(model: torch.nn.Module | TracedModel | str | os.PathLike, example_inputs: object = (), *, recipe: Recipe | None = None,
             calibration: Iterable | None = None, pipeline: str | None = None,
             kwargs: Mapping | None = None, dynamic_shapes: object = None,
             verify: bool = True, dump_dir: str | os.PathLike | None = None,

@@ -5,13 +5,16 @@
       - smooth-quant: {alpha: 0.5}
       - insert-qdq: {weights: int8/channel, acts: uint8/tensor/asym}
 
-A recipe is a built-in name (``lowbit/recipes/<name>.yaml``) or a path to a user file. It
+A recipe is a built-in name (``lowbit/recipes/<name>.yaml``), a path to a user file, or the
+same mapping in Python (``{"pipeline": [{"insert-qdq": {"weights": "int4/group128"}}]}``). It
 expands to a pipeline string; errors name the recipe key and the allowed values.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -25,7 +28,15 @@ def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def _load(recipe: str) -> tuple[dict, str]:
+Recipe = str | os.PathLike | Mapping
+
+
+def _load(recipe: Recipe) -> tuple[dict, str]:
+    if isinstance(recipe, Mapping):
+        return dict(recipe), "(mapping)"
+    if not isinstance(recipe, (str, os.PathLike)):
+        raise PipelineError(f"recipe: expected a built-in name, a .yaml/.toml file or a mapping with a 'pipeline' "
+                            f"key, got {type(recipe).__name__}")
     path = Path(recipe)
     if recipe in builtin_recipes():
         path = RECIPE_DIR / f"{recipe}.yaml"
@@ -57,7 +68,7 @@ def _item(entry: object, where: str) -> str:
     raise PipelineError(f"{where}: each step is a pass name or {{name: {{option: value}}}}, got {entry!r}")
 
 
-def recipe_pipeline(recipe: str) -> str:
+def recipe_pipeline(recipe: Recipe) -> str:
     """The pipeline string a recipe expands to (validated by parsing it)."""
     from lowbit.passes.pipeline import parse_pipeline
 
@@ -76,5 +87,5 @@ def recipe_pipeline(recipe: str) -> str:
     return pipeline
 
 
-def recipe_description(recipe: str) -> str:
+def recipe_description(recipe: Recipe) -> str:
     return str(_load(recipe)[0].get("description", ""))

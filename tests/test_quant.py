@@ -50,6 +50,13 @@ def test_recipes_expand_and_bad_recipe_names_key(tmp_path):
     good = tmp_path / "r.toml"
     good.write_text('pipeline = [{ "insert-qdq" = { weights = "int4/group32" } }]\n')
     assert recipe_pipeline(str(good)) == "insert-qdq{weights=int4/group32}"
+    assert recipe_pipeline(good) == "insert-qdq{weights=int4/group32}"  # a Path
+    as_mapping = {"pipeline": [{"insert-qdq": {"weights": "int4/group32", "act_order": True}}]}
+    assert recipe_pipeline(as_mapping) == "insert-qdq{weights=int4/group32,act_order=true}"
+    with pytest.raises(PipelineError, match=r"recipe \(mapping\): insert-qdq: insert-qdq.weights: unknown field 'chanel'"):
+        recipe_pipeline({"pipeline": [{"insert-qdq": {"weights": "int8/chanel"}}]})
+    with pytest.raises(PipelineError, match="recipe: expected a built-in name, a .yaml/.toml file or a mapping.*got list"):
+        recipe_pipeline([{"insert-qdq": {}}])
     with pytest.raises(PipelineError, match="unknown recipe 'w9a9'"):
         recipe_pipeline("w9a9")
 
