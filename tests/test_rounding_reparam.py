@@ -90,6 +90,45 @@ def test_gptq_toward_the_float_outputs(spec_text):
     assert kept.moved > 0.49, kept.moved
 
 
+@pytest.mark.parametrize("chunk", [None, 250])
+def test_float_target_sums_per_layer_equal_the_sums_per_input(monkeypatch, chunk):
+    """The float target's sums are taken per layer where the layers reading an input have no
+    more outputs in all than it has features, per input otherwise (``_hessian``). Both give
+    the same W·(C − H), ‖(X − X̃)·Wᵀ‖² and move, whether the batches' rows are gathered into
+    one product or taken a batch at a time; per layer, W·(C − H) is summed as Rᵀ·X̃ without the
+    cancellation of C − H, to 1e-5 of its scale rather than 1e-3."""
+    import lowbit.passes.quantize as quantize
+
+    if chunk:
+        monkeypatch.setattr(quantize, "GRAM_ROWS", chunk)
+    x = _correlated(600, 64, 1)
+    xq = x @ (torch.eye(64) + 0.05 * torch.randn(64, 64, generator=torch.Generator().manual_seed(3)))
+    batches = lambda t: [t[i:i + 200].reshape(2, 100, 64) for i in range(0, 600, 200)]
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    wide = torch.randn(80, 64, generator=torch.Generator().manual_seed(1))
+    h, [layer] = quantize._hessian(batches(xq), batches(x), [w])
+    h_in, [shared, same] = quantize._hessian(batches(xq), batches(x), [w, wide])
+    assert layer.pull is not None and layer.cross is None and shared.cross is not None and shared is same
+    full = xq.T.double() @ xq.double()
+    torch.testing.assert_close(h, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
+    torch.testing.assert_close(h_in, h)
+    exact = ((x - xq).double() @ w.double().T).T @ xq.double()  # W·(C − H) = Rᵀ·X̃
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(layer.pull.double(), exact, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close((w @ (shared.cross - h.float())).double(), exact, rtol=0, atol=1e-3 * scale)  # C − H cancels
+    assert layer.residual(w) == pytest.approx(shared.residual(w), rel=1e-4)
+    assert layer.residual(w) == pytest.approx(float(((x - xq) @ w.T).square().sum()), rel=1e-4)
+    spec = parse_qspec("int4/group16/asym")
+    results = []
+    for target in (layer, shared):
+        target.toward = 0.5
+        results.append((gptq_quantize(w, h, spec, act_order=True, target=target), target.moved))
+    (a, moved_a), (b, moved_b) = results
+    assert moved_a == pytest.approx(moved_b, rel=1e-3) and 0.4 < moved_a <= 0.5
+    assert (a[0] == b[0]).float().mean() > 0.99
+    assert not torch.equal(a[0], gptq_quantize(w, h, spec, act_order=True)[0])  # the move changed the codes
+
+
 def test_float_target_shrinks_what_is_noise():
     """The move toward the float outputs is a regression of (X − X̃)·Wᵀ on X̃, shrunk by how much
     of it is noise. When X̃ carries no information on X − X̃ (X = X̃ + independent noise) all of it

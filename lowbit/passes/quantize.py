@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -127,29 +127,81 @@ def _unquantized(v: Value) -> Value:
     return v
 
 
-def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None = None
-             ) -> tuple[torch.Tensor, FloatTarget | None]:
+GRAM_ROWS = 4096      # _hessian gathers the batches' rows into products of up to this many tokens
+GRAM_FLOATS = 1 << 25  # ... and of up to this many input floats
+
+
+def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None = None,
+             weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[FloatTarget] | None]:
     """GPTQ's H = Σ x̃ᵀx̃ over every row (real token) of every batch ``xs``, and with ``floats``
-    (the float model's inputs at the same tokens) what moves GPTQ's target to the float
-    outputs: C = Σ xᵀx̃, Σ (x − x̃)ᵀ(x − x̃) and the number of tokens (``FloatTarget``).
-    float32 products, summed in float64, in one pass over the batches; C and the gap are then
-    held in float32, as GPTQ reads them (once for all the layers sharing the input)."""
-    h = c = gap = None
+    (the float model's inputs at the same tokens) and the [out, in] ``weights`` of the layers
+    reading the input, one ``FloatTarget`` per layer: what moves its target to the float outputs.
+    Where those layers have no more outputs in all than the input has features (o_proj,
+    down_proj), the target's sums are taken per layer (Rᵀ·X̃ and ‖R‖², R = (X − X̃)·Wᵀ: about
+    tokens·in·out each); otherwise per input, shared by the layers (C = Σ xᵀx̃ and
+    Σ (x − x̃)ᵀ(x − x̃): tokens·in² each, then in²·out per layer to apply). Rows are gathered
+    over batches into products of up to ``GRAM_ROWS`` tokens, in float32, summed in float64;
+    the sums are then held in float32, as GPTQ reads them."""
+    h = cross = gap = pull = misfit = None
     tokens = 0
-    for xq, x in zip(xs, floats, strict=True) if floats is not None else ((xq, None) for xq in xs):
-        xq2 = xq.detach().reshape(-1, xq.shape[-1]).float()
+    stacked = None
+    for xq2, x2 in _row_chunks(xs, floats):
         h = _add(h, xq2.T @ xq2)
-        if x is not None:
-            x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            c = _add(c, x2.T @ xq2)
-            e = x2 - xq2
+        if x2 is None:
+            continue
+        if not tokens and sum(w.shape[0] for w in weights) <= x2.shape[1]:
+            stacked = torch.cat(weights)  # every layer's W, one product for all
+        tokens += xq2.shape[0]
+        if stacked is None:
+            cross = _add(cross, x2.T @ xq2)
+        e = x2.sub_(xq2)
+        if stacked is None:
             gap = _add(gap, e.T @ e)
-            tokens += xq2.shape[0]
-    return h, (None if c is None else FloatTarget(c.float(), gap=gap.float(), tokens=tokens))
+        else:
+            r = e @ stacked.T
+            misfit = _add(misfit, torch.einsum("ij,ij->j", r, r))
+            pull = _add(pull, r.T @ xq2)
+    if floats is None:
+        return h, None
+    if stacked is None:
+        shared = FloatTarget(cross.float(), gap=gap.float(), tokens=tokens)
+        return h, [shared] * len(weights)
+    outs = [w.shape[0] for w in weights]
+    return h, [FloatTarget(pull=p.float(), misfit=float(m.sum()), tokens=tokens)
+               for p, m in zip(pull.split(outs), misfit.split(outs), strict=True)]
+
+
+def _row_chunks(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The rows of the batches ``xs`` (and of ``floats`` beside them), float32 [rows, features],
+    gathered into chunks of up to ``GRAM_ROWS`` rows and ``GRAM_FLOATS`` floats (a larger batch
+    is one chunk): fewer, larger products and float64 sums, each product summed in float32 over
+    no more tokens than one batch of a few thousand would be."""
+    pairs = zip(xs, floats, strict=True) if floats is not None else ((x, None) for x in xs)
+    held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    size = 0
+    for xq, x in pairs:
+        rows = lambda t: t.detach().reshape(-1, t.shape[-1]).float()
+        xq2 = rows(xq)
+        if held and (size + xq2.shape[0] > GRAM_ROWS or (size + xq2.shape[0]) * xq2.shape[1] > GRAM_FLOATS):
+            yield _gather(held)
+            held, size = [], 0
+        held.append((xq2, None if x is None else rows(x)))
+        size += xq2.shape[0]
+    if held:
+        yield _gather(held)
+
+
+def _gather(held: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if len(held) == 1:
+        xq, x = held[0]
+        return xq, None if x is None else x.clone()  # (the float rows are changed in place)
+    xq = torch.cat([q for q, _ in held])
+    return xq, None if held[0][1] is None else torch.cat([x for _, x in held])
 
 
 def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
-    return part.double() if total is None else total.add_(part.double())
+    return part.double() if total is None else total.add_(part)
 
 
 def _matches(loc: str, patterns: str) -> bool:
@@ -362,10 +414,12 @@ class InsertQdq(Pass):
                 if floats is not None:  # the same input in the float model (it is named as before the pass)
                     fx = float_values[_unquantized(x).name]
                     floats.advance(0 if fx.producer is None else floats.executor.step_index(fx.producer) + 1)
-                h, target = _hessian(sweep.tokens(x), None if fx is None else floats.tokens(fx))
-                if target is not None:
-                    target.toward = self.float_target
-                for node in nodes:
+                weights = None if fx is None else [self._flat_weight(graph, node) for node in nodes]
+                h, targets = _hessian(sweep.tokens(x), None if fx is None else floats.tokens(fx), weights)
+                del weights
+                for node, target in zip(nodes, targets or [None] * len(nodes), strict=True):
+                    if target is not None:
+                        target.toward = self.float_target
                     spec = self._layer_spec(node, wspec, graph)
                     rounded = self._round_weight(graph, node, spec, h, target=target)
                     if target is not None:
@@ -430,14 +484,19 @@ class InsertQdq(Pass):
 
     def _round_weight(self, graph: Graph, node: Node, spec: QSpec, hessian: torch.Tensor | None,
                       index: int = 1, target: FloatTarget | None = None) -> Rounded:
-        full = graph.tensor(node.operand(index)).float()
-        flat = full.reshape(full.shape[0], -1)  # a convolution's [out, in, kh, kw] as rows
+        flat = self._flat_weight(graph, node, index)
         if hessian is not None:
             q, scale, zp, attrs = gptq_quantize(flat, hessian, spec, self.damp, self.act_order, refit=self.refit,
                                                 target=target)
         else:
             q, scale, zp, attrs = quantize_weight(flat, spec)
-        return Rounded(q.reshape(full.shape), scale, zp, attrs)
+        return Rounded(q.reshape(node.operand(index).tensor_type.shape), scale, zp, attrs)
+
+    @staticmethod
+    def _flat_weight(graph: Graph, node: Node, index: int = 1) -> torch.Tensor:
+        """The weight as float32 rows: a convolution's [out, in, kh, kw] as [out, in·kh·kw]."""
+        full = graph.tensor(node.operand(index)).float()
+        return full.reshape(full.shape[0], -1)
 
     def _set_weight(self, graph: Graph, node: Node, spec: QSpec, rounded: Rounded, index: int = 1) -> None:
         w = node.operand(index)

@@ -30,35 +30,46 @@ from lowbit.quant.weights import apply_qparams, dequantize_codes, weight_qparams
 @dataclass
 class FloatTarget:
     """Moves GPTQ's target from the layer's weights W to the float model's outputs (asymmetric
-    calibration, as GPTAQ). ``cross`` = C = XᵀX̃ [in, in], with X̃ the inputs the Hessian
-    H = X̃ᵀX̃ was taken on (the model whose earlier layers are already quantized) and X the float
-    model's inputs at the same tokens. The loop rounds W* = W + f·Δ, Δ = W·(C − H)·H⁻¹, in place
-    of W. At f = 1, W* = W·C·H⁻¹ is the least-squares map from X̃ to X·Wᵀ, and since
+    calibration, as GPTAQ). X̃ are the inputs the Hessian H = X̃ᵀX̃ was taken on (the model whose
+    earlier layers are already quantized) and X the float model's inputs at the same tokens.
+    The loop rounds W* = W + f·Δ, Δ = W·(C − H)·H⁻¹ with C = XᵀX̃, in place of W. At f = 1,
+    W* = W·C·H⁻¹ is the least-squares map from X̃ to X·Wᵀ, and since
     ‖Ŵ·X̃ᵀ − W·Xᵀ‖² = ‖(Ŵ − W*)·X̃ᵀ‖² + const, GPTQ on W* with H minimizes the error against the
     float outputs. H⁻¹ is the damped inverse the loop uses (UᵀU), so Δ costs two products with U.
 
+    The sums come in one of two forms, the same in exact arithmetic. Per input (shared by the
+    layers reading it): ``cross`` = C and ``gap`` = Σ (x − x̃)ᵀ(x − x̃) [in, in]. Per layer:
+    ``pull`` = W·(C − H) = Rᵀ·X̃ [out, in] and ``misfit`` = ‖R‖², summed over the tokens with
+    R = (X − X̃)·Wᵀ the residual the float weights leave, cheaper where the layers reading an
+    input have fewer outputs in all than it has features (o_proj, down_proj).
+
     Δ is a regression fitted on the calibration tokens, and on few tokens it fits their noise.
-    With ``gap`` = Σ (x − x̃)ᵀ(x − x̃) and the number of ``tokens`` n, f = ``toward`` × the
-    positive-part James–Stein factor 1 − E‖noise in Δ‖²/‖Δ‖², all in the norm of H: with R the
-    residual left by the float weights, R = (X − X̃)·Wᵀ, its variance after the fit σ² =
+    With the number of ``tokens`` n, f = ``toward`` × the positive-part James–Stein factor
+    1 − E‖noise in Δ‖²/‖Δ‖², all in the norm of H: the residual's variance after the fit σ² =
     (‖R‖² − ‖R fitted‖²)/(n − k) and k = tr(H·(H + λI)⁻¹) the fit's degrees of freedom, the noise
     is σ²·k·n/(n − k − 1) (out of sample). Plenty of tokens: f ≈ ``toward``; tokens near the
     width: f → 0, plain GPTQ. ``moved`` is set to f."""
 
-    cross: torch.Tensor
+    cross: torch.Tensor | None = None
     toward: float = 1.0
     gap: torch.Tensor | None = None
     tokens: int = 0
     moved: float | None = None
+    pull: torch.Tensor | None = None
+    misfit: float | None = None
 
     def residual(self, w: torch.Tensor) -> float | None:
-        """‖(X − X̃)·Wᵀ‖² = tr(W·gap·Wᵀ)."""
+        """‖R‖² = ‖(X − X̃)·Wᵀ‖² = tr(W·gap·Wᵀ)."""
+        if self.pull is not None:
+            return self.misfit
         return None if self.gap is None else _dot(w @ self.gap.float(), w)
 
     def shift(self, w: torch.Tensor, h: torch.Tensor, u: torch.Tensor, ridge: float,
               perm: torch.Tensor, residual: float | None) -> torch.Tensor:
         """f·Δ for W, H and U in the loop's column order ``perm``; H + ridge·I = (UᵀU)⁻¹."""
-        half = (w @ (self.cross.float()[perm][:, perm] - h)) @ u.T  # W·(C − H)·Uᵀ
+        pull = self.pull.float()[:, perm] if self.pull is not None else w @ (self.cross.float()[perm][:, perm] - h)
+        half = pull @ u.T  # W·(C − H)·Uᵀ
+        del pull
         delta = half @ u
         self.moved = self.toward
         if residual:  # (no gap: X̃ = X, and Δ = 0)
