@@ -93,7 +93,7 @@ def test_gptq_toward_the_float_outputs(spec_text):
 @pytest.mark.parametrize("chunk", [None, 250])
 def test_float_target_sums_per_layer_equal_the_sums_per_input(monkeypatch, chunk):
     """The float target's sums are taken per layer where the layers reading an input have no
-    more outputs in all than it has features, per input otherwise (``_hessian``). Both give
+    more outputs in all than it has features, per input otherwise (``per_layer_sums``). Both give
     the same W·(C − H), ‖(X − X̃)·Wᵀ‖² and move, whether the batches' rows are gathered into
     one product or taken a batch at a time; per layer, W·(C − H) is summed as Rᵀ·X̃ without the
     cancellation of C − H, to 1e-5 of its scale rather than 1e-3."""
@@ -105,9 +105,17 @@ def test_float_target_sums_per_layer_equal_the_sums_per_input(monkeypatch, chunk
     xq = x @ (torch.eye(64) + 0.05 * torch.randn(64, 64, generator=torch.Generator().manual_seed(3)))
     batches = lambda t: [t[i:i + 200].reshape(2, 100, 64) for i in range(0, 600, 200)]
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
-    wide = torch.randn(80, 64, generator=torch.Generator().manual_seed(1))
+    g = parse_graph("""graph @main(%x: f32[batch,64]) {
+  %w1 = core.constant() {name="a.weight"} : f32[24,64]  @a
+  %w2 = core.constant() {name="b.weight"} : f32[80,64]  @b
+  %y1 = core.linear(%x, %w1, none) : f32[batch,24]  @a
+  %y2 = core.linear(%x, %w2, none) : f32[batch,80]  @b
+  return %y1, %y2
+}""")
+    a, b = [n for n in g.nodes if n.op == "core.linear"]
+    assert quantize.per_layer_sums([a]) and not quantize.per_layer_sums([a, b])  # 24 ≤ 64 < 24 + 80
     h, [layer] = quantize._hessian(batches(xq), batches(x), [w])
-    h_in, [shared, same] = quantize._hessian(batches(xq), batches(x), [w, wide])
+    h_in, [shared, same] = quantize._hessian(batches(xq), batches(x), readers=2)
     assert layer.pull is not None and layer.cross is None and shared.cross is not None and shared is same
     full = xq.T.double() @ xq.double()
     torch.testing.assert_close(h, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))

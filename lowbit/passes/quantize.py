@@ -132,25 +132,23 @@ GRAM_FLOATS = 1 << 25  # ... and of up to this many input floats
 
 
 def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None = None,
-             weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[FloatTarget] | None]:
+             weights: list[torch.Tensor] | None = None, readers: int = 1
+             ) -> tuple[torch.Tensor, list[FloatTarget] | None]:
     """GPTQ's H = Σ x̃ᵀx̃ over every row (real token) of every batch ``xs``, and with ``floats``
-    (the float model's inputs at the same tokens) and the [out, in] ``weights`` of the layers
-    reading the input, one ``FloatTarget`` per layer: what moves its target to the float outputs.
-    Where those layers have no more outputs in all than the input has features (o_proj,
-    down_proj), the target's sums are taken per layer (Rᵀ·X̃ and ‖R‖², R = (X − X̃)·Wᵀ: about
-    tokens·in·out each); otherwise per input, shared by the layers (C = Σ xᵀx̃ and
-    Σ (x − x̃)ᵀ(x − x̃): tokens·in² each, then in²·out per layer to apply). Rows are gathered
-    over batches into products of up to ``GRAM_ROWS`` tokens, in float32, summed in float64;
-    the sums are then held in float32, as GPTQ reads them."""
+    (the float model's inputs at the same tokens) one ``FloatTarget`` per layer reading the
+    input: what moves its target to the float outputs. Given the layers' [out, in] ``weights``,
+    the target's sums are taken per layer (Rᵀ·X̃ and ‖R‖², R = (X − X̃)·Wᵀ: about tokens·in·out
+    each; ``per_layer_sums`` says when that is cheaper); otherwise per input, shared by the
+    ``readers`` layers (C = Σ xᵀx̃ and Σ (x − x̃)ᵀ(x − x̃): tokens·in² each, then in²·out per
+    layer to apply). Rows are gathered over batches into products of up to ``GRAM_ROWS`` tokens,
+    in float32, summed in float64; the sums are then held in float32, as GPTQ reads them."""
     h = cross = gap = pull = misfit = None
     tokens = 0
-    stacked = None
+    stacked = torch.cat(weights) if weights else None  # every layer's W, one product for all
     for xq2, x2 in _row_chunks(xs, floats):
         h = _add(h, xq2.T @ xq2)
         if x2 is None:
             continue
-        if not tokens and sum(w.shape[0] for w in weights) <= x2.shape[1]:
-            stacked = torch.cat(weights)  # every layer's W, one product for all
         tokens += xq2.shape[0]
         if stacked is None:
             cross = _add(cross, x2.T @ xq2)
@@ -164,11 +162,18 @@ def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None =
     if floats is None:
         return h, None
     if stacked is None:
-        shared = FloatTarget(cross.float(), gap=gap.float(), tokens=tokens)
-        return h, [shared] * len(weights)
+        return h, [FloatTarget(cross.float(), gap=gap.float(), tokens=tokens)] * readers
     outs = [w.shape[0] for w in weights]
     return h, [FloatTarget(pull=p.float(), misfit=float(m.sum()), tokens=tokens)
                for p, m in zip(pull.split(outs), misfit.split(outs), strict=True)]
+
+
+def per_layer_sums(nodes: list[Node]) -> bool:
+    """Whether the float target's sums for the linears ``nodes`` (reading one input) are cheaper
+    per layer: when their outputs together are no more than the input's features (o_proj,
+    down_proj), 2·tokens·in·Σout is below 2·tokens·in² + 2·in²·Σout for any token count."""
+    width = nodes[0].operand(1).tensor_type.shape[1]
+    return sum(n.operand(1).tensor_type.shape[0] for n in nodes) <= width
 
 
 def _row_chunks(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None
@@ -414,8 +419,8 @@ class InsertQdq(Pass):
                 if floats is not None:  # the same input in the float model (it is named as before the pass)
                     fx = float_values[_unquantized(x).name]
                     floats.advance(0 if fx.producer is None else floats.executor.step_index(fx.producer) + 1)
-                weights = None if fx is None else [self._flat_weight(graph, node) for node in nodes]
-                h, targets = _hessian(sweep.tokens(x), None if fx is None else floats.tokens(fx), weights)
+                weights = [self._flat_weight(graph, n) for n in nodes] if fx is not None and per_layer_sums(nodes) else None
+                h, targets = _hessian(sweep.tokens(x), None if fx is None else floats.tokens(fx), weights, len(nodes))
                 del weights
                 for node, target in zip(nodes, targets or [None] * len(nodes), strict=True):
                     if target is not None:
