@@ -36,7 +36,7 @@ def full_pipeline(pipeline: str | None, recipe: Recipe | None = None, kv_cache: 
     from lowbit.recipes import recipe_pipeline
 
     parts = ["canonicalize"]
-    if recipe:
+    if recipe or isinstance(recipe, Mapping):  # (an empty mapping is refused by name, not taken as none)
         parts.append(recipe_pipeline(recipe))
     if pipeline:
         parts.append(pipeline)

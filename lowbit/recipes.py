@@ -56,11 +56,11 @@ def _load(recipe: Recipe) -> tuple[dict, str]:
 def _item(entry: object, where: str) -> str:
     if isinstance(entry, str):
         return entry
-    if isinstance(entry, dict) and len(entry) == 1:
+    if isinstance(entry, Mapping) and len(entry) == 1:
         (name, opts), = entry.items()
         if opts is None:
             return str(name)
-        if not isinstance(opts, dict):
+        if not isinstance(opts, Mapping):
             raise PipelineError(f"{where}.{name}: options must be a mapping, got {opts!r}")
         body = ",".join(f"{k}={'none' if v is None else str(v).lower() if isinstance(v, bool) else v}"
                         for k, v in opts.items())

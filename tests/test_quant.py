@@ -6,7 +6,7 @@ import torch
 
 import lowbit
 from conftest import rel_err
-from lowbit.api import build
+from lowbit.api import build, full_pipeline
 from lowbit.errors import PipelineError
 from lowbit.ir import DType, parse_graph, verify
 from lowbit.passes import PassContext, parse_pipeline
@@ -55,6 +55,8 @@ def test_recipes_expand_and_bad_recipe_names_key(tmp_path):
     assert recipe_pipeline(as_mapping) == "insert-qdq{weights=int4/group32,act_order=true}"
     with pytest.raises(PipelineError, match=r"recipe \(mapping\): insert-qdq: insert-qdq.weights: unknown field 'chanel'"):
         recipe_pipeline({"pipeline": [{"insert-qdq": {"weights": "int8/chanel"}}]})
+    with pytest.raises(PipelineError, match=r"recipe \(mapping\): 'pipeline' must be a non-empty list"):
+        full_pipeline(None, {})
     with pytest.raises(PipelineError, match="recipe: expected a built-in name, a .yaml/.toml file or a mapping.*got list"):
         recipe_pipeline([{"insert-qdq": {}}])
     with pytest.raises(PipelineError, match="unknown recipe 'w9a9'"):

@@ -94,8 +94,9 @@ def test_gptq_toward_the_float_outputs(spec_text):
 def test_float_target_sums_per_layer_equal_the_sums_per_input(monkeypatch, chunk):
     """The float target's sums are taken per layer where the layers reading an input have no
     more outputs in all than it has features, per input otherwise (``per_layer_sums``). Both give
-    the same W·(C − H), ‖(X − X̃)·Wᵀ‖² and move, whether the batches' rows are gathered into
-    one product or taken a batch at a time; per layer, W·(C − H) is summed as Rᵀ·X̃ without the
+    the same W·(C − H), ‖(X − X̃)·Wᵀ‖² and move for each layer, with an input the quantized model
+    never sets (diag H = 0) counted in both, whether the batches' rows are gathered into one
+    product or taken a batch at a time; per layer, W·(C − H) is summed as Rᵀ·X̃ without the
     cancellation of C − H, to 1e-5 of its scale rather than 1e-3."""
     import lowbit.passes.quantize as quantize
 
@@ -103,8 +104,9 @@ def test_float_target_sums_per_layer_equal_the_sums_per_input(monkeypatch, chunk
         monkeypatch.setattr(quantize, "GRAM_ROWS", chunk)
     x = _correlated(600, 64, 1)
     xq = x @ (torch.eye(64) + 0.05 * torch.randn(64, 64, generator=torch.Generator().manual_seed(3)))
+    xq[:, 5] = 0.0  # a dead input in the quantized model, alive in the float one
     batches = lambda t: [t[i:i + 200].reshape(2, 100, 64) for i in range(0, 600, 200)]
-    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    ws = [torch.randn(n, 64, generator=torch.Generator().manual_seed(n)) for n in (24, 16)]
     g = parse_graph("""graph @main(%x: f32[batch,64]) {
   %w1 = core.constant() {name="a.weight"} : f32[24,64]  @a
   %w2 = core.constant() {name="b.weight"} : f32[80,64]  @b
@@ -114,27 +116,33 @@ def test_float_target_sums_per_layer_equal_the_sums_per_input(monkeypatch, chunk
 }""")
     a, b = [n for n in g.nodes if n.op == "core.linear"]
     assert quantize.per_layer_sums([a]) and not quantize.per_layer_sums([a, b])  # 24 ≤ 64 < 24 + 80
-    h, [layer] = quantize._hessian(batches(xq), batches(x), [w])
-    h_in, [shared, same] = quantize._hessian(batches(xq), batches(x), readers=2)
-    assert layer.pull is not None and layer.cross is None and shared.cross is not None and shared is same
+    h, layers = quantize._hessian(batches(xq), batches(x), [24, 16], torch.cat(ws))
+    h_in, shared = quantize._hessian(batches(xq), batches(x), [24, 16])
+    assert all(t.pull is not None and t.cross is None for t in layers)
+    assert shared[0].cross is not None and shared[0] is shared[1]
     full = xq.T.double() @ xq.double()
     torch.testing.assert_close(h, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
     torch.testing.assert_close(h_in, h)
-    exact = ((x - xq).double() @ w.double().T).T @ xq.double()  # W·(C − H) = Rᵀ·X̃
-    scale = float(exact.abs().max())
-    torch.testing.assert_close(layer.pull.double(), exact, rtol=0, atol=1e-5 * scale)
-    torch.testing.assert_close((w @ (shared.cross - h.float())).double(), exact, rtol=0, atol=1e-3 * scale)  # C − H cancels
-    assert layer.residual(w) == pytest.approx(shared.residual(w), rel=1e-4)
-    assert layer.residual(w) == pytest.approx(float(((x - xq) @ w.T).square().sum()), rel=1e-4)
+    assert quantize._hessian(iter([]), iter([]), [24]) == (None, None)  # no real token
     spec = parse_qspec("int4/group16/asym")
-    results = []
-    for target in (layer, shared):
-        target.toward = 0.5
-        results.append((gptq_quantize(w, h, spec, act_order=True, target=target), target.moved))
-    (a, moved_a), (b, moved_b) = results
-    assert moved_a == pytest.approx(moved_b, rel=1e-3) and 0.4 < moved_a <= 0.5
-    assert (a[0] == b[0]).float().mean() > 0.99
-    assert not torch.equal(a[0], gptq_quantize(w, h, spec, act_order=True)[0])  # the move changed the codes
+    for w, layer in zip(ws, layers, strict=True):
+        exact = ((x - xq).double() @ w.double().T).T @ xq.double()  # W·(C − H) = Rᵀ·X̃
+        scale = float(exact.abs().max())
+        order = torch.arange(64)
+        pull, misfit = layer.pulled(w, h.float(), order), layer.residual(w)
+        pull_in, misfit_in = shared[0].pulled(w, h.float(), order), shared[0].residual(w)
+        torch.testing.assert_close(pull.double(), exact, rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(pull_in.double(), exact, rtol=0, atol=1e-3 * scale)  # C − H cancels
+        assert misfit == pytest.approx(float(((x - xq) @ w.T).square().sum()), rel=1e-4)
+        assert misfit_in == pytest.approx(misfit, rel=1e-4)
+        results = []
+        for target in (layer, shared[0]):
+            target.toward = 0.5
+            results.append((gptq_quantize(w, h, spec, act_order=True, target=target), target.moved))
+        (q, moved), (q_in, moved_in) = results
+        assert moved == pytest.approx(moved_in, rel=1e-3) and 0.4 < moved <= 0.5
+        assert (q[0] == q_in[0]).float().mean() > 0.99
+        assert not torch.equal(q[0], gptq_quantize(w, h, spec, act_order=True)[0])  # the move changed the codes
 
 
 def test_float_target_shrinks_what_is_noise():

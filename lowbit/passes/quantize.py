@@ -132,38 +132,37 @@ GRAM_FLOATS = 1 << 25  # ... and of up to this many input floats
 
 
 def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None = None,
-             weights: list[torch.Tensor] | None = None, readers: int = 1
-             ) -> tuple[torch.Tensor, list[FloatTarget] | None]:
+             outs: list[int] | None = None, weights: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor | None, list[FloatTarget] | None]:
     """GPTQ's H = Σ x̃ᵀx̃ over every row (real token) of every batch ``xs``, and with ``floats``
-    (the float model's inputs at the same tokens) one ``FloatTarget`` per layer reading the
-    input: what moves its target to the float outputs. Given the layers' [out, in] ``weights``,
-    the target's sums are taken per layer (Rᵀ·X̃ and ‖R‖², R = (X − X̃)·Wᵀ: about tokens·in·out
-    each; ``per_layer_sums`` says when that is cheaper); otherwise per input, shared by the
-    ``readers`` layers (C = Σ xᵀx̃ and Σ (x − x̃)ᵀ(x − x̃): tokens·in² each, then in²·out per
-    layer to apply). Rows are gathered over batches into products of up to ``GRAM_ROWS`` tokens,
-    in float32, summed in float64; the sums are then held in float32, as GPTQ reads them."""
+    (the float model's inputs at the same tokens) one ``FloatTarget`` for each layer reading the
+    input (``outs``: their output counts): what moves its target to the float outputs. Given
+    the layers' weights stacked [Σ outs, in], the target's sums are taken per layer (Rᵀ·X̃ and
+    ‖R‖², R = (X − X̃)·Wᵀ: about tokens·in·out each; ``per_layer_sums`` says when that is
+    cheaper); otherwise per input, shared by the layers (C = Σ xᵀx̃ and Σ (x − x̃)ᵀ(x − x̃):
+    tokens·in² each, then in²·out per layer to apply). Rows are gathered over batches into
+    products of up to ``GRAM_ROWS`` tokens, in float32, summed in float64; the sums are then
+    held in float32, as GPTQ reads them. No real token at all: (None, None)."""
     h = cross = gap = pull = misfit = None
     tokens = 0
-    stacked = torch.cat(weights) if weights else None  # every layer's W, one product for all
     for xq2, x2 in _row_chunks(xs, floats):
         h = _add(h, xq2.T @ xq2)
         if x2 is None:
             continue
         tokens += xq2.shape[0]
-        if stacked is None:
+        if weights is None:
             cross = _add(cross, x2.T @ xq2)
         e = x2.sub_(xq2)
-        if stacked is None:
+        if weights is None:
             gap = _add(gap, e.T @ e)
         else:
-            r = e @ stacked.T
+            r = e @ weights.T
             misfit = _add(misfit, torch.einsum("ij,ij->j", r, r))
             pull = _add(pull, r.T @ xq2)
-    if floats is None:
+    if floats is None or not tokens:
         return h, None
-    if stacked is None:
-        return h, [FloatTarget(cross.float(), gap=gap.float(), tokens=tokens)] * readers
-    outs = [w.shape[0] for w in weights]
+    if weights is None:
+        return h, [FloatTarget(cross.float(), gap=gap.float(), tokens=tokens)] * len(outs)
     return h, [FloatTarget(pull=p.float(), misfit=float(m.sum()), tokens=tokens)
                for p, m in zip(pull.split(outs), misfit.split(outs), strict=True)]
 
@@ -419,8 +418,12 @@ class InsertQdq(Pass):
                 if floats is not None:  # the same input in the float model (it is named as before the pass)
                     fx = float_values[_unquantized(x).name]
                     floats.advance(0 if fx.producer is None else floats.executor.step_index(fx.producer) + 1)
-                weights = [self._flat_weight(graph, n) for n in nodes] if fx is not None and per_layer_sums(nodes) else None
-                h, targets = _hessian(sweep.tokens(x), None if fx is None else floats.tokens(fx), weights, len(nodes))
+                outs = [n.operand(1).tensor_type.shape[0] for n in nodes]
+                weights = None
+                if fx is not None and per_layer_sums(nodes):  # (the graph's own tensor for one float32 layer)
+                    weights = torch.cat([self._flat_weight(graph, n) for n in nodes]) if len(nodes) > 1 \
+                        else self._flat_weight(graph, nodes[0])
+                h, targets = _hessian(sweep.tokens(x), None if fx is None else floats.tokens(fx), outs, weights)
                 del weights
                 for node, target in zip(nodes, targets or [None] * len(nodes), strict=True):
                     if target is not None:

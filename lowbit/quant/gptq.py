@@ -37,8 +37,10 @@ class FloatTarget:
     ‖Ŵ·X̃ᵀ − W·Xᵀ‖² = ‖(Ŵ − W*)·X̃ᵀ‖² + const, GPTQ on W* with H minimizes the error against the
     float outputs. H⁻¹ is the damped inverse the loop uses (UᵀU), so Δ costs two products with U.
 
-    The sums come in one of two forms, the same in exact arithmetic. Per input (shared by the
-    layers reading it): ``cross`` = C and ``gap`` = Σ (x − x̃)ᵀ(x − x̃) [in, in]. Per layer:
+    The sums come in one of two forms, the same in exact arithmetic (both take every column of
+    W, including an input the quantized model never sets, where the float model may: its part
+    of the float outputs is residual). Per input (shared by the layers reading it): ``cross`` =
+    C and ``gap`` = Σ (x − x̃)ᵀ(x − x̃) [in, in]. Per layer:
     ``pull`` = W·(C − H) = Rᵀ·X̃ [out, in] and ``misfit`` = ‖R‖², summed over the tokens with
     R = (X − X̃)·Wᵀ the residual the float weights leave, cheaper where the layers reading an
     input have fewer outputs in all than it has features (o_proj, down_proj).
@@ -59,24 +61,28 @@ class FloatTarget:
     misfit: float | None = None
 
     def residual(self, w: torch.Tensor) -> float | None:
-        """‖R‖² = ‖(X − X̃)·Wᵀ‖² = tr(W·gap·Wᵀ)."""
+        """‖R‖² = ‖(X − X̃)·Wᵀ‖² = tr(W·gap·Wᵀ) for the layer's float weights (None without ``gap``)."""
         if self.pull is not None:
             return self.misfit
         return None if self.gap is None else _dot(w @ self.gap.float(), w)
 
-    def shift(self, w: torch.Tensor, h: torch.Tensor, u: torch.Tensor, ridge: float,
-              perm: torch.Tensor, residual: float | None) -> torch.Tensor:
-        """f·Δ for W, H and U in the loop's column order ``perm``; H + ridge·I = (UᵀU)⁻¹."""
-        pull = self.pull.float()[:, perm] if self.pull is not None else w @ (self.cross.float()[perm][:, perm] - h)
+    def pulled(self, w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """W·(C − H) [out, in] in the column order ``perm``, from W and H already in that order."""
+        if self.pull is not None:
+            return self.pull.float()[:, perm]
+        return w @ (self.cross.float()[perm][:, perm] - h)
+
+    def shift(self, pull: torch.Tensor, u: torch.Tensor, ridge: float, residual: float | None) -> torch.Tensor:
+        """f·Δ = f·W·(C − H)·H⁻¹ from ``pull`` = W·(C − H) and U, both in the loop's column
+        order, with H + ridge·I = (UᵀU)⁻¹."""
         half = pull @ u.T  # W·(C − H)·Uᵀ
-        del pull
         delta = half @ u
         self.moved = self.toward
         if residual:  # (no gap: X̃ = X, and Δ = 0)
             along = _dot(half, half)  # tr(Δ·W·(C − H)ᵀ): ‖R‖² falls by 2·along − size
             ridged = ridge * _dot(delta, delta)
             size = along - ridged  # ‖X̃·Δᵀ‖² = tr(Δ·H·Δᵀ)
-            k = w.shape[1] - ridge * _dot(u, u)  # tr(H·(H + λI)⁻¹)
+            k = u.shape[0] - ridge * _dot(u, u)  # tr(H·(H + λI)⁻¹)
             n = self.tokens
             if n - k - 1 <= 0 or size <= 0:
                 self.moved = 0.0
@@ -102,21 +108,22 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float = 0
     on CPUs, with the same results to within rounding).
 
     A ``target`` moves the loop's target toward the float model's outputs (``FloatTarget``)."""
-    w = w.detach().float().clone()
-    given, h = h, h.detach().float()  # a copy when given float64 (as the Hessians are summed)
-    if h.data_ptr() == given.data_ptr():
-        h = h.clone()  # given in float32: not to be changed in place
+    w = w.detach().float()
+    given, h = h, h.detach().float()
     cols = w.shape[1]
-    dead = torch.diag(h) == 0
+    dead = torch.diag(h) == 0  # an input the calibration never set: its column is dropped
+    perm = torch.argsort(torch.where(dead, 1.0, torch.diag(h)), descending=True) if act_order else torch.arange(cols)
+    # the target's sums on every column of W, before dead inputs are zeroed: the float outputs read them all
+    residual = target.residual(w) if target is not None else None
+    w, h, dead = w[:, perm], h[perm][:, perm], dead[perm]  # (copies: the caller's h is not changed)
+    pull = target.pulled(w, h, perm) if target is not None else None
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
-    residual = target.residual(w) if target is not None else None
-    w, h = w[:, perm], h[perm][:, perm]
     u, ridge = _inverse_cholesky(h, damp)
-    if target is not None:
-        w += target.shift(w, h, u, ridge, perm, residual)
     del h
+    if target is not None:
+        w += target.shift(pull, u, ridge, residual)
+        del pull
     original = w[:, torch.argsort(perm)].clone() if refit and not spec.dtype.is_float else None  # what the refit fits
 
     group = spec.group_size if spec.granularity == "group" else None
