@@ -152,11 +152,10 @@ def _hessian(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | None =
         tokens += xq2.shape[0]
         if weights is None:
             cross = _add(cross, x2.T @ xq2)
-        e = x2.sub_(xq2)
-        if weights is None:
+            e = x2.sub_(xq2)
             gap = _add(gap, e.T @ e)
         else:
-            r = e @ weights.T
+            r = x2.sub_(xq2) @ weights.T
             misfit = _add(misfit, torch.einsum("ij,ij->j", r, r))
             pull = _add(pull, r.T @ xq2)
     if floats is None or not tokens:
@@ -182,10 +181,10 @@ def _row_chunks(xs: Iterable[torch.Tensor], floats: Iterable[torch.Tensor] | Non
     is one chunk): fewer, larger products and float64 sums, each product summed in float32 over
     no more tokens than one batch of a few thousand would be."""
     pairs = zip(xs, floats, strict=True) if floats is not None else ((x, None) for x in xs)
+    rows = lambda t: t.detach().reshape(-1, t.shape[-1]).float()
     held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     size = 0
     for xq, x in pairs:
-        rows = lambda t: t.detach().reshape(-1, t.shape[-1]).float()
         xq2 = rows(xq)
         if held and (size + xq2.shape[0] > GRAM_ROWS or (size + xq2.shape[0]) * xq2.shape[1] > GRAM_FLOATS):
             yield _gather(held)
