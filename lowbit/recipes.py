@@ -58,13 +58,11 @@ def _item(entry: object, where: str) -> str:
         return entry
     if isinstance(entry, Mapping) and len(entry) == 1:
         (name, opts), = entry.items()
-        if opts is None:
-            return str(name)
-        if not isinstance(opts, Mapping):
+        if not isinstance(opts, Mapping | None):
             raise PipelineError(f"{where}.{name}: options must be a mapping, got {opts!r}")
         body = ",".join(f"{k}={'none' if v is None else str(v).lower() if isinstance(v, bool) else v}"
-                        for k, v in opts.items())
-        return f"{name}{{{body}}}"
+                        for k, v in (opts or {}).items())
+        return f"{name}{{{body}}}" if body else str(name)
     raise PipelineError(f"{where}: each step is a pass name or {{name: {{option: value}}}}, got {entry!r}")
 
 

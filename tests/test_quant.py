@@ -53,6 +53,8 @@ def test_recipes_expand_and_bad_recipe_names_key(tmp_path):
     assert recipe_pipeline(good) == "insert-qdq{weights=int4/group32}"  # a Path
     as_mapping = {"pipeline": [{"insert-qdq": {"weights": "int4/group32", "act_order": True}}]}
     assert recipe_pipeline(as_mapping) == "insert-qdq{weights=int4/group32,act_order=true}"
+    no_options = {"pipeline": [{"fuse-norms": {}}, {"rotate-residual": None}, "insert-qdq"]}
+    assert recipe_pipeline(no_options) == "fuse-norms,rotate-residual,insert-qdq"  # {} and None: no options
     with pytest.raises(PipelineError, match=r"recipe \(mapping\): insert-qdq: insert-qdq.weights: unknown field 'chanel'"):
         recipe_pipeline({"pipeline": [{"insert-qdq": {"weights": "int8/chanel"}}]})
     with pytest.raises(PipelineError, match=r"recipe \(mapping\): 'pipeline' must be a non-empty list"):
