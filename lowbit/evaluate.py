@@ -45,10 +45,10 @@ def _tokenized(texts: list[str], batch_size: int, max_length: int) -> list[tuple
     return out
 
 
-def minilm_passages(sentences_per_passage: int = 12, batch_size: int = 8) -> list[tuple]:
-    """The evaluation sentences joined into passages of about 200 tokens (long enough for
+def minilm_passages(sentences_per_passage: int = 12, batch_size: int = 8, split: str = "eval") -> list[tuple]:
+    """The ``split``'s sentences joined into passages of about 200 tokens (long enough for
     several attention blocks), tokenized as (input_ids, attention_mask) batches."""
-    texts = sentences("eval")
+    texts = sentences(split)
     passages = [" ".join(texts[i:i + sentences_per_passage]) for i in range(0, len(texts), sentences_per_passage)]
     return _tokenized(passages, batch_size, max_length=512)
 
