@@ -11,6 +11,7 @@ import lowbit
 from lowbit import zoo
 from lowbit.backends.compressed_tensors import ExportError, pack_int32
 from lowbit.backends.torch import CompiledModule
+from lowbit.families import build_model, make_inputs
 from lowbit.ir.dialects import quant
 
 transformers = pytest.importorskip("transformers")
@@ -154,6 +155,44 @@ def test_online_hadamards_are_written_as_the_transform_config(tmp_path):
         scheme.apply = [a for a in scheme.apply if a.is_online()]
     apply_transform_config(model, transforms)
     assert rel(_logits(model, IDS)) < 1e-5
+
+
+def _family(name, pipeline):
+    """A transformers family's tiny model compiled with ``pipeline``, and a prompt."""
+    model = build_model(name)
+    ids = make_inputs(model, "ids", 2, 9)
+    q = lowbit.compile(model, ids, pipeline=pipeline, calibration=[ids], progress=False)
+    return q, make_inputs(model, "ids", 1, 6, seed=9)[0]
+
+
+@pytest.mark.parametrize("family", ["falcon", "bloom"])
+def test_channel_and_grouped_layers_are_written_in_one_group_size(family, tmp_path):
+    """group128 on a model 64 wide: lowbit holds the 64-input layers per channel and the
+    256-input dense_4h_to_h in groups of 128. transformers' dequantizing route reads every
+    layer with the first config group's scheme, so the folder holds all four in groups of 64
+    (each scale and zero point repeated): one scheme, and the same logits."""
+    q, prompt = _family(family, "insert-qdq{weights=int4/group128/asym}")
+    folder = q.save_pretrained(tmp_path / "ct")
+    (group,) = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    assert (group["weights"]["strategy"], group["weights"]["group_size"], len(group["targets"])) == ("group", 64, 4)
+    assert torch.equal(_logits(_load(folder, dequantize=True), prompt), q(prompt).logits)
+
+
+def test_a_quantized_conv1d_is_refused_and_a_float_one_is_written_transposed(tmp_path):
+    """GPT-2's layers are transformers' Conv1D (weight [in, out]): written in nn.Linear's
+    [out, in] layout transformers refuses three of them and loads the square attn.c_proj
+    transposed, so a quantized one is refused; left float, they are written as Conv1D holds them."""
+    q, _ = _family("gpt2", "insert-qdq{weights=int4/group32/sym}")
+    with pytest.raises(ExportError, match=r"^transformer\.h\.0\.attn\.c_attn is a Conv1D \(weight stored \[in, "
+                       r"out\]\), not an nn\.Linear: compressed-tensors quantizes nn\.Linear layers only.*export_onnx"):
+        q.save_pretrained(tmp_path / "quantized")
+    assert not any(tmp_path.iterdir())
+    q, prompt = _family("gpt2", "insert-qdq{weights=int4/group32/sym,skip=transformer.h.*,head=true}")
+    folder = q.save_pretrained(tmp_path / "head")
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "targets"] == ["lm_head"]
+    # float Conv1D computes addmm(x, W), lowbit's linear x·Wᵀ: the same sums, rounded apart
+    torch.testing.assert_close(_logits(_load(folder), prompt), q(prompt).logits, rtol=0, atol=1e-6)
 
 
 def test_packing_matches_compressed_tensors():

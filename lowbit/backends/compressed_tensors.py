@@ -19,19 +19,24 @@ Every transform folded into weights (SmoothQuant/AWQ scales, fused norms, the ro
 stream) is already in the graph's constants, so the checkpoint is the plain architecture with
 those weights: a norm whose scale was folded away gets the weight that makes it the identity
 scale (found by running the model's own norm module). An online Hadamard of a power-of-two
-width is written as the format's ``transform_config``. What the format cannot express —
-other online rotations, block-sparse attention, a quantized key/value cache, groups that do
-not divide a row, a layer the architecture does not have — is refused with a message naming
-it; nothing is dropped.
+width is written as the format's ``transform_config``. Weight-only layers of one recipe held
+per channel and in groups (``group128`` on a 64-wide model: the 64-input layers per channel)
+are written in one group size, the gcd, with repeated scales: transformers' dequantizing
+route reads every layer with one scheme. What the format cannot express — other online
+rotations, block-sparse attention, a quantized key/value cache, groups that do not divide a
+row, a layer the architecture does not have, a quantized layer that is not an ``nn.Linear``
+(GPT-2's ``Conv1D``, stored [in, out]) — is refused with a message naming it; nothing is
+dropped.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,7 +56,7 @@ class ExportError(LowbitError):
     """The compiled model cannot be written in the asked format; the message names the node or layer."""
 
 
-@dataclass
+@dataclasses.dataclass
 class _Linear:
     node: Node
     weight: torch.Tensor            # float weight, or the integer/fp8 codes
@@ -368,11 +373,7 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
     expected = dict(skeleton.state_dict())
     norms = {n.loc.module: n for n in graph.nodes if n.op in NORMS and n.loc.module}
     embeddings = {n.loc.module: n for n in graph.nodes if n.op == "core.embedding" and n.loc.module}
-    for module, lin in linears.items():
-        if f"{module}.weight" not in expected:
-            raise ExportError(f"the graph has a linear at {module!r} (%{lin.node.result.name}) that "
-                              f"{type(skeleton).__name__} does not have (a transform lowbit inserted): the "
-                              "checkpoint cannot hold it")
+    _check_layers(skeleton, linears, expected)
     out: dict[str, torch.Tensor] = {}
     schemes: dict[str, dict] = {}
     ignore: list[str] = []
@@ -382,7 +383,8 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
         if lin.bias is not None:
             out[f"{module}.bias"] = lin.bias.to(float_dtype)
         if lin.scale is None:  # a float linear
-            out[f"{module}.weight"] = lin.weight.to(float_dtype)
+            conv1d = _is_conv1d(skeleton.get_submodule(module))
+            out[f"{module}.weight"] = (lin.weight.T if conv1d else lin.weight).to(float_dtype)
             ignore.append(module)
             continue
         tensors, scheme = _quantized_tensors(module, lin, float_dtype)
@@ -405,7 +407,7 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
     if missing:
         raise ExportError(f"the compiled graph has no value for {len(missing)} parameter(s) of "
                           f"{type(skeleton).__name__}: {', '.join(missing[:5])}")
-    _as_whole_groups(schemes, linears)
+    _in_one_group_size(out, schemes, linears, float_dtype)
     transforms = _transform_config(online)
     for key, meta in expected.items():
         if key in out and tuple(out[key].shape) != tuple(meta.shape):
@@ -414,16 +416,81 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
     return out, schemes, ignore, transforms
 
 
-def _as_whole_groups(schemes: dict[str, dict], linears: dict[str, _Linear]) -> None:
-    """A layer lowbit holds per channel because the recipe's group is as wide as its row
-    (``group128`` on 128 input features) is written as that group (the same scales), so that
-    the model has one scheme where the recipe had one: loaders that take one scheme for every
-    layer (transformers' dequantizing route) then read every layer right."""
-    sizes = {sc["weights"]["group_size"] for sc in schemes.values() if sc["weights"]["strategy"] == "group"}
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's layers): a linear that stores its weight [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _check_layers(skeleton: torch.nn.Module, linears: dict[str, _Linear], expected: dict) -> None:
+    """Every linear of the graph is a layer of the architecture, and every quantized one an
+    ``nn.Linear``: compressed-tensors quantizes nn.Linear modules only, in their [out, in]
+    layout. GPT-2's ``Conv1D`` stores [in, out]: transformers reads a quantized [out, in] weight
+    into it as a size mismatch, or (a square layer) silently transposed, and the format has no
+    scheme for groups along the stored tensor's rows."""
+    for module, lin in linears.items():
+        if f"{module}.weight" not in expected:
+            raise ExportError(f"the graph has a linear at {module!r} (%{lin.node.result.name}) that "
+                              f"{type(skeleton).__name__} does not have (a transform lowbit inserted): the "
+                              "checkpoint cannot hold it")
+        layer = skeleton.get_submodule(module)
+        if lin.scale is not None and not isinstance(layer, torch.nn.Linear):
+            layout = " (weight stored [in, out])" if _is_conv1d(layer) else ""
+            raise ExportError(f"{module} is a {type(layer).__name__}{layout}, not an nn.Linear: compressed-tensors "
+                              "quantizes nn.Linear layers only, and transformers cannot load this layer's "
+                              "quantized weight; export it with export_onnx (or lowbit's own save())")
+
+
+def _in_one_group_size(out: dict, schemes: dict[str, dict], linears: dict[str, _Linear],
+                       float_dtype: torch.dtype) -> None:
+    """Rewrite per-channel and grouped layers of one recipe in one group size, the gcd of the
+    groups and of the per-channel rows, each scale (and zero point) repeated over the groups it
+    covered: every dequantized weight is unchanged. lowbit holds a layer per channel where
+    the recipe's group is wider than its row (group128 on 64 inputs), so a recipe gives two
+    schemes; transformers' dequantizing route reads every dense layer with the first config
+    group's scheme (``get_dense_scheme``), so a second scheme would be misread (an asymmetric
+    group128 layer's zero points read per channel: a shape error). vLLM's kernels take groups
+    of 32, 64 and 128."""
+    size = _common_group_size(schemes, linears)
+    if size is None:
+        return
     for module, scheme in schemes.items():
-        w = scheme["weights"]
-        if w["strategy"] == "channel" and linears[module].weight.shape[-1] in sizes:
-            scheme["weights"] = {**w, "strategy": "group", "group_size": int(linears[module].weight.shape[-1])}
+        if (scheme["weights"]["strategy"], scheme["weights"]["group_size"]) != ("group", size):
+            tensors, schemes[module] = _quantized_tensors(module, _regrouped(linears[module], size), float_dtype)
+            out.update({f"{module}.{k}": v for k, v in tensors.items()})
+
+
+def _common_group_size(schemes: dict[str, dict], linears: dict[str, _Linear]) -> int | None:
+    """The group size every weight-only layer can be written in, where the layers' schemes
+    differ in their groups alone; None where they are one scheme already, or differ otherwise."""
+    def rest(scheme: dict) -> str:
+        weights = {k: v for k, v in scheme["weights"].items() if k not in ("strategy", "group_size")}
+        return json.dumps({**scheme, "weights": weights}, sort_keys=True)
+
+    layouts = {(s["weights"]["strategy"], s["weights"]["group_size"]) for s in schemes.values()}
+    if len(layouts) < 2 or len({rest(s) for s in schemes.values()}) != 1:
+        return None
+    if any(s["format"] != "pack-quantized" or s["weights"]["strategy"] not in ("group", "channel")
+           for s in schemes.values()):
+        return None
+    return math.gcd(*(s["weights"]["group_size"] if s["weights"]["strategy"] == "group"
+                      else int(linears[m].weight.shape[-1]) for m, s in schemes.items()))
+
+
+def _regrouped(lin: _Linear, size: int) -> _Linear:
+    """``lin`` in groups of ``size`` input features (a divisor of its groups or row): each
+    scale and zero point repeated over the groups it covers."""
+    rows, cols = lin.weight.shape[0], lin.weight.shape[-1]
+
+    def spread(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.dim() == 0:
+            return t
+        t = t.reshape(rows, -1)
+        return t.repeat_interleave(cols // size // t.shape[1], dim=1)
+
+    return dataclasses.replace(lin, scale=spread(lin.scale), zero_point=spread(lin.zero_point), axis=-1,
+                               group_size=size)
 
 
 def _tie(out: dict, config) -> None:
