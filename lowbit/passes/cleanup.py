@@ -144,7 +144,7 @@ class FoldConstants(Pass):
                 value = fn(*args, **kwargs)
             if not isinstance(value, torch.Tensor):
                 continue
-            new = graph.constant(value.contiguous(), node.result.name, node.loc.copy(), before=node)
+            new = graph.constant(value.contiguous(), _folded_name(node, graph), node.loc.copy(), before=node)
             new.producer.touch(self.name)
             graph.replace_value(node.result, new)
             graph.erase(node)
@@ -152,6 +152,18 @@ class FoldConstants(Pass):
         if changed:
             remove_dead_nodes(graph)
         return changed
+
+
+def _folded_name(node: Node, graph: Graph) -> str:
+    """The name of a folded node's constant: ``W.mT`` for a named weight ``W`` with its last two
+    dims swapped (MoE experts stored [experts, out, in] and read [experts, in, out]), so that
+    exports can still say which parameter it is; the node's own name otherwise."""
+    if node.op == "aten.transpose.int" and node.operands and graph.is_constant(node.operand(0)):
+        rank = node.operand(0).tensor_type.rank
+        dims = sorted(int(d) % rank for d in node.attrs["args"].args[1:3]) if rank >= 2 else []
+        if dims == [rank - 2, rank - 1]:
+            return f"{node.operand(0).producer.attrs['name']}.mT"
+    return node.result.name
 
 
 def _cse_key(node: Node) -> tuple | None:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from lowbit.quant.calibrate import RowSample, Sweep, block_of, calibrate
 from lowbit.quant.checkpoint import Rounded, SweepCheckpoint, fingerprint
+from lowbit.quant.experts import GROUPED_MM, expert_matmuls, expert_spec, gptq_experts, round_experts
 from lowbit.quant.gptq import FloatTarget, gptq_quantize
 from lowbit.quant.observers import EPS, TensorStats, scale_zero_point
 from lowbit.quant.spec import QSpec, parse_qspec
@@ -274,17 +275,18 @@ class InsertQdq(Pass):
         linears = self._targets(graph, ctx)
         convs = [n for n in graph.nodes if n.op == "core.conv2d" and graph.is_constant(n.operands[1])
                  and not _matches(n.loc.module, self.skip)]
+        experts = [n for n in expert_matmuls(graph) if not _matches(n.loc.module, self.skip)]
         sequential = self.rounding == "gptq" and self.sequential
         wspec = parse_qspec(self.weights, f"{self.name}.weights")
         # the float model, run beside the quantized one for float_target (its tensors shared, not copied)
         reference = clone_graph(graph, share_tensors=True) if self.float_target else None
         if self.rounding == "gptq" and not sequential:  # Hessians of the float model's activations
-            self._quantize_gptq(graph, ctx, linears, wspec)
+            self._quantize_gptq(graph, ctx, linears, wspec, experts=experts)
         if self.acts != "none":
             acts = parse_qspec(self.acts, f"{self.name}.acts")
             static_only = self._conv_inputs(ctx, convs, acts)  # calibrated in the same pass as the linears'
             last = self._last_blocks(ctx, linears)
-            self._quantize_activations(graph, ctx, [(n, 0) for n in linears + static_only], acts,
+            self._quantize_activations(graph, ctx, [(n, 0) for n in linears + experts + static_only], acts,
                                        lambda m: _matches(m, self.dynamic) or block_of(m) in last,
                                        {id(n) for n in static_only})
         if self.kv != "none":
@@ -292,15 +294,20 @@ class InsertQdq(Pass):
             self._quantize_activations(graph, ctx, [(n, i) for n in attention for i in (1, 2)],
                                        parse_qspec(self.kv, f"{self.name}.kv"), lambda m: False)
         if sequential:  # Hessians of the activations after the blocks (and layers) before are quantized
-            self._quantize_gptq(graph, ctx, linears, wspec, reference)
+            self._quantize_gptq(graph, ctx, linears, wspec, reference, experts)
         elif self.rounding == "rtn":
             for node in linears:
                 self._quantize_weight(graph, node, self._layer_spec(node, wspec, graph), None)
+            for node in experts:
+                w = graph.tensor(node.operand(1))
+                self._set_weight(graph, node, wspec, round_experts(w, self._expert_spec(node, wspec)))
+        if experts:
+            self._note_experts(ctx, experts, wspec)
         self._quantize_conv_weights(graph, ctx, convs, wspec)
         if self.embeddings != "none":
             self._quantize_embeddings(graph, ctx, parse_qspec(self.embeddings, f"{self.name}.embeddings"))
         remove_dead_nodes(graph)  # the float weights
-        return bool(linears or convs)
+        return bool(linears or convs or experts)
 
     def _quantize_conv_weights(self, graph: Graph, ctx: PassContext, convs: list[Node], wspec: QSpec) -> None:
         """Convolution weights [out, in/groups, kh, kw]: one scale per output channel (a group
@@ -346,8 +353,19 @@ class InsertQdq(Pass):
             return QSpec(spec.dtype, "channel", None, spec.symmetric, observer=spec.observer)
         return spec
 
+    def _expert_spec(self, node: Node, spec: QSpec) -> QSpec:
+        """The spec for an MoE layer's experts (an override's if its pattern matches)."""
+        return expert_spec(self._layer_spec(node, spec), node.operand(1).tensor_type.shape[1])
+
+    def _note_experts(self, ctx: PassContext, experts: list[Node], wspec: QSpec) -> None:
+        how = "by GPTQ on the rows routed to each expert" if self.rounding == "gptq" else "to nearest"
+        shapes = sorted({tuple(n.operand(1).tensor_type.shape) for n in experts})
+        ctx.note(f"{self.name}: {len(experts)} MoE expert weight tensor(s) ({', '.join('×'.join(map(str, s)) for s in shapes)}"
+                 f" [experts, in, out]) quantized per expert as {self.weights}, {how}"
+                 + (f"; their inputs as {self.acts}" if self.acts != "none" else ""))
+
     def _quantize_gptq(self, graph: Graph, ctx: PassContext, linears: list[Node], wspec: QSpec,
-                       reference: Graph | None = None) -> None:
+                       reference: Graph | None = None, experts: list[Node] = ()) -> None:
         """GPTQ in one sweep of the calibration set through the graph (``Sweep``: all batches
         together, block by block, each block's weights read once). The sweep stops after each
         linear input is computed; that input's Hessian H = Σ xᵀx rounds the linears reading it.
@@ -368,7 +386,10 @@ class InsertQdq(Pass):
         the layer's input is then compensated, not only measured.
 
         With a work folder (``ctx.work_dir``) the state is saved after each block, and a run
-        of the same graph, pass and calibration set resumes from it (``SweepCheckpoint``)."""
+        of the same graph, pass and calibration set resumes from it (``SweepCheckpoint``).
+
+        MoE ``experts`` (grouped matmuls) are rounded in the same sweep, each expert by GPTQ on
+        the rows routed to it (``gptq_experts``), toward their own weights (no float target)."""
         source = (lambda v: v) if self.rounded_inputs and self.sequential else _unquantized
         batches = ctx.require_calibration(f"{self.name}{{rounding=gptq}}")
         ckpt = SweepCheckpoint(ctx.work_dir, fingerprint(graph, str(self), batches)) if ctx.work_dir else None
@@ -382,10 +403,13 @@ class InsertQdq(Pass):
         for node in linears:
             x = source(node.operand(0))
             groups.setdefault(id(x), (x, []))[1].append(node)
-        ready = lambda x: 0 if x.producer is None else ex.step_index(x.producer) + 1
-        order = sorted(groups.values(), key=lambda g: ready(g[0]))
+        for node in experts:  # each its own entry: its Hessians are per expert
+            groups[id(node)] = (source(node.operand(0)), [node])
+        after = lambda x: 0 if x.producer is None else ex.step_index(x.producer) + 1
+        ready = lambda x, nodes: max([after(x), *(after(n.operand(2)) for n in nodes if n.op in GROUPED_MM)])
+        order = sorted(groups.values(), key=lambda g: ready(*g))
         blocks = list(dict.fromkeys(block_of(g[1][0].loc.module) for g in order))
-        done, fresh = self._resume(graph, ctx, ckpt, state, sweep, linears, wspec, len(blocks))
+        done, fresh = self._resume(graph, ctx, ckpt, state, sweep, [*linears, *experts], wspec, len(blocks))
         bar = tqdm(total=len(blocks), initial=done, desc=f"{self.name} gptq", unit="block",
                    disable=not ctx.progress, leave=False)
         pinned: list[Node] = []
@@ -402,7 +426,7 @@ class InsertQdq(Pass):
                     for node, w in waiting:
                         ex.pin(node, 1, w), pinned.append(node)
                     waiting, marked = [], None
-                sweep.advance(ready(x))
+                sweep.advance(ready(x, nodes))
                 for node in [n for n in pinned if ex.step_index(n) < sweep.pos]:  # run: not needed again
                     ex.pin(node, 1, None), pinned.remove(node)
                 if block != current:
@@ -413,6 +437,14 @@ class InsertQdq(Pass):
                     bar.update(block - bar.n)
                     if ckpt and not pinned and ckpt.save(block, sweep.pos, fresh, sweep.envs, set(ex.const_names)):
                         fresh = {}
+                if nodes[0].op in GROUPED_MM:
+                    node = nodes[0]
+                    spec = self._expert_spec(node, wspec)
+                    rounded, _ = gptq_experts(graph.tensor(node.operand(1)), spec,
+                                              lambda: zip(sweep.values(x), sweep.values(node.operand(2))),
+                                              damp=self.damp, act_order=self.act_order, refit=self.refit)
+                    self._rounded(graph, node, spec, rounded, fresh if ckpt else None, waiting, pinned, ex)
+                    continue
                 fx = None
                 if floats is not None:  # the same input in the float model (it is named as before the pass)
                     fx = float_values[_unquantized(x).name]
@@ -431,21 +463,28 @@ class InsertQdq(Pass):
                     rounded = self._round_weight(graph, node, spec, h, target=target)
                     if target is not None:
                         moved.append((target.moved, target.tokens, node.loc.module or node.results[0].name))
-                    self._set_weight(graph, node, spec, rounded)
-                    if ckpt:
-                        fresh[node.results[0].name] = rounded
-                    if self.sequential:
-                        w = dequantize_codes(rounded.q, rounded.scale, rounded.zp, rounded.attrs).to(
-                            node.operand(1).tensor_type.dtype.storage)
-                        if self.true_sequential:
-                            ex.pin(node, 1, w), pinned.append(node)
-                        else:
-                            waiting.append((node, w))
+                    self._rounded(graph, node, spec, rounded, fresh if ckpt else None, waiting, pinned, ex)
                 bar.set_postfix_str(nodes[0].loc.module or x.name, refresh=False)
             bar.update(len(blocks) - bar.n)
         if ckpt:
             ckpt.clear()
         self._note_moved(ctx, moved)
+
+    def _rounded(self, graph: Graph, node: Node, spec: QSpec, rounded: Rounded, fresh: dict | None,
+                 waiting: list[tuple[Node, torch.Tensor]], pinned: list[Node], ex) -> None:
+        """A layer rounded by the GPTQ sweep: its weight replaced, kept for the work folder's
+        checkpoint (``fresh``), and, when sequential, its rounded weight run by the sweep from
+        then on (at once with ``true_sequential``, else once its block is done: ``waiting``)."""
+        self._set_weight(graph, node, spec, rounded)
+        if fresh is not None:
+            fresh[node.results[0].name] = rounded
+        if self.sequential:
+            w = dequantize_codes(rounded.q, rounded.scale, rounded.zp, rounded.attrs).to(
+                node.operand(1).tensor_type.dtype.storage)
+            if self.true_sequential:
+                ex.pin(node, 1, w), pinned.append(node)
+            else:
+                waiting.append((node, w))
 
     def _note_moved(self, ctx: PassContext, moved: list[tuple[float, int, str]]) -> None:
         """Say where float_target moved a layer's target less than asked, and why."""

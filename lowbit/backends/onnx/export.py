@@ -293,6 +293,11 @@ def lower_for_export(traced: TracedModel) -> tuple[Graph, ExportedWeights, set[s
                 int4[name] = dtype
                 if node.operands[3] is not None:
                     int4[names[str(node.operand(3).producer.attrs["name"])]] = dtype
+        elif node.op == "quant.dequantize" and graph.is_constant(node.operand(0)) \
+                and node.operand(0).tensor_type.dtype in (DType.i4, DType.u4):  # a weight no linear reads: MoE experts
+            for v in (node.operand(0), node.operands[2] if len(node.operands) > 2 else None):
+                if v is not None:
+                    int4[names[str(v.producer.attrs["name"])]] = node.operand(0).tensor_type.dtype
     return graph, ExportedWeights(layers, int4), transposed
 
 

@@ -1,0 +1,94 @@
+"""Mixture-of-experts layers: the experts' stacked weights (transformers' grouped matmuls) are
+quantized per expert like linear layers, by rounding to nearest or by GPTQ on each expert's
+routed rows, and the quantized model runs in ONNX Runtime and saves and loads."""
+
+import pytest
+import torch
+
+import lowbit
+from conftest import rel_err
+from lowbit.quant.experts import GROUPED_MM, gptq_experts, round_experts
+from lowbit.quant.spec import parse_qspec
+from lowbit.quant.weights import dequantize_codes, fake_quantize
+
+pytest.importorskip("transformers")
+from lowbit.families import build_model, make_inputs  # noqa: E402
+
+
+def _calibration(model):
+    return [make_inputs(model, "ids", b, n, seed=i) for i, (b, n) in enumerate([(2, 7), (1, 12), (3, 20)])]
+
+
+def _experts(q):
+    """(grouped matmul, its weight's dequantize node) for every MoE layer of the compiled model."""
+    out = []
+    for node in q.graph.nodes:
+        if node.op in GROUPED_MM:
+            out.append((node, node.operand(1).producer))
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe():
+    model = build_model("qwen3-moe")
+    return model, _calibration(model)
+
+
+def test_experts_are_stored_as_int4_codes_per_expert(qwen3_moe):
+    model, calibration = qwen3_moe
+    w = {n: p.detach() for n, p in model.named_parameters()}
+    q = lowbit.compile(model, calibration[0], recipe="w4a16-rtn", calibration=calibration, progress=False)
+    experts = _experts(q)
+    assert len(experts) == 2
+    spec = parse_qspec("int4/group128/asym")
+    for node, dq in experts:
+        assert dq.op == "quant.dequantize" and dq.operand(0).tensor_type.dtype == spec.dtype
+        codes = [q.graph.tensor(v) if v is not None else None for v in dq.operands]
+        got = dequantize_codes(codes[0], codes[1], codes[2], dq.attrs)  # [experts, in, out]
+        param = next(v for k, v in w.items() if k.startswith(node.loc.module) and v.shape[1:] == got.shape[1:][::-1])
+        for e in range(param.shape[0]):  # each expert's [out, in] matrix, rounded as a linear's weight
+            assert torch.allclose(got[e].T, fake_quantize(param[e].float(), spec), atol=1e-6)
+    assert any("MoE expert weight" in n for n in q.traced.notes)
+
+
+def test_gptq_experts_fit_their_rows_and_keep_an_expert_no_row_reached():
+    torch.manual_seed(0)
+    experts, cin, cout = 3, 64, 48
+    w = torch.randn(experts, cin, cout)
+    mix = torch.randn(cin, cin) / cin ** 0.5 + torch.eye(cin)  # correlated inputs: where GPTQ gains
+    rows = [torch.randn(200, cin) @ mix, torch.randn(40, cin) @ mix, torch.zeros(0, cin)]  # the last: none routed
+    x = torch.cat(rows)
+    offsets = torch.tensor([200, 240, 240], dtype=torch.int32)
+    spec = parse_qspec("int4/group32/asym")
+    rounded, seen = gptq_experts(w, spec, lambda: [(x, offsets)])
+    assert seen.tolist() == [200, 40, 0]
+    gptq = dequantize_codes(rounded.q, rounded.scale, rounded.zp, rounded.attrs)
+    rtn_r = round_experts(w, spec)
+    rtn = dequantize_codes(rtn_r.q, rtn_r.scale, rtn_r.zp, rtn_r.attrs)
+    for e in (0, 1):  # on its own rows, GPTQ's expert errs less than rounding to nearest
+        assert (rows[e] @ (gptq[e] - w[e])).norm() < 0.9 * (rows[e] @ (rtn[e] - w[e])).norm()
+    # the expert no row reached is rounded on the pooled rows' statistics, not zeroed
+    assert rel_err(gptq[2], w[2]) < 2 * rel_err(rtn[2], w[2])
+
+
+@pytest.mark.parametrize("recipe,bound", [("w4a16-gptq", 0.35), ("w8a8", 0.15)])
+def test_quantized_moe_runs_in_onnx_runtime_and_saves(qwen3_moe, recipe, bound, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from lowbit.backends.onnx import compare_with_torch
+
+    model, calibration = qwen3_moe
+    q = lowbit.compile(model, calibration[0], recipe=recipe, calibration=calibration, progress=False)
+    test = make_inputs(model, "ids", 2, 15, seed=7)
+    with torch.no_grad():
+        assert rel_err(q(*test).logits, model(*test).logits) < bound
+    path, _ = q.export_onnx(tmp_path / "m.onnx")
+    kinds = {t.name: t.data_type for t in onnx.load(str(path), load_external_data=False).graph.initializer
+             if "experts" in t.name and t.name.endswith("_q")}
+    P = onnx.TensorProto
+    want = {P.UINT4, P.INT4} if recipe.startswith("w4") else {P.UINT8, P.INT8}  # codes, not float weights
+    assert len(kinds) == 2 and set(kinds.values()) <= want, kinds
+    assert compare_with_torch(path, q, q.traced.flatten_inputs(test, {}))["cosine"] > 0.999
+    q.save(tmp_path / "saved")
+    assert torch.equal(lowbit.load(tmp_path / "saved")(*test).logits, q(*test).logits)
