@@ -92,3 +92,21 @@ def test_quantized_moe_runs_in_onnx_runtime_and_saves(qwen3_moe, recipe, bound, 
     assert compare_with_torch(path, q, q.traced.flatten_inputs(test, {}))["cosine"] > 0.999
     q.save(tmp_path / "saved")
     assert torch.equal(lowbit.load(tmp_path / "saved")(*test).logits, q(*test).logits)
+
+
+def test_a_moe_folder_in_the_hub_layout_compiles_from_its_files(qwen3_moe, tmp_path):
+    """transformers saves stacked experts one matrix per expert and projection; a folder traced
+    without loading its weights assembles each stacked parameter from those keys."""
+    from safetensors import safe_open
+
+    model, calibration = qwen3_moe
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.3.up_proj.weight" in f.keys()
+    test = make_inputs(model, "ids", 2, 11, seed=4)
+    with torch.no_grad():
+        want = model(*test).logits
+    fast = lowbit.compile(tmp_path, calibration[0], progress=False)
+    assert rel_err(fast(*test).logits, want) < 1e-5
+    q = lowbit.compile(tmp_path, recipe="w4a16-rtn", calibration=calibration, progress=False)
+    assert len(_experts(q)) == 2 and rel_err(q(*test).logits, want) < 0.35

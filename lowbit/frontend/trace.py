@@ -26,7 +26,7 @@ from lowbit.frontend.decoder import DecoderIO, DecoderStep, cache_unsupported, i
 from lowbit.frontend.inputs import (Call, align, check_shapes, drop_kwargs, example_call, leaf_names,
                                     plan_shapes, unnamed_kwargs)
 from lowbit.frontend.noise import quiet
-from lowbit.frontend.weights import bind_weights, is_weightless, weightless_model
+from lowbit.frontend.weights import bind_weights, eager_on_placeholders, is_weightless, weightless_model
 from lowbit.ir.graph import Graph
 from lowbit.ir.store import TensorStore
 
@@ -273,7 +273,7 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager_on_placeholders(model):
             call, shapes = step_example(model, ids)
             with without_cache(model):  # the model's own output structure, minus the cache
                 out_spec = drop_caches(pytree.tree_structure(model(*args, **kwargs)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from lowbit.errors import TraceError
 from lowbit.ir.graph import Graph
-from lowbit.ir.store import LazyTensor, lazy_safetensors
+from lowbit.ir.store import LazyRows, LazyTensor, lazy_safetensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -83,6 +84,39 @@ def _checkpoint_key(names: list[str], available: dict[str, LazyTensor], prefix: 
     return None
 
 
+def _assembled(model: torch.nn.Module, name: str, shape: tuple[int, ...], available: dict[str, LazyTensor],
+               prefix: str) -> LazyRows | None:
+    """Parameter ``name`` assembled from the checkpoint keys transformers saves it as, when its
+    model stacks what the checkpoint holds apart (MoE experts: one [experts, out, in] parameter,
+    one key per expert and projection). Where each key's rows go is read off transformers' own
+    save-time conversion of a probe whose rows hold their index; None when the parameter is
+    saved as itself or the keys are not all there."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversion mappings: parameters are saved as themselves
+        return None
+    if len(shape) < 2:
+        return None
+    rows = torch.arange(math.prod(shape[:-1])).reshape(*shape[:-1], 1).expand(shape)
+    try:
+        layout = revert_weight_conversion(model, {name: rows})
+    except Exception:  # a conversion that does not take this parameter alone
+        return None
+    if set(layout) == {name}:
+        return None
+    parts, covered = [], 0
+    for key, index in layout.items():
+        found = _checkpoint_key([key], available, prefix)
+        if found is None or index.shape[-1] != shape[-1] or tuple(available[found].shape) != tuple(index.shape):
+            return None
+        parts.append((available[found], index[..., 0].reshape(-1).clone()))
+        covered += parts[-1][1].numel()
+    if covered != rows.shape[:-1].numel() or len(torch.unique(torch.cat([r for _, r in parts]))) != covered:
+        return None
+    first = parts[0][0]
+    return LazyRows(first.path, first.offset, first.stored, shape, first.dtype, stamp=first.stamp, parts=tuple(parts))
+
+
 def weightless_model(folder: str | os.PathLike, model_class=None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The folder's model (``model_class``, default the class its config's ``architectures``
     names, else ``AutoModel``) with placeholder parameters bound to the folder's weights,
@@ -115,10 +149,11 @@ def weightless_model(folder: str | os.PathLike, model_class=None, dtype: torch.d
                 continue
             if id(p) not in placeholders:
                 key = _checkpoint_key(names[id(p)], available, prefix)
-                if key is None:
+                lazy = available[key] if key is not None else _assembled(model, names[id(p)][0], tuple(p.shape),
+                                                                         available, prefix)
+                if lazy is None:
                     missing.append(names[id(p)][0])
                     continue
-                lazy = available[key]
                 if tuple(lazy.shape) != tuple(p.shape):
                     raise TraceError(f"{folder}: {key} is {tuple(lazy.shape)} in the checkpoint, "
                                      f"the model's {names[id(p)][0]} is {tuple(p.shape)}")
@@ -136,6 +171,28 @@ def weightless_model(folder: str | os.PathLike, model_class=None, dtype: torch.d
 
 def is_weightless(model: object) -> bool:
     return isinstance(getattr(model, _ATTR, None), dict)
+
+
+@contextlib.contextmanager
+def eager_on_placeholders(model: torch.nn.Module) -> Iterator[None]:
+    """For an eager run of a weightless model (its cache's shapes): transformers' MoE experts
+    take their loop fallback, not torch's grouped matmul kernel, which refuses the placeholders'
+    zero strides. Nothing changes for a model with real weights."""
+    moe = None
+    if is_weightless(model):
+        try:
+            from transformers.integrations import moe
+        except ImportError:
+            moe = None
+    if moe is None or not hasattr(moe, "_can_use_grouped_mm"):
+        yield
+        return
+    check = moe._can_use_grouped_mm
+    moe._can_use_grouped_mm = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = check
 
 
 def bind_weights(graph: Graph, model: torch.nn.Module) -> int:

@@ -98,6 +98,27 @@ class LazyTensor:
         return self
 
 
+@dataclass(eq=False)
+class LazyRows(LazyTensor):
+    """A tensor assembled from rows of several stored tensors (a model's stacked MoE experts,
+    which its checkpoint holds one expert matrix per key): ``parts`` pairs each stored tensor
+    with the rows (of this tensor seen as [rows, last dim]) it fills. ``path`` and ``offset``
+    are the first part's."""
+
+    parts: tuple = ()
+
+    def load(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        flat = out.view(-1, self.shape[-1])
+        for part, rows in self.parts:
+            flat[rows] = part.load().reshape(-1, self.shape[-1]).to(self.dtype)
+        return out
+
+    def with_dtype(self, dtype: torch.dtype) -> LazyRows:
+        return LazyRows(self.path, self.offset, self.stored, self.shape, dtype, stamp=self.stamp,
+                        parts=tuple((part.with_dtype(dtype), rows) for part, rows in self.parts))
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     """The header of a safetensors file (name → dtype, shape, data_offsets) and where the data
     starts. Only the JSON header is parsed; nothing is unpickled."""
