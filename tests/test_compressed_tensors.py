@@ -183,8 +183,9 @@ def test_a_quantized_conv1d_is_refused_and_a_float_one_is_written_transposed(tmp
     [out, in] layout transformers refuses three of them and loads the square attn.c_proj
     transposed, so a quantized one is refused; left float, they are written as Conv1D holds them."""
     q, _ = _family("gpt2", "insert-qdq{weights=int4/group32/sym}")
-    with pytest.raises(ExportError, match=r"^transformer\.h\.0\.attn\.c_attn is a Conv1D \(weight stored \[in, "
-                       r"out\]\), not an nn\.Linear: compressed-tensors quantizes nn\.Linear layers only.*export_onnx"):
+    with pytest.raises(ExportError, match=r"^transformer\.h\.0\.attn\.c_attn is a Conv1D \(weight stored \[64, "
+                       r"192\], \[in, out\], for its 64 inputs and 192 outputs\), not an nn\.Linear: compressed-"
+                       r"tensors quantizes nn\.Linear layers, whose weight is \[out, in\].*export_onnx"):
         q.save_pretrained(tmp_path / "quantized")
     assert not any(tmp_path.iterdir())
     q, prompt = _family("gpt2", "insert-qdq{weights=int4/group32/sym,skip=transformer.h.*,head=true}")
@@ -193,6 +194,20 @@ def test_a_quantized_conv1d_is_refused_and_a_float_one_is_written_transposed(tmp
         "targets"] == ["lm_head"]
     # float Conv1D computes addmm(x, W), lowbit's linear x·Wᵀ: the same sums, rounded apart
     torch.testing.assert_close(_logits(_load(folder), prompt), q(prompt).logits, rtol=0, atol=1e-6)
+
+
+def test_gpt_oss_sinks_and_routers(tmp_path):
+    """gpt-oss's attention sinks ([heads], read as [1, heads, 1, 1]) are folded into a constant
+    named after them, and written; its routers (not nn.Linear, which is all compressed-tensors
+    quantizes) are written dequantized, in float. The experts are left float here."""
+    q, prompt = _family("gpt-oss", "insert-qdq{weights=int4/group32/sym,skip=*.experts}")
+    folder = q.save_pretrained(tmp_path / "ct")
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["ignore"] == ["lm_head", "model.layers.0.mlp.router", "model.layers.1.mlp.router"]
+    model = _load(folder)
+    reference = build_model("gpt-oss")  # the same seeded weights the compiled model was traced from
+    assert torch.equal(model.model.layers[1].self_attn.sinks, reference.model.layers[1].self_attn.sinks)
+    assert torch.equal(_logits(model, prompt), q(prompt).logits)
 
 
 def test_packing_matches_compressed_tensors():

@@ -26,7 +26,8 @@ route reads every layer with one scheme. What the format cannot express — othe
 rotations, block-sparse attention, a quantized key/value cache, groups that do not divide a
 row, a layer the architecture does not have, a quantized layer that is not an ``nn.Linear``
 (GPT-2's ``Conv1D``, stored [in, out]) — is refused with a message naming it; nothing is
-dropped.
+dropped. An MoE router is not an ``nn.Linear`` either, but holds [out, in]: quantized
+weight-only, it is written dequantized, in float (as runtimes build routers).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.frontend.trace import TracedModel
 from lowbit.io import staged_folder, write_tokenizer
+from lowbit.ir.dialects.quant import dequantize_weight
 from lowbit.ir.store import write_safetensors
 from lowbit.ir.graph import Graph, Node
 from lowbit.ir.types import DType
@@ -373,23 +375,9 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
     expected = dict(skeleton.state_dict())
     norms = {n.loc.module: n for n in graph.nodes if n.op in NORMS and n.loc.module}
     embeddings = {n.loc.module: n for n in graph.nodes if n.op == "core.embedding" and n.loc.module}
-    _check_layers(skeleton, linears, expected)
-    out: dict[str, torch.Tensor] = {}
-    schemes: dict[str, dict] = {}
-    ignore: list[str] = []
-    done: set[str] = set()
-    for module, lin in linears.items():
-        done |= {f"{module}.weight", f"{module}.bias"}
-        if lin.bias is not None:
-            out[f"{module}.bias"] = lin.bias.to(float_dtype)
-        if lin.scale is None:  # a float linear
-            conv1d = _is_conv1d(skeleton.get_submodule(module))
-            out[f"{module}.weight"] = (lin.weight.T if conv1d else lin.weight).to(float_dtype)
-            ignore.append(module)
-            continue
-        tensors, scheme = _quantized_tensors(module, lin, float_dtype)
-        out.update({f"{module}.{k}": v for k, v in tensors.items()})
-        schemes[module] = scheme
+    as_float = _check_layers(skeleton, linears, expected)
+    out, schemes, ignore = _linear_tensors(skeleton, linears, as_float, float_dtype)
+    done = {f"{module}.{name}" for module in linears for name in ("weight", "bias")}
     for module, node in embeddings.items():
         out[f"{module}.weight"] = graph.tensor(node.operands[0]).to(float_dtype)
         done.add(f"{module}.weight")
@@ -398,9 +386,9 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
             for name, value in _norm_params(skeleton, module, node, graph).items():
                 out[f"{module}.{name}"] = value.to(float_dtype)
                 done.add(f"{module}.{name}")
-    for key in expected:
-        if key not in done and key in graph.tensors:
-            t = graph.tensors[key]
+    for key, meta in expected.items():
+        t = None if key in done else _parameter(graph, key, tuple(meta.shape))
+        if t is not None:
             out[key] = t.to(float_dtype) if t.is_floating_point() else t
             done.add(key)
     missing = [k for k in expected if k not in done]
@@ -423,23 +411,72 @@ def _is_conv1d(module: torch.nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
-def _check_layers(skeleton: torch.nn.Module, linears: dict[str, _Linear], expected: dict) -> None:
+def _check_layers(skeleton: torch.nn.Module, linears: dict[str, _Linear], expected: dict) -> set[str]:
     """Every linear of the graph is a layer of the architecture, and every quantized one an
-    ``nn.Linear``: compressed-tensors quantizes nn.Linear modules only, in their [out, in]
-    layout. GPT-2's ``Conv1D`` stores [in, out]: transformers reads a quantized [out, in] weight
-    into it as a size mismatch, or (a square layer) silently transposed, and the format has no
-    scheme for groups along the stored tensor's rows."""
+    nn.Linear, the only module compressed-tensors quantizes. GPT-2's ``Conv1D`` stores its
+    weight [in, out]: transformers reads a quantized [out, in] weight into it as a size mismatch,
+    or (a square layer) silently transposed, and the format has no scheme for groups along the
+    stored tensor's rows: refused. A weight-only layer of another class that holds [out, in]
+    (an MoE router: transformers leaves its packed tensors unexpected and its weight missing,
+    vLLM's Mixtral builds its gate unquantized) is written dequantized, in float: the returned modules."""
+    as_float = set()
     for module, lin in linears.items():
         if f"{module}.weight" not in expected:
             raise ExportError(f"the graph has a linear at {module!r} (%{lin.node.result.name}) that "
                               f"{type(skeleton).__name__} does not have (a transform lowbit inserted): the "
                               "checkpoint cannot hold it")
         layer = skeleton.get_submodule(module)
-        if lin.scale is not None and not isinstance(layer, torch.nn.Linear):
-            layout = " (weight stored [in, out])" if _is_conv1d(layer) else ""
-            raise ExportError(f"{module} is a {type(layer).__name__}{layout}, not an nn.Linear: compressed-tensors "
-                              "quantizes nn.Linear layers only, and transformers cannot load this layer's "
+        if lin.scale is None or isinstance(layer, torch.nn.Linear):
+            continue
+        rows, cols = lin.weight.shape[0], lin.weight.shape[-1]
+        stored = tuple(expected[f"{module}.weight"].shape)
+        kind = type(layer).__name__
+        if stored != (rows, cols) or _is_conv1d(layer):
+            layout = ", [in, out]," if stored == (cols, rows) else ""
+            raise ExportError(f"{module} is a {kind} (weight stored {list(stored)}{layout} for its {cols} inputs "
+                              f"and {rows} outputs), not an nn.Linear: compressed-tensors quantizes nn.Linear "
+                              "layers, whose weight is [out, in], and transformers cannot load this layer's "
                               "quantized weight; export it with export_onnx (or lowbit's own save())")
+        if lin.act is not None:
+            raise ExportError(f"{module} is a {kind}, not an nn.Linear: compressed-tensors does not quantize it, "
+                              "and its activations are quantized, which a float layer cannot hold; leave it "
+                              f"float (insert-qdq{{skip=*.{module.rsplit('.', 1)[-1]}}})")
+        as_float.add(module)
+    return as_float
+
+
+def _linear_tensors(skeleton: torch.nn.Module, linears: dict[str, _Linear], as_float: set[str],
+                    float_dtype: torch.dtype) -> tuple[dict, dict[str, dict], list[str]]:
+    """Each linear's tensors, the quantized ones' schemes, and the float ones (``ignore``):
+    float layers, and ``as_float`` dequantized, as their module holds its weight."""
+    out: dict[str, torch.Tensor] = {}
+    schemes: dict[str, dict] = {}
+    ignore: list[str] = []
+    for module, lin in linears.items():
+        if lin.bias is not None:
+            out[f"{module}.bias"] = lin.bias.to(float_dtype)
+        if lin.scale is None or module in as_float:
+            weight = lin.weight if lin.scale is None else \
+                dequantize_weight(lin.weight, lin.scale, lin.zero_point, lin.axis, lin.group_size, torch.float32)
+            conv1d = _is_conv1d(skeleton.get_submodule(module))
+            out[f"{module}.weight"] = (weight.T if conv1d else weight).to(float_dtype)
+            ignore.append(module)
+            continue
+        tensors, schemes[module] = _quantized_tensors(module, lin, float_dtype)
+        out.update({f"{module}.{k}": v for k, v in tensors.items()})
+    return out, schemes, ignore
+
+
+def _parameter(graph: Graph, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The graph's value for the parameter ``key``: its own constant, or the constant
+    fold-constants made of a reshape of it (named ``key.view``: gpt-oss's attention sinks,
+    [heads], read as [1, heads, 1, 1]); None where the graph has neither."""
+    if key in graph.tensors:
+        return graph.tensors[key]
+    view = f"{key}.view"
+    if view in graph.tensors and graph.tensors[view].numel() == math.prod(shape):
+        return graph.tensors[view].reshape(shape)
+    return None
 
 
 def _in_one_group_size(out: dict, schemes: dict[str, dict], linears: dict[str, _Linear],

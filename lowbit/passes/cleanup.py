@@ -154,10 +154,17 @@ class FoldConstants(Pass):
         return changed
 
 
+_RESHAPES = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.unsqueeze.default",
+             "aten.squeeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.flatten.using_ints")
+
+
 def _folded_name(node: Node, graph: Graph) -> str:
     """The name of a folded node's constant: ``W.mT`` for a named weight ``W`` with its last two
-    dims swapped (MoE experts stored [experts, out, in] and read [experts, in, out]), so that
-    exports can still say which parameter it is; the node's own name otherwise."""
+    dims swapped (MoE experts stored [experts, out, in] and read [experts, in, out]), ``W.view``
+    for ``W`` only reshaped (gpt-oss's attention sinks, [heads] read as [1, heads, 1, 1]), so
+    that exports can still say which parameter it is; the node's own name otherwise."""
+    if node.op in _RESHAPES and graph.is_constant(node.operands[0] if node.operands else None):
+        return f"{node.operand(0).producer.attrs['name']}.view"
     if node.op == "aten.transpose.int" and node.operands and graph.is_constant(node.operand(0)):
         rank = node.operand(0).tensor_type.rank
         dims = sorted(int(d) % rank for d in node.attrs["args"].args[1:3]) if rank >= 2 else []
