@@ -210,6 +210,38 @@ def test_gpt_oss_sinks_and_routers(tmp_path):
     assert torch.equal(_logits(model, prompt), q(prompt).logits)
 
 
+@pytest.mark.parametrize("family,key", [("qwen3-moe", "model.layers.0.mlp.experts.3.up_proj"),
+                                        ("mixtral", "model.layers.0.block_sparse_moe.experts.3.w3")])
+def test_moe_experts_are_written_one_linear_per_expert(family, key, tmp_path):
+    """The stacked experts lowbit quantized are written as the hub's checkpoints hold them (one
+    nn.Linear per expert and projection, named as transformers saves them), and transformers
+    stacks them back: on both routes the logits are lowbit's."""
+    from safetensors import safe_open
+
+    q, prompt = _family(family, "insert-qdq{weights=int4/group16/sym}")
+    folder = q.save_pretrained(tmp_path / "ct")
+    (group,) = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    assert key in group["targets"]
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert f"{key}.weight_packed" in f.keys() and not any(k.endswith("gate_up_proj") for k in f.keys())
+    for dequantize in (False, True):  # eager transformers runs torch's grouped matmul kernel, the graph its
+        # loop fallback: the same products, summed apart
+        torch.testing.assert_close(_logits(_load(folder, dequantize), prompt), q(prompt).logits, rtol=0, atol=1e-6)
+
+
+def test_moe_experts_the_format_cannot_hold_are_refused(tmp_path):
+    """Experts with zero points (transformers dequantizes experts without them), and experts
+    transformers saves stacked (gpt-oss): refused with what to do, and nothing written."""
+    q, _ = _family("qwen3-moe", "insert-qdq{weights=int4/group16/asym}")
+    with pytest.raises(ExportError, match=r"zero points.*weights_override=\*\.experts>int4/group128/sym"):
+        q.save_pretrained(tmp_path / "asym")
+    q, _ = _family("gpt-oss", "insert-qdq{weights=int4/group32/sym}")
+    with pytest.raises(ExportError, match=r"one stacked tensor \(model\.layers\.0\.mlp\.experts\.gate_up_proj\).*"
+                       r"skip=\*\.experts"):
+        q.save_pretrained(tmp_path / "stacked")
+    assert not any(tmp_path.iterdir())
+
+
 def test_packing_matches_compressed_tensors():
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 

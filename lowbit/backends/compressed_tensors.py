@@ -27,7 +27,10 @@ rotations, block-sparse attention, a quantized key/value cache, groups that do n
 row, a layer the architecture does not have, a quantized layer that is not an ``nn.Linear``
 (GPT-2's ``Conv1D``, stored [in, out]) — is refused with a message naming it; nothing is
 dropped. An MoE router is not an ``nn.Linear`` either, but holds [out, in]: quantized
-weight-only, it is written dequantized, in float (as runtimes build routers).
+weight-only, it is written dequantized, in float (as runtimes build routers). MoE experts,
+which lowbit quantizes in their stacked [experts, in, out] layout, are written one linear per
+expert and projection under the keys transformers saves them as (``_expert_linears``);
+symmetric only, as transformers' loader dequantizes experts without zero points.
 """
 
 from __future__ import annotations
@@ -70,10 +73,13 @@ class _Linear:
     act: dict | None                # the input_activations entry, or None (weight-only)
     act_scale: torch.Tensor | None = None
     act_zero: torch.Tensor | None = None
+    codes: DType | None = None      # the codes' dtype where the node is not a linear (MoE experts)
 
     @property
     def dtype(self) -> DType:
         """The weight's IR dtype (int4 codes live in int8 tensors)."""
+        if self.codes is not None:
+            return self.codes
         return self.node.operands[3 if self.node.op == "quant.static_linear" else 1].tensor_type.dtype
 
 
@@ -156,10 +162,18 @@ def _refuse_extras(graph: Graph, online: dict[Node, list[str]]) -> None:
                               "checkpoint has no place for it: compile with smooth-quant{explicit=false}")
         if node.op.startswith("attn.") and "sparse" in node.op:
             raise ExportError(f"{where}: block-sparse attention has no compressed-tensors form")
-        if node.op in ("quant.quantize", "quant.dynamic_quantize", "quant.dequantize"):
+        if node.op in ("quant.quantize", "quant.dynamic_quantize", "quant.dequantize") and not _expert_weight(graph, node):
             raise ExportError(f"{where}: a {node.op} that is not part of a quantized linear (a quantized "
                               "key/value cache, or an activation quantized for another op) has no place in "
                               "the checkpoint; compile without it")
+
+
+def _expert_weight(graph: Graph, node: Node) -> bool:
+    """Whether ``node`` dequantizes constant codes that only MoE experts' grouped matmuls read as their weight."""
+    from lowbit.quant.experts import GROUPED_MM
+
+    return node.op == "quant.dequantize" and graph.is_constant(node.operand(0)) and bool(node.result.users) and all(
+        u.op in GROUPED_MM and u.operands[1] is node.result for u in node.result.users)
 
 
 def _online_hadamards(graph: Graph, linears: dict[str, _Linear]) -> dict[Node, list[str]]:
@@ -369,15 +383,21 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
                                                                                dict | None]:
     graph = _fused(traced.graph)
     linears = _linears(graph)
-    online = _online_hadamards(graph, linears)
-    _refuse_extras(graph, online)
     skeleton = _skeleton(config)
     expected = dict(skeleton.state_dict())
+    experts, stacked = _expert_linears(graph, skeleton, expected)
+    online = _online_hadamards(graph, linears)
+    _refuse_extras(graph, online)
     norms = {n.loc.module: n for n in graph.nodes if n.op in NORMS and n.loc.module}
     embeddings = {n.loc.module: n for n in graph.nodes if n.op == "core.embedding" and n.loc.module}
     as_float = _check_layers(skeleton, linears, expected)
     out, schemes, ignore = _linear_tensors(skeleton, linears, as_float, float_dtype)
     done = {f"{module}.{name}" for module in linears for name in ("weight", "bias")}
+    expert_out, expert_schemes, _ = _linear_tensors(skeleton, experts, set(), float_dtype)
+    out.update(expert_out)
+    schemes.update(expert_schemes)
+    linears = {**linears, **experts}
+    done |= stacked
     for module, node in embeddings.items():
         out[f"{module}.weight"] = graph.tensor(node.operands[0]).to(float_dtype)
         done.add(f"{module}.weight")
@@ -402,6 +422,60 @@ def _state_dict(traced: TracedModel, config, float_dtype: torch.dtype) -> tuple[
             raise ExportError(f"{key}: the graph holds shape {tuple(out[key].shape)}, "
                               f"{type(skeleton).__name__} has {tuple(meta.shape)}")
     return out, schemes, ignore, transforms
+
+
+def _expert_linears(graph: Graph, skeleton: torch.nn.Module, expected: dict) -> tuple[dict[str, _Linear], set[str]]:
+    """The quantized MoE experts as the per-expert linears the hub's checkpoints hold (and vLLM
+    reads): each stacked parameter [experts, out, in] split into the keys transformers saves it
+    as (``hub_rows``: ``experts.3.up_proj.weight``, Mixtral's ``experts.3.w3.weight``), each
+    key's rows taken from the codes, scales and zero points lowbit holds [experts, in, out].
+    Returns them by module, and the stacked parameters they stand for. Experts whose
+    activations are quantized, or that transformers saves stacked, are refused."""
+    from lowbit.frontend.weights import hub_rows
+    from lowbit.quant.experts import GROUPED_MM
+
+    out: dict[str, _Linear] = {}
+    stacked: set[str] = set()
+    for node in graph.nodes:
+        dq = node.operand(1).producer if node.op in GROUPED_MM else None
+        if dq is None or dq.op != "quant.dequantize" or not graph.is_constant(dq.operand(0)):
+            continue
+        module = node.loc.module or node.results[0].name
+        name = str(dq.operand(0).producer.attrs["name"]).removesuffix(".q")
+        param = name.removesuffix(".mT")
+        pattern = "*." + module.rsplit(".", 1)[-1]  # the experts of every layer
+        x = node.operand(0).producer
+        if x is not None and x.op == "quant.dequantize":
+            raise ExportError(f"{module}: the experts' inputs are quantized, which this export does not write for "
+                              "MoE experts; use a weight-only recipe, or leave the experts float "
+                              f"(insert-qdq{{skip={pattern}}})")
+        layout = hub_rows(skeleton, param, tuple(expected[param].shape)) if param != name and param in expected \
+            else None
+        if layout is None:
+            raise ExportError(f"{module}: transformers saves these experts as one stacked tensor ({param}), and "
+                              "compressed-tensors holds quantized weights per nn.Linear; leave the experts float "
+                              f"(insert-qdq{{skip={pattern}}}) or export with export_onnx")
+        q, scale = graph.tensor(dq.operand(0)), graph.tensor(dq.operand(1))
+        zp = graph.tensor(dq.operands[2]) if len(dq.operands) > 2 and dq.operands[2] is not None else None
+        if zp is not None and bool(_signed(zp, dq.operand(0).tensor_type.dtype).any()):
+            raise ExportError(f"{module}: the experts' weights have zero points, and transformers' compressed-tensors "
+                              "loader dequantizes MoE experts without them (it reads scales and codes only); quantize "
+                              f"the experts symmetrically: insert-qdq{{weights_override={pattern}>int4/group128/sym}}, or "
+                              "a recipe with symmetric weights")
+        experts, cin, cout = q.shape
+        group = int(dq.attrs["group_size"])
+        rows = lambda t: t.transpose(1, 2).reshape(experts * cout, t.shape[1])  # [experts·out, in or groups]
+        for key, index in layout.items():
+            per_channel = group >= cin
+            s = rows(scale)[index]
+            z = None if zp is None else rows(zp)[index]
+            out[key.removesuffix(".weight")] = _Linear(
+                node, rows(q)[index], s[:, 0] if per_channel else s, None if z is None else (z[:, 0] if per_channel
+                                                                                            else z),
+                None, 0 if per_channel else 1, None if per_channel else group, None,
+                codes=dq.operand(0).tensor_type.dtype)
+        stacked.add(param)
+    return out, stacked
 
 
 def _is_conv1d(module: torch.nn.Module) -> bool:

@@ -84,13 +84,13 @@ def _checkpoint_key(names: list[str], available: dict[str, LazyTensor], prefix: 
     return None
 
 
-def _assembled(model: torch.nn.Module, name: str, shape: tuple[int, ...], available: dict[str, LazyTensor],
-               prefix: str) -> LazyRows | None:
-    """Parameter ``name`` assembled from the checkpoint keys transformers saves it as, when its
-    model stacks what the checkpoint holds apart (MoE experts: one [experts, out, in] parameter,
-    one key per expert and projection). Where each key's rows go is read off transformers' own
-    save-time conversion of a probe whose rows hold their index; None when the parameter is
-    saved as itself or the keys are not all there."""
+def hub_rows(model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor] | None:
+    """Where transformers saves parameter ``name`` (of ``shape``) when its model stacks what the
+    checkpoint holds apart (MoE experts: one [experts, out, in] parameter, one key per expert
+    and projection): each checkpoint key with the rows of the parameter, seen as [rows, last
+    dim], that it holds, in its order. Read off transformers' own save-time conversion of a
+    probe whose rows hold their index. None when the parameter is saved as itself, or split
+    otherwise than by whole rows."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # a transformers without conversion mappings: parameters are saved as themselves
@@ -102,17 +102,28 @@ def _assembled(model: torch.nn.Module, name: str, shape: tuple[int, ...], availa
         layout = revert_weight_conversion(model, {name: rows})
     except Exception:  # a conversion that does not take this parameter alone
         return None
-    if set(layout) == {name}:
+    if set(layout) == {name} or any(index.shape[-1] != shape[-1] for index in layout.values()):
         return None
-    parts, covered = [], 0
-    for key, index in layout.items():
+    out = {key: index[..., 0].reshape(-1).clone() for key, index in layout.items()}
+    taken = torch.cat(list(out.values()))
+    if taken.numel() != rows.shape[:-1].numel() or len(torch.unique(taken)) != taken.numel():
+        return None
+    return out
+
+
+def _assembled(model: torch.nn.Module, name: str, shape: tuple[int, ...], available: dict[str, LazyTensor],
+               prefix: str) -> LazyRows | None:
+    """Parameter ``name`` assembled from the checkpoint keys transformers saves it as
+    (``hub_rows``); None when it is saved as itself or the keys are not all there."""
+    layout = hub_rows(model, name, shape)
+    if layout is None:
+        return None
+    parts = []
+    for key, rows in layout.items():
         found = _checkpoint_key([key], available, prefix)
-        if found is None or index.shape[-1] != shape[-1] or tuple(available[found].shape) != tuple(index.shape):
+        if found is None or available[found].numel() != rows.numel() * shape[-1]:
             return None
-        parts.append((available[found], index[..., 0].reshape(-1).clone()))
-        covered += parts[-1][1].numel()
-    if covered != rows.shape[:-1].numel() or len(torch.unique(torch.cat([r for _, r in parts]))) != covered:
-        return None
+        parts.append((available[found], rows))
     first = parts[0][0]
     return LazyRows(first.path, first.offset, first.stored, shape, first.dtype, stamp=first.stamp, parts=tuple(parts))
 
