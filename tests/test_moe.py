@@ -110,3 +110,22 @@ def test_a_moe_folder_in_the_hub_layout_compiles_from_its_files(qwen3_moe, tmp_p
     assert rel_err(fast(*test).logits, want) < 1e-5
     q = lowbit.compile(tmp_path, recipe="w4a16-rtn", calibration=calibration, progress=False)
     assert len(_experts(q)) == 2 and rel_err(q(*test).logits, want) < 0.35
+
+
+def test_experts_read_one_at_a_time_are_folded_into_linears_and_quantized():
+    """JetMoE's experts index their stack (``W[i]``) once per expert: the selects partition the
+    stack, so they fold into one constant per expert (named ``W.i``) and each is a linear the
+    recipe quantizes, at any size."""
+    import transformers as tf
+
+    cfg = tf.JetMoeConfig(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                          num_local_experts=4, num_experts_per_tok=2, kv_channels=16, intermediate_size=1100)
+    torch.manual_seed(0)
+    model = tf.JetMoeForCausalLM(cfg).eval()
+    q = lowbit.compile(model, make_inputs(model, "ids", 2, 9), recipe="w4a16-rtn", calibration=_calibration(model),
+                       progress=False)
+    experts = [n for n in q.graph.nodes if n.op in ("core.linear", "quant.linear") and ".mlp." in n.loc.module
+               and "router" not in n.loc.module]
+    assert len(experts) == 8 and all(n.op == "quant.linear" for n in experts)
+    assert "model.layers.0.mlp.input_linear.weight.3.q" in q.graph.tensors
+    assert not any("computes from constants" in n for n in q.traced.notes)

@@ -394,3 +394,21 @@ def test_smooth_quant_alpha_auto_picks_the_least_error(weights, acts):
     assert any("smooth-quant: α chosen per region" in n for n in notes), notes
     with pytest.raises(PipelineError, match="alpha: 'best' is neither a number in \\[0, 1\\] nor auto"):
         parse_pipeline("smooth-quant{alpha=best}")
+
+
+def test_a_linear_whose_weight_is_computed_is_named_in_a_note():
+    """A weight the graph computes from constants (here too large to fold, and read twice) is
+    not a constant insert-qdq can round: the layers stay float, and a note says so."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(300, 300))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w * 2) + torch.nn.functional.linear(x, self.w * 3)
+
+    x = torch.randn(2, 300)
+    q = lowbit.compile(Scaled(), (x,), recipe="w4a16-rtn", calibration=[(x,)], progress=False)
+    assert any("2 linear(s) read a weight the graph computes from constants" in n and "stay float" in n
+               for n in q.traced.notes), q.traced.notes

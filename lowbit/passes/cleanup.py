@@ -112,7 +112,9 @@ class RemoveIdentities(Pass):
 class FoldConstants(Pass):
     """Evaluate pure nodes whose operands are all constants and store the result as a new
     constant. A result larger than ``max_elements`` is folded only if its constant operands
-    have no other users (so folding never grows the model)."""
+    have no other users, or if it is one of the slices ``select`` takes of a constant that
+    nothing else reads (a stack of expert weights read one expert at a time: the slices
+    replace it), so folding never grows the model."""
 
     name: ClassVar[str] = "fold-constants"
     summary: ClassVar[str] = "evaluate nodes whose inputs are all constants"
@@ -130,7 +132,8 @@ class FoldConstants(Pass):
                 "arange", "zeros", "ones", "full", "scalar_tensor", "tensor"):
             return False
         if t.numel() > self.max_elements:
-            return all(len(v.users) == 1 for v in node.operands if v is not None) and bool(node.operands)
+            return bool(node.operands) and (all(len(v.users) == 1 for v in node.operands if v is not None)
+                                            or _distinct_selects(node))
         return True
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
@@ -158,11 +161,29 @@ _RESHAPES = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.def
              "aten.squeeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.flatten.using_ints")
 
 
+def _distinct_selects(node: Node) -> bool:
+    """Whether ``node`` selects from a tensor that only selects along one dim read, each at
+    its own index: the selects partition it."""
+    if node.op != "aten.select.int":
+        return False
+    picks = []
+    for user in node.operand(0).users:
+        args = user.attrs["args"].args if user.op == "aten.select.int" else ()
+        if len(args) != 3 or user.operands[0] is not node.operands[0] or not all(isinstance(a, int) for a in args[1:]):
+            return False
+        picks.append(tuple(args[1:]))
+    return len({dim for dim, _ in picks}) == 1 and len(set(picks)) == len(picks)
+
+
 def _folded_name(node: Node, graph: Graph) -> str:
     """The name of a folded node's constant: ``W.mT`` for a named weight ``W`` with its last two
     dims swapped (MoE experts stored [experts, out, in] and read [experts, in, out]), ``W.view``
-    for ``W`` only reshaped (gpt-oss's attention sinks, [heads] read as [1, heads, 1, 1]), so
-    that exports can still say which parameter it is; the node's own name otherwise."""
+    for ``W`` only reshaped (gpt-oss's attention sinks, [heads] read as [1, heads, 1, 1]),
+    ``W.3`` for ``W[3]`` where selects partition ``W`` (JetMoE's experts), so that exports can
+    still say which parameter it is; the node's own name otherwise."""
+    if _distinct_selects(node) and graph.is_constant(node.operand(0)):
+        dim, index = node.attrs["args"].args[1:]
+        return f"{node.operand(0).producer.attrs['name']}.{index}" if dim == 0 else node.result.name
     if node.op in _RESHAPES and graph.is_constant(node.operands[0] if node.operands else None):
         return f"{node.operand(0).producer.attrs['name']}.view"
     if node.op == "aten.transpose.int" and node.operands and graph.is_constant(node.operand(0)):

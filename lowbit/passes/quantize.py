@@ -208,6 +208,21 @@ def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return part.double() if total is None else total.add_(part)
 
 
+def _from_constants(v: Value) -> bool:
+    """Whether ``v`` is computed from constants alone (no graph input reaches it): a weight
+    sliced or reshaped out of a stored tensor, not an activation."""
+    seen, todo = set(), [v]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if x.producer is None:
+            return False  # a graph input
+        todo.extend(x.producer.operands)
+    return True
+
+
 def _matches(loc: str, patterns: str) -> bool:
     return any(fnmatch.fnmatchcase(loc, p.strip()) for p in patterns.split(";") if p.strip())
 
@@ -263,6 +278,13 @@ class InsertQdq(Pass):
     def _targets(self, graph: Graph, ctx: PassContext) -> list[Node]:
         linears = [n for n in graph.nodes if n.op == "core.linear" and graph.is_constant(n.operands[1])
                    and not _matches(n.loc.module, self.skip)]
+        computed = [n.loc.module or n.results[0].name for n in graph.nodes if n.op == "core.linear"
+                    and not graph.is_constant(n.operands[1]) and not _matches(n.loc.module, self.skip)
+                    and _from_constants(n.operands[1])]
+        if computed:
+            ctx.note(f"{self.name}: {len(computed)} linear(s) read a weight the graph computes from constants "
+                     f"({', '.join(dict.fromkeys(computed[:4]))}{', ...' if len(computed) > 4 else ''}): they stay "
+                     "float (only a constant weight is quantized)")
         heads = output_heads(graph)
         if heads and not self.head:
             kept = [n.loc.module or n.results[0].name for n in linears if id(n) in heads]
