@@ -8,7 +8,8 @@ default, ``use_cache=True`` included. ``run_family`` runs the matrix's cells on 
 - ``compile``: ``lowbit.compile`` equal to eager (≤ 1e-4 relative) at the example and at
   another batch size and length;
 - ``w8a8``: calibrated on batches of three lengths (vision: three batch sizes), run at a
-  fourth; ``w4a16``: the same with int4 AWQ weights; ``rotation``: ``w8a8-rot``;
+  fourth; ``w4a16``: the same with int4 AWQ weights; ``rotation``: ``w8a8-rot``; in each,
+  every linear and MoE expert weight but the output head's is quantized;
 - ``onnx``: the ``w8a8`` model exported, run by ONNX Runtime at two shapes against the torch
   backend; ``triton``: ``w8a8`` on the triton backend (the interpreter on a CPU) against the
   torch backend;
@@ -85,6 +86,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),  # multi-head latent
     # attention; its key heads equal its query heads, as in the released configs
     _decoder("phi", "Phi"),  # partial rotary, attention and MLP in parallel off one norm
+    _decoder("olmoe", "Olmoe", num_experts=4, num_experts_per_tok=2),
+    _decoder("qwen2-moe", "Qwen2Moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+             shared_expert_intermediate_size=48),  # routed experts and a gated shared expert
+    _decoder("granitemoe", "GraniteMoe", num_local_experts=4, num_experts_per_tok=2),
+    Family("jetmoe", "JetMoeForCausalLM", "JetMoeConfig", dict(_TEXT, num_local_experts=4, num_experts_per_tok=2,
+                                                                kv_channels=16), "ids"),  # experts indexed W[i],
+    # attention heads as experts too
     Family("bert", "BertModel", "BertConfig", dict(_TEXT)),
     Family("roberta", "RobertaModel", "RobertaConfig", dict(_TEXT)),
     Family("distilbert", "DistilBertModel", "DistilBertConfig",
@@ -256,11 +264,27 @@ def _quantized(run: _Run, recipe: str, from_model: bool = False) -> tuple[object
         if not said:
             raise AssertionError(f"{recipe} left no quantized op and said nothing")
         return compiled, said[0]
+    left = _float_layers(compiled)
+    if left:
+        raise AssertionError(f"{recipe} left {len(left)} layer weight(s) float: {', '.join(left[:4])}")
     err = run.quantized_error(compiled)
     bound = BOUNDS.get(recipe.split("-")[0], BOUNDS.get(recipe, 0.15))
     if err > bound:
         raise AssertionError(f"relative error {err:.3f} vs eager, above {bound}")
     return compiled, ""
+
+
+def _float_layers(compiled) -> list[str]:
+    """The layers (linears and MoE experts, the output head aside) that read a float constant
+    weight after quantization: a recipe quantizes every one or says why not."""
+    from lowbit.passes.quantize import output_heads
+    from lowbit.quant.experts import GROUPED_MM
+
+    graph = compiled.graph
+    heads = output_heads(graph)
+    return [n.loc.module or n.results[0].name for n in graph.nodes
+            if (n.op == "core.linear" or n.op in GROUPED_MM) and id(n) not in heads
+            and graph.is_constant(n.operands[1]) and graph.tensor(n.operands[1]).is_floating_point()]
 
 
 def _cell_w8a8(run: _Run) -> str:

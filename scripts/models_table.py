@@ -31,7 +31,9 @@ keeps its default, `use_cache=True` included. Random weights. The cells:
   and at another batch size and length.
 - **w8a8**: `recipe="w8a8"` calibrated on three batches of lengths 7, 12 and 20 (images and
   audio: batch sizes 1, 2, 3), run at a fourth shape, within {w8a8} relative error of eager.
-- **w4a16**: AWQ int4 weights, the same calibration, within {w4a16}.
+- **w4a16**: AWQ int4 weights, the same calibration, within {w4a16}. In these and the rotation
+  cell every layer's weight but the output head's is quantized, MoE experts included (a float
+  one fails the cell).
 - **rotation**: `w8a8-rot` (fuse-norms, rotate-residual, online Hadamards), within {rotation};
   a note is what the rotation passes said they could not fold (online Hadamards still run).
 - **onnx**: the `w8a8` model exported and run by ONNX Runtime at two shapes, cosine ≥ 0.999
