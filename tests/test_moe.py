@@ -129,3 +129,11 @@ def test_experts_read_one_at_a_time_are_folded_into_linears_and_quantized():
     assert len(experts) == 8 and all(n.op == "quant.linear" for n in experts)
     assert "model.layers.0.mlp.input_linear.weight.3.q" in q.graph.tensors
     assert not any("computes from constants" in n for n in q.traced.notes)
+
+
+def test_awq_says_it_leaves_the_experts_to_insert_qdq(qwen3_moe):
+    model, calibration = qwen3_moe
+    q = lowbit.compile(model, calibration[0], recipe="w4a16", calibration=calibration, progress=False)
+    assert any(n.startswith("awq: 2 MoE expert weight tensor(s) (model.layers.0.mlp.experts) get no AWQ scales")
+               for n in q.traced.notes), q.traced.notes
+    assert all(dq.op == "quant.dequantize" for _, dq in _experts(q))

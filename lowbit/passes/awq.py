@@ -21,6 +21,7 @@ from lowbit.ir.graph import Graph, Node
 from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.smooth import Region, apply_scales, find_regions
 from lowbit.quant.calibrate import RowSample, calibrate
+from lowbit.quant.experts import expert_matmuls, where
 from lowbit.quant.spec import QSpec, parse_qspec
 from lowbit.quant.weights import fake_quantize, group_view
 
@@ -84,6 +85,11 @@ class Awq(Pass):
         spec = parse_qspec(self.weights, f"{self.name}.weights")
         batches = ctx.require_calibration(self.name)
         regions = find_regions(graph)
+        experts = expert_matmuls(graph)
+        if experts:
+            ctx.note(f"{self.name}: {len(experts)} MoE expert weight tensor(s) ({where(experts)}) "
+                     "get no AWQ scales or clipping (they read a routed copy of their input); insert-qdq rounds "
+                     "them with its own spec")
         samples = self._sample(graph, batches, [r.x for r in regions], ctx)
         for r in regions:
             weights = [graph.tensor(u.operand(1)).float() for u in r.consumers]

@@ -32,6 +32,7 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.rewriter import single_user
 from lowbit.quant.calibrate import RowSample, calibrate
+from lowbit.quant.experts import expert_matmuls, where
 from lowbit.quant.observers import TensorStats
 from lowbit.quant.spec import parse_qspec
 from lowbit.quant.weights import fake_quantize
@@ -167,6 +168,10 @@ class SmoothQuant(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         regions = find_regions(graph, self.explicit)
+        experts = expert_matmuls(graph)
+        if experts:
+            ctx.note(f"{self.name}: {len(experts)} MoE expert weight tensor(s) ({where(experts)}) "
+                     "are not smoothed (they read a routed copy of their input)")
         if not regions:
             return False
         search = self.alpha == "auto"

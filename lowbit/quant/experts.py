@@ -48,6 +48,12 @@ def expert_matmuls(graph: Graph) -> list[Node]:
     return out
 
 
+def where(nodes: list[Node]) -> str:
+    """The MoE layers of ``nodes`` for a note: the first and the last module path."""
+    paths = list(dict.fromkeys(n.loc.module or n.results[0].name for n in nodes))
+    return paths[0] if len(paths) == 1 else f"{paths[0]} … {paths[-1]}"
+
+
 def expert_spec(spec: QSpec, in_features: int) -> QSpec:
     """A group as wide as the inputs or wider is one scale per output channel."""
     if spec.granularity == "group" and spec.group_size >= in_features:
