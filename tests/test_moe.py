@@ -80,6 +80,8 @@ def test_quantized_moe_runs_in_onnx_runtime_and_saves(qwen3_moe, recipe, bound, 
 
     model, calibration = qwen3_moe
     q = lowbit.compile(model, calibration[0], recipe=recipe, calibration=calibration, progress=False)
+    if recipe.endswith("gptq"):  # 86 calibration tokens, top 2 of 4 experts: fewer rows than the 64 inputs
+        assert any("MoE experts' GPTQ saw fewer calibration rows than their inputs" in n for n in q.traced.notes)
     test = make_inputs(model, "ids", 2, 15, seed=7)
     with torch.no_grad():
         assert rel_err(q(*test).logits, model(*test).logits) < bound
@@ -137,3 +139,12 @@ def test_awq_says_it_leaves_the_experts_to_insert_qdq(qwen3_moe):
     assert any(n.startswith("awq: 2 MoE expert weight tensor(s) (model.layers.0.mlp.experts) get no AWQ scales")
                for n in q.traced.notes), q.traced.notes
     assert all(dq.op == "quant.dequantize" for _, dq in _experts(q))
+
+
+def test_a_weight_override_reaches_the_experts(qwen3_moe):
+    model, calibration = qwen3_moe
+    q = lowbit.compile(model, calibration[0], pipeline="insert-qdq{weights=int4/group32/sym,"
+                       "weights_override=*.experts>int8/channel}", calibration=calibration, progress=False)
+    codes = [dq.operand(0) for _, dq in _experts(q)]
+    assert [str(c.tensor_type.dtype) for c in codes] == ["DType.i8"] * 2
+    assert max(int(q.graph.tensor(c).abs().max()) for c in codes) > 7  # int8 codes, not int4 ones

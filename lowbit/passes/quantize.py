@@ -321,8 +321,8 @@ class InsertQdq(Pass):
             for node in linears:
                 self._quantize_weight(graph, node, self._layer_spec(node, wspec, graph), None)
             for node in experts:
-                w = graph.tensor(node.operand(1))
-                self._set_weight(graph, node, wspec, round_experts(w, self._expert_spec(node, wspec)))
+                spec = self._expert_spec(node, wspec)
+                self._set_weight(graph, node, spec, round_experts(graph.tensor(node.operand(1)), spec))
         if experts:
             self._note_experts(ctx, experts, wspec)
         self._quantize_conv_weights(graph, ctx, convs, wspec)
@@ -438,6 +438,7 @@ class InsertQdq(Pass):
         waiting: list[tuple[Node, torch.Tensor]] = []  # rounded in this block; used once it is done
         marked, current = None, None
         moved: list[tuple[float, int, str]] = []  # float_target: (fraction applied, tokens, layer)
+        starved = [0, 0]  # MoE experts that saw fewer calibration rows than their inputs, of all
         with torch.no_grad(), bar:
             for x, nodes in order:
                 block = blocks.index(block_of(nodes[0].loc.module))
@@ -462,9 +463,11 @@ class InsertQdq(Pass):
                 if nodes[0].op in GROUPED_MM:
                     node = nodes[0]
                     spec = self._expert_spec(node, wspec)
-                    rounded, _ = gptq_experts(graph.tensor(node.operand(1)), spec,
-                                              lambda: zip(sweep.values(x), sweep.values(node.operand(2))),
-                                              damp=self.damp, act_order=self.act_order, refit=self.refit)
+                    rounded, seen = gptq_experts(graph.tensor(node.operand(1)), spec,
+                                                 lambda: zip(sweep.values(x), sweep.values(node.operand(2))),
+                                                 damp=self.damp, act_order=self.act_order, refit=self.refit)
+                    starved[0] += int((seen < node.operand(1).tensor_type.shape[1]).sum())
+                    starved[1] += seen.numel()
                     self._rounded(graph, node, spec, rounded, fresh if ckpt else None, waiting, pinned, ex)
                     continue
                 fx = None
@@ -491,6 +494,10 @@ class InsertQdq(Pass):
         if ckpt:
             ckpt.clear()
         self._note_moved(ctx, moved)
+        if starved[0]:
+            ctx.note(f"{self.name}: {starved[0]} of {starved[1]} MoE experts' GPTQ saw fewer calibration rows than "
+                     "their inputs; their Hessians lean on the layer's pooled statistics (more calibration tokens "
+                     "reach more experts)")
 
     def _rounded(self, graph: Graph, node: Node, spec: QSpec, rounded: Rounded, fresh: dict | None,
                  waiting: list[tuple[Node, torch.Tensor]], pinned: list[Node], ex) -> None:
