@@ -464,16 +464,19 @@ def _expert_linears(graph: Graph, skeleton: torch.nn.Module, expected: dict) -> 
                               "a recipe with symmetric weights")
         experts, cin, cout = q.shape
         group = int(dq.attrs["group_size"])
-        rows = lambda t: t.transpose(1, 2).reshape(experts * cout, t.shape[1])  # [experts·out, in or groups]
+        per_channel = group >= cin  # one group spanning the inputs: a scale per output channel
+
+        def rows(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+            """The rows ``index`` of t [experts, in or groups, out] seen as [experts·out, in or groups]."""
+            if t is None:
+                return None
+            picked = t.transpose(1, 2).reshape(experts * cout, t.shape[1])[index]
+            return picked[:, 0] if per_channel and t is not q else picked
+
         for key, index in layout.items():
-            per_channel = group >= cin
-            s = rows(scale)[index]
-            z = None if zp is None else rows(zp)[index]
             out[key.removesuffix(".weight")] = _Linear(
-                node, rows(q)[index], s[:, 0] if per_channel else s, None if z is None else (z[:, 0] if per_channel
-                                                                                            else z),
-                None, 0 if per_channel else 1, None if per_channel else group, None,
-                codes=dq.operand(0).tensor_type.dtype)
+                node, rows(q, index), rows(scale, index), rows(zp, index), None, 0 if per_channel else 1,
+                None if per_channel else group, None, codes=dq.operand(0).tensor_type.dtype)
         stacked.add(param)
     return out, stacked
 
