@@ -2,8 +2,8 @@
 matrix that checks what lowbit does with each.
 
 Every family is its transformers model class built from its config class with only the sizes
-made small (width, depth, heads, vocabulary, image size); every other setting keeps its
-default, ``use_cache=True`` included. ``run_family`` runs the matrix's cells on one family:
+made small (width, depth, heads, vocabulary, image size, a scan's chunk); every other setting
+keeps its default, ``use_cache=True`` included. ``run_family`` runs the matrix's cells on one family:
 
 - ``compile``: ``lowbit.compile`` equal to eager (≤ 1e-4 relative) at the example and at
   another batch size and length;
@@ -93,6 +93,20 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("jetmoe", "JetMoeForCausalLM", "JetMoeConfig", dict(_TEXT, num_local_experts=4, num_experts_per_tok=2,
                                                                 kv_channels=16), "ids"),  # experts indexed W[i],
     # attention heads as experts too
+    # recurrent layers, their states in the cache beside attention's keys and values:
+    _decoder("lfm2", "Lfm2", num_hidden_layers=2, layer_types=["conv", "full_attention"]),  # short convolutions
+    Family("mamba2", "Mamba2ForCausalLM", "Mamba2Config", dict(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                                                state_size=8, num_heads=8, head_dim=16, n_groups=1,
+                                                                chunk_size=16), "ids"),  # state-space layers only
+    # (no attention); chunks of 16, so that the calibration and test prompts span several
+    _decoder("falcon-h1", "FalconH1", mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+             mamba_n_groups=1, mamba_chunk_size=16),  # a Mamba-2 mixer and attention side by side in every layer
+    _decoder("granitemoehybrid", "GraniteMoeHybrid", num_hidden_layers=2, layer_types=["mamba", "attention"],
+             mamba_d_state=8, mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1, num_local_experts=4,
+             num_experts_per_tok=2, shared_intermediate_size=32, mamba_chunk_size=16),  # Granite 4: Mamba-2
+    # and attention layers, MoE
+    _decoder("nemotron-h", "NemotronH", num_hidden_layers=3, layers_block_type=["mamba", "attention", "mlp"],
+             ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=32, n_groups=1, chunk_size=16),
     Family("bert", "BertModel", "BertConfig", dict(_TEXT)),
     Family("roberta", "RobertaModel", "RobertaConfig", dict(_TEXT)),
     Family("distilbert", "DistilBertModel", "DistilBertConfig",
@@ -349,6 +363,8 @@ def _cell_generate(run: _Run) -> str:
     quantized = run.quantized or _quantized(run, "w8a8")[0]
     import lowbit
 
+    if fast.cache_bytes_per_token() == 0:
+        return "no attention layer: the cache is the recurrent layers' states, which stay float"
     q = lowbit.compile(quantized.traced, kv_cache="int8", calibration=run.calibration(), progress=False)
     if q.generate(prompt, max_new_tokens=4).shape[1] < 7 or q.cache_bytes_per_token() >= fast.cache_bytes_per_token():
         raise AssertionError("the int8 cache did not generate from a smaller cache")

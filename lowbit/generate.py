@@ -93,9 +93,14 @@ def generate(module, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 
 def cache_bytes_per_token(graph, decoder) -> int:
     """Bytes the key/value cache holds per token and sequence, over all layers (from the cache
-    inputs' types: a dim other than ``batch`` and ``past`` must be static)."""
+    inputs' types: a dim other than ``batch`` and ``past`` must be static). Recurrent layers'
+    states (Mamba, gated DeltaNet, short convolutions) are a fixed size per sequence whatever
+    its length, and are not counted."""
     total = 0
+    states = {id(v) for v in decoder.state_inputs(graph)}
     for value in decoder.cache_inputs(graph):
+        if id(value) in states:
+            continue
         shape = [d for d in value.type.shape if d not in ("batch", "past")]
         if not all(isinstance(d, int) for d in shape):
             raise ValueError(f"cache input {value.name} has a dynamic dim other than batch and past: {value.type}")

@@ -24,8 +24,9 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "models.md"
 INTRO = """# Models: the coverage matrix
 
 Each row is a transformers architecture built from its config class with only the sizes made
-small (width 64, one or two layers, 4 heads, vocabulary 256, 32×32 images); every other setting
-keeps its default, `use_cache=True` included. Random weights. The cells:
+small (width 64, one to three layers, 4 heads, vocabulary 256, 32×32 images, Mamba-2 scans in
+chunks of 16 tokens); every other setting keeps its default, `use_cache=True` included. Random
+weights. The cells:
 
 - **compile**: `lowbit.compile(model, example)` equals eager (≤ 1e-4 relative) at the example
   and at another batch size and length.
@@ -40,9 +41,15 @@ keeps its default, `use_cache=True` included. Random weights. The cells:
   against the torch backend.
 - **triton**: `w8a8` on the triton backend (Triton's interpreter here, no GPU), within 1e-2 of
   the torch backend.
-- **generate** (causal LMs, traced as one decode step with their key/value cache): 12 greedy
-  tokens equal transformers' `generate`, and the `w8a8` model generates with an int8 cache of
-  fewer bytes; — for models that do not generate.
+- **generate** (causal LMs, traced as one decode step with their key/value cache, and the
+  recurrent layers' states where they have them): 12 greedy tokens equal transformers'
+  `generate`, and the `w8a8` model generates with an int8 cache of fewer bytes (a note for a
+  model without attention layers, whose states stay float); — for models that do not generate.
+
+Hybrid and state-space models whose transformers code loops over a sequence's tokens or chunks
+in Python (Mamba, Falcon-Mamba, Jamba, Qwen3-Next, Qwen3.5, RecurrentGemma) are not in the
+matrix: torch.export fixes the loop's count, so lowbit traces them at the example's length and
+says so in a note (see the README's "Hybrid and state-space models").
 
 Written by `python scripts/models_table.py`; `tests/test_families.py` runs the same matrix in CI.
 """

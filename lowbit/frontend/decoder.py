@@ -29,6 +29,7 @@ from lowbit.frontend.inputs import Call
 from lowbit.ir.graph import Graph
 
 STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+STATE_NAME = re.compile(r"past_\d+_(conv|state)\d*$")  # a recurrent layer's state (CacheEntry.name)
 
 
 def input_ids(call: Call) -> torch.Tensor | None:
@@ -60,6 +61,102 @@ def cache_unsupported(model: torch.nn.Module, example: Call) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """One tensor of a layer's cache: attention's ``key`` and ``value`` ([batch, kv_heads, past,
+    head_dim], growing by the step's tokens), or a recurrent layer's fixed-size state (Mamba,
+    gated DeltaNet, short convolutions: ``conv``, the last inputs of its causal convolution,
+    and ``state``, the recurrence's state), replaced by each step. ``index`` numbers the states
+    of a layer that holds several."""
+
+    layer: int
+    kind: str  # "key" | "value" | "conv" | "state"
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"past_{self.layer}_{self.kind}{self.index or ''}"
+
+    @property
+    def grows(self) -> bool:
+        return self.kind in ("key", "value")
+
+
+def cache_layout(cache) -> list[CacheEntry]:
+    """The tensors of a transformers cache after a prompt, layer by layer."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    layout = []
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for j in range(layer.number_of_states):
+                layout += [CacheEntry(i, kind, j) for kind, states in (("conv", layer.conv_states),
+                                                                        ("state", layer.recurrent_states))
+                           if states.get(j) is not None]
+        if getattr(layer, "keys", None) is not None:
+            layout += [CacheEntry(i, "key"), CacheEntry(i, "value")]
+    return layout
+
+
+def _layer_tensor(layer, entry: CacheEntry) -> torch.Tensor:
+    if entry.grows:
+        return layer.keys if entry.kind == "key" else layer.values
+    return (layer.conv_states if entry.kind == "conv" else layer.recurrent_states)[entry.index]
+
+
+def build_cache(layout: Sequence[CacheEntry], tensors: Sequence[torch.Tensor]):
+    """A transformers ``DynamicCache`` holding ``tensors`` as ``layout`` lays them out.
+
+    Attention layers get full ``DynamicLayer``s (see :class:`DecoderStep`). A recurrent
+    layer's states are taken as the state before the step, zeros for a prompt: a convolution
+    over zeros before the first token and a recurrence started from zero are what the model
+    computes without a cache. The states are copies, so the model's in-place updates do not
+    write to the graph's inputs."""
+    from transformers.cache_utils import (DynamicCache, DynamicLayer, LinearAttentionAndFullAttentionLayer,
+                                          LinearAttentionLayer)
+
+    by_layer: dict[int, dict[CacheEntry, torch.Tensor]] = {}
+    for entry, t in zip(layout, tensors):
+        by_layer.setdefault(entry.layer, {})[entry] = t
+    layers = []
+    for i in range(max(by_layer, default=-1) + 1):
+        held = by_layer.get(i, {})
+        states = [e for e in held if not e.grows]
+        attention = any(e.grows for e in held)
+        if not states:
+            layer = DynamicLayer()
+        else:
+            n = max(e.index for e in states) + 1
+            layer = (LinearAttentionAndFullAttentionLayer if attention else LinearAttentionLayer)(number_of_states=n)
+            for e in states:
+                t = held[e].clone()
+                layer.dtype, layer.device = t.dtype, t.device
+                if e.kind == "conv":
+                    layer.conv_states[e.index], layer.conv_kernel_size[e.index] = t, t.shape[-1]
+                    layer.is_conv_states_initialized[e.index] = True
+                else:
+                    layer.recurrent_states[e.index] = t
+                    layer.is_recurrent_states_initialized[e.index] = True
+                layer.has_previous_state[e.index] = True
+        if attention:
+            layer.update(held[CacheEntry(i, "key")], held[CacheEntry(i, "value")])
+        layers.append(layer)
+    return DynamicCache() if not layers else _cache_of(layers)
+
+
+def _cache_of(layers: list):
+    from transformers.cache_utils import Cache, DynamicCache
+
+    cache = DynamicCache()
+    Cache.__init__(cache, layers=layers)
+    return cache
+
+
+def cache_tensors(cache, layout: Sequence[CacheEntry]) -> list[torch.Tensor]:
+    """The cache's tensors after a step, in ``layout``'s order."""
+    return [_layer_tensor(cache.layers[e.layer], e) for e in layout]
+
+
 class DecoderStep(torch.nn.Module):
     """``model`` as one decode step over tensors (see the module docstring).
 
@@ -69,24 +166,21 @@ class DecoderStep(torch.nn.Module):
     ``past``, one dynamic dim; trimmed caches (GPT-OSS, Gemma 2/3 past their windows) would
     stop at the window while the others grow, which one graph cannot type."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, layout: Sequence[CacheEntry]):
         super().__init__()
         self.model = model
+        self.layout = tuple(layout)
         self.cache_arg = _cache_parameter(model)
         # ALiBi models (Bloom, MPT) place tokens by the mask alone: the step still takes the
         # positions, so that every decode step has the same inputs, and leaves them unread
         self.positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list):
-        from transformers.cache_utils import DynamicCache
-
-        pairs = [(past_key_values[i], past_key_values[i + 1]) for i in range(0, len(past_key_values), 2)]
-        cache = DynamicCache(pairs)  # full layers, the window by the mask (see above)
+        cache = build_cache(self.layout, past_key_values)
         where = {"position_ids": position_ids} if self.positions else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                          **where, **{self.cache_arg: cache})
-        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-        return out.logits, present
+        return out.logits, cache_tensors(cache, self.layout)
 
 
 def positions_from_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
@@ -116,6 +210,10 @@ class DecoderIO:
     def cache_inputs(self, graph: Graph) -> list:
         return graph.inputs[len(STEP_INPUTS):]
 
+    def state_inputs(self, graph: Graph) -> list:
+        """The cache inputs that are recurrent layers' fixed-size states (see ``CacheEntry``)."""
+        return [v for v in self.cache_inputs(graph) if STATE_NAME.match(v.name)]
+
     def empty_cache(self, graph: Graph, batch: int, device: torch.device | None = None) -> list[torch.Tensor]:
         """A cache of length 0 for ``batch`` sequences, in the graph's cache types."""
         out = []
@@ -139,17 +237,20 @@ class DecoderIO:
 
     def warm_leaves(self, graph: Graph, call: Call) -> list:
         """Inputs of a step that has a cache: the call's tokens as a 5-token prompt of 2
-        sequences, run through ``graph``, then 3 more tokens with the cache it returned (an
-        export traced on an empty cache would take ``past`` for the constant 0)."""
+        sequences, run through ``graph``, then 3 more tokens (recurrent layers: several chunks'
+        worth) with the cache it returned (an export traced on an empty cache would take
+        ``past`` for the constant 0)."""
         from lowbit.ir.interpreter import run_graph
 
         ids = input_ids(call)
-        tokens = ids.reshape(-1).repeat(16 // max(ids.numel(), 1) + 1)[:16].reshape(2, 8)
+        new = chunk_span(self.model_config) if self.state_inputs(graph) else 3  # see chunk_span
+        n = 2 * (5 + new)
+        tokens = ids.reshape(-1).repeat(n // max(ids.numel(), 1) + 1)[:n].reshape(2, 5 + new)
         prompt = self.step_leaves(((tokens[:, :5],), {}), graph)
         with torch.no_grad():
             cache = run_graph(graph, prompt)[1:]
         mask = torch.ones_like(tokens)
-        return [tokens[:, 5:], mask, positions_from_mask(mask, 3), *cache]
+        return [tokens[:, 5:], mask, positions_from_mask(mask, new), *cache]
 
     def user_outputs(self, outputs: Sequence) -> object:
         return pytree.tree_unflatten([outputs[0]], self.out_spec)
@@ -169,11 +270,75 @@ def _genai_name(name: str, prefix: str) -> str:
     return f"{prefix}.{match.group(1)}.{match.group(2)}" if match else f"{prefix}.{name}"
 
 
-def step_example(model: torch.nn.Module, ids: torch.Tensor) -> tuple[tuple, dict]:
-    """A decode-step call on tokens from ``ids``: batch 2, 3 new tokens after 5 cached ones
+def chunk_span(config: dict) -> int:
+    """New tokens for the example step of a model with recurrent layers (``config``: the
+    model's, as a dict): more than two of the chunks its scan splits a sequence into (a
+    config's ``*chunk_size``, else 64, gated DeltaNet's), and not a multiple of one.
+    torch.export takes a size that is 1 in the example for a constant, so a one-chunk example
+    would give a graph that is wrong past one chunk."""
+    def sizes(d: dict) -> list[int]:
+        found = [v for k, v in d.items() if str(k).endswith("chunk_size") and isinstance(v, int) and v > 1]
+        return found + [n for v in d.values() if isinstance(v, dict) for n in sizes(v)]
+
+    return 2 * max(sizes(config), default=64) + 5
+
+
+def check_lengths(graph: Graph, model: torch.nn.Module, ids: torch.Tensor, length: int) -> float:
+    """Relative error of the traced step's logits on a prompt of ``length`` tokens (from an
+    empty cache) against the model's own: a trace that holds only at the example's length shows
+    here (torch.export may turn a loop over the sequence's chunks into a fixed count)."""
+    from lowbit.ir.interpreter import run_graph
+
+    flat = ids.reshape(-1)
+    tokens = flat.repeat(2 * length // max(flat.numel(), 1) + 1)[:2 * length].reshape(2, length).to(ids.device)
+    mask = torch.ones_like(tokens)
+    cache = [torch.zeros([d if isinstance(d, int) else (2 if d == "batch" else 0) for d in v.type.shape],
+                         dtype=v.type.dtype.storage, device=ids.device) for v in graph.inputs[len(STEP_INPUTS):]]
+    with torch.no_grad():
+        try:
+            got = run_graph(graph, [tokens, mask, positions_from_mask(mask, length), *cache])[0].float()
+        except Exception:  # noqa: BLE001 - a shape the trace fixed: the graph fails at another length
+            return float("inf")
+        want = model(input_ids=tokens, use_cache=False).logits.float()
+    if got.shape != want.shape:
+        return float("inf")
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def _check_continues(model: torch.nn.Module, tokens: torch.Tensor, past: int, layout: list[CacheEntry],
+                     example: list[torch.Tensor]) -> None:
+    """For a model with recurrent layers: the step run on a prompt from zero states, then on the
+    rest with the states it returned, gives the logits of the model run on the whole sequence.
+    Some transformers models (Mamba, Jamba) restart their recurrence on every call of more than
+    one token and read the state only when one token comes: their cache cannot be traced as
+    one step, and this raises ``TypeError`` (the trace then runs without the cache)."""
+    if all(e.grows for e in layout):
+        return
+    step = DecoderStep(model, layout)
+    empty = [torch.zeros(*t.shape[:2], 0, *t.shape[3:], dtype=t.dtype, device=t.device) if e.grows
+             else torch.zeros_like(t) for e, t in zip(layout, example)]
+    mask = torch.ones_like(tokens)
+    try:
+        with torch.no_grad():
+            head, cache = step(tokens[:, :past], mask[:, :past], positions_from_mask(mask[:, :past], past), empty)
+            tail, _ = step(tokens[:, past:], mask, positions_from_mask(mask, tokens.shape[1] - past), cache)
+            whole = model(input_ids=tokens, use_cache=False).logits
+    except RuntimeError as e:
+        raise TypeError(f"{type(model).__name__} does not run a step after its cached states: "
+                        f"{str(e).strip().splitlines()[0]}") from e
+    got = torch.cat([head, tail], 1).float()
+    err = ((got - whole.float()).abs().max() / whole.float().abs().max().clamp_min(1e-30)).item()
+    if not err <= 1e-3:
+        raise TypeError(f"{type(model).__name__}'s recurrent layers do not continue from their cached state on a "
+                        f"call of several tokens (logits differ from the whole sequence's by {err:.1e} relative)")
+
+
+def step_example(model: torch.nn.Module, ids: torch.Tensor, new: int = 3) -> tuple[tuple, tuple, list[CacheEntry]]:
+    """A decode-step call on tokens from ``ids``: batch 2, ``new`` tokens after 5 cached ones
     (sizes that differ, so torch.export keeps every dim its own symbol), with the cache the
-    model itself computes for the first 5; and the dynamic dims of each input."""
-    batch, past, new = 2, 5, 3
+    model itself computes for the first 5; the dynamic dims of each input; and the cache's
+    layout."""
+    batch, past = 2, 5
     flat = ids.reshape(-1)
     tokens = flat.repeat((batch * (past + new)) // max(flat.numel(), 1) + 1)[:batch * (past + new)]
     tokens = tokens.reshape(batch, past + new).to(ids.device)
@@ -185,13 +350,14 @@ def step_example(model: torch.nn.Module, ids: torch.Tensor) -> tuple[tuple, dict
         cache = out.get("cache") if "cache" in out else out.get("past_key_values")
     if cache is None or not hasattr(cache, "layers"):
         raise TypeError(f"{type(model).__name__} returned no transformers cache")
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
-    if any(k is None or v is None or k.dim() != 4 for k, v in layers):
+    layout = cache_layout(cache)
+    flat_cache = cache_tensors(cache, layout)
+    if not layout or any(t is None or (e.grows and t.dim() != 4) for e, t in zip(layout, flat_cache)):
         raise TypeError(f"{type(model).__name__}'s cache is not [batch, heads, length, dim] per layer")
-    flat_cache = [t for kv in layers for t in kv]
     mask = torch.ones(batch, past + new, dtype=torch.long, device=ids.device)
     pos = torch.arange(past, past + new, device=ids.device).expand(batch, new)
     call = (tokens[:, past:], mask, pos, flat_cache)
     shapes = ({0: "batch", 1: "seq"}, {0: "batch", 1: "total"}, {0: "batch", 1: "seq"},
-              [{0: "batch", 2: "past"} for _ in flat_cache])
-    return call, shapes
+              [{0: "batch", 2: "past"} if e.grows else {0: "batch"} for e in layout])
+    _check_continues(model, tokens, past, layout, flat_cache)
+    return call, shapes, layout

@@ -211,10 +211,11 @@ def _varying_axes(leaves: list, names: list[str], spec: pytree.TreeSpec, samples
 
 
 def check_shapes(graph: Graph, leaves: list, names: list[str],
-                 ranges: dict[str, tuple[int, int | None]], what: str = "input") -> None:
+                 ranges: dict[str, tuple[int, int | None]], what: str = "input", fixed_why: str | None = None) -> None:
     """Each tensor in ``leaves`` fits its graph input: its rank, its static dims, and each
     symbolic dim within its range and equal wherever the same symbol stands. torch.export
-    gives a lower bound of 2 where it only avoided specializing 0/1; a size of 1 is served."""
+    gives a lower bound of 2 where it only avoided specializing 0/1; a size of 1 is served.
+    ``fixed_why``: why the trace fixed dims the user asked to be dynamic (the trace's note)."""
     if len(leaves) != len(graph.inputs):
         return
     if len(names) != len(leaves):
@@ -228,15 +229,15 @@ def check_shapes(graph: Graph, leaves: list, names: list[str],
             got = f"shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else type(leaf).__name__
             raise InputError(f"{what} {name}: expected a tensor of shape {_show(shape)}, got {got}")
         for axis, (d, n) in enumerate(zip(shape, leaf.shape)):
-            _check_dim(d, int(n), f"{what} {name} dim {axis}", ranges, seen)
+            _check_dim(d, int(n), f"{what} {name} dim {axis}", ranges, seen, fixed_why)
 
 
-def _check_dim(d: int | str, n: int, where: str, ranges: dict, seen: dict) -> None:
+def _check_dim(d: int | str, n: int, where: str, ranges: dict, seen: dict, fixed_why: str | None = None) -> None:
     if isinstance(d, int):
         if d != n:
-            raise InputError(f"{where} is {n}, but the model was traced with this dim fixed at {d}; "
-                             "trace it with an example or a calibration batch of another size "
-                             "there to make it dynamic")
+            raise InputError(f"{where} is {n}, but the model was traced with this dim fixed at {d}"
+                             + (f" ({fixed_why})" if fixed_why else "; trace it with an example or a calibration "
+                                "batch of another size there to make it dynamic"))
         return
     if not d.isidentifier():
         return  # an expression of other dims (e.g. s0*2): checked through those

@@ -22,12 +22,14 @@ from torch.utils import _pytree as pytree
 from lowbit.errors import TraceError
 from lowbit.frontend.caches import drop_caches, without_cache
 from lowbit.frontend.convert import convert_program
-from lowbit.frontend.decoder import DecoderIO, DecoderStep, cache_unsupported, input_ids, step_example
+from lowbit.frontend.decoder import (DecoderIO, DecoderStep, cache_unsupported, check_lengths, chunk_span, input_ids,
+                                    step_example)
 from lowbit.frontend.inputs import (Call, align, check_shapes, drop_kwargs, example_call, leaf_names,
                                     plan_shapes, unnamed_kwargs)
 from lowbit.frontend.noise import quiet
 from lowbit.frontend.weights import bind_weights, eager_on_placeholders, is_weightless, weightless_model
 from lowbit.ir.graph import Graph
+from lowbit.ir.types import TensorType
 from lowbit.ir.store import TensorStore
 
 
@@ -71,12 +73,13 @@ class TracedModel:
             raise TypeError(f"{what} does not have the traced structure:\n got {spec}\n want {self.in_spec}")
         if self.decoder is not None:
             leaves = self.decoder.step_leaves(call, self.graph)
-        check_shapes(self.graph, leaves, self._input_labels, self.dim_ranges, what)
+        self.check(leaves, what)
         return leaves
 
     def check(self, leaves: list, what: str = "input") -> None:
         """``leaves`` fit the graph's inputs (see ``check_shapes``)."""
-        check_shapes(self.graph, leaves, self._input_labels, self.dim_ranges, what)
+        why = next((n for n in self.notes if f" {FIXED_BY_TRACE} the example" in n), None)
+        check_shapes(self.graph, leaves, self._input_labels, self.dim_ranges, what, fixed_why=why)
 
     @functools.cached_property
     def _example(self) -> Call:
@@ -193,6 +196,13 @@ def export_model(model: torch.nn.Module, call: Call, dynamic_shapes: object) -> 
                 + f"\n  torch says ({type(e).__name__}):\n    {reason_text}") from e
 
 
+FIXED_BY_TRACE = "fixed at"  # what a note says of a dim the trace could not keep dynamic
+
+
+class FixedLength(TypeError):
+    """A decode step whose graph holds at the example's sequence length only."""
+
+
 def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict | None = None,
           dynamic_shapes: object = None, canonicalize: bool = True, samples: Iterable[Call] = (),
           cache: bool | None = None) -> TracedModel:
@@ -226,6 +236,11 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
         if why is None:
             try:
                 return _finish(trace_step(model, example), model, ignored, canonicalize)
+            except FixedLength as e:
+                why = str(e).splitlines()[0]
+                if dynamic_shapes is None and not cache:  # the same loop fixes the prompt's length too
+                    dynamic_shapes = batch_only(model, example)
+                    why += f"; its sequence length is {FIXED_BY_TRACE} the example's ({input_ids(example).shape[1]})"
             except (TraceError, TypeError) as e:
                 why = str(e).splitlines()[0]
         if cache:
@@ -242,10 +257,27 @@ def trace(model: torch.nn.Module, example_inputs: object = (), *, kwargs: dict |
     finally:
         model.train(was_training)
     graph, ranges = convert_program(ep, plan.axis_names)
+    names = leaf_names(plan.trace_call)
+    fixed = [f"{name} dim {axis}" for value, name, axes in zip(graph.inputs, names, plan.axis_names)
+             for axis in axes if isinstance(value.type, TensorType) and isinstance(value.type.shape[axis], int)] \
+        if len(names) == len(graph.inputs) == len(plan.axis_names) else []
+    if fixed:
+        fallback.append(f"{type(model).__name__}'s {', '.join(fixed)} {FIXED_BY_TRACE} the example's size by "
+                        "torch.export: the model's code depends on it (a Python loop over the sequence, or a "
+                        "branch on its length)")
     traced = TracedModel(graph, ep.call_spec.in_spec, drop_caches(ep.call_spec.out_spec), example[0],
                          notes=(fallback or cache_notes) + plan.notes, dim_ranges=ranges,
                          example_kwargs=example[1])
     return _finish(traced, model, ignored, canonicalize)
+
+
+def batch_only(model: torch.nn.Module, example: Call) -> dict:
+    """``dynamic_shapes`` for ``example`` (by parameter name) with only the batch dim of each
+    tensor dynamic."""
+    import inspect
+
+    bound = inspect.signature(model.forward).bind(*example[0], **example[1]).arguments
+    return {name: {0: "batch"} if isinstance(v, torch.Tensor) and v.dim() else None for name, v in bound.items()}
 
 
 def _finish(traced: TracedModel, model: torch.nn.Module, ignored: list[str], canonicalize: bool) -> TracedModel:
@@ -274,24 +306,38 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     model.eval()
     try:
         with torch.no_grad(), eager_on_placeholders(model):
-            call, shapes = step_example(model, ids)
+            call, shapes, layout = step_example(model, ids)
+            recurrent = not all(e.grows for e in layout)
+            if recurrent:  # a scan over chunks: the example spans several (see chunk_span)
+                config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
+                call, shapes, layout = step_example(model, ids, chunk_span(config))
             with without_cache(model):  # the model's own output structure, minus the cache
                 out_spec = drop_caches(pytree.tree_structure(model(*args, **kwargs)))
-            step = DecoderStep(model)
+            step = DecoderStep(model, layout)
             plan = plan_shapes(step, (call, {}), shapes)
             ep = export_model(step, plan.trace_call, plan.export_shapes)
+        graph, ranges = convert_program(ep, plan.axis_names)
+        if recurrent and not is_weightless(model):
+            length = 2 * call[0].shape[1] + 7
+            err = check_lengths(graph, model, ids, length)
+            if not err <= 1e-3:
+                differ = "the trace fails" if err == float("inf") else \
+                    f"the trace's logits differ from the model's by {err:.1e} relative"
+                raise FixedLength(f"its recurrent layers trace for the example's length only: at {length} tokens "
+                                  f"{differ} (torch.export fixed the count of a loop over the sequence)")
     finally:
         model.train(was_training)
-    graph, ranges = convert_program(ep, plan.axis_names)
     _drop_wrapper_prefix(graph, "model")
-    n_layers = len(call[3]) // 2
-    for value, name in zip(graph.inputs[3:], [f"past_{i}_{k}" for i in range(n_layers) for k in ("key", "value")]):
-        value.name = graph.fresh_name(name)
+    n_layers = 1 + max(e.layer for e in layout)
+    for value, entry in zip(graph.inputs[3:], layout):
+        value.name = graph.fresh_name(entry.name)
     for dim, lowest in (("past", 0), ("total", 1), ("seq", 1), ("batch", 1)):
         ranges[dim] = (lowest, ranges.get(dim, (0, None))[1])  # torch's lower bounds avoid 0/1 only
     in_spec = pytree.tree_structure((tuple(args), dict(kwargs)))
+    states = sum(not e.grows for e in layout)
     notes = [f"{type(model).__name__} is traced as one decode step: its key/value cache of {n_layers} layers "
-             "is an input and an output of the graph (generate() feeds it back)"]
+             + (f"(and the {states} fixed-size states of its recurrent layers) " if states else "")
+             + "is an input and an output of the graph (generate() feeds it back)"]
     config = getattr(model, "generation_config", None)
     model_config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
     decoder = DecoderIO(out_spec, n_layers, getattr(config, "eos_token_id", None),

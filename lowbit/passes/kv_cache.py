@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import torch
 
+from lowbit.frontend.decoder import STATE_NAME
 from lowbit.ir.attrs import CallArgs, Ref
 from lowbit.ir.graph import Graph, Location, Node, Value
 from lowbit.ir.types import DType, TensorType
@@ -143,9 +144,14 @@ class QuantizeKvCache(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         slots = cache_slots(graph)
+        states = [v.name for v in graph.inputs if STATE_NAME.match(v.name)]
+        if states:
+            ctx.note(f"{self.name}: the recurrent layers' {len(states)} fixed-size states ({', '.join(states[:3])}"
+                     f"{', ...' if len(states) > 3 else ''}) stay float: they are replaced, not extended, by "
+                     "each step, so a rounding error would compound over the sequence")
         if not slots:
-            ctx.note(f"{self.name}: the graph has no key/value cache (a causal LM traced with its cache has): "
-                     "nothing quantized")
+            ctx.note(f"{self.name}: the graph has no key/value cache (a causal LM traced with its cache has"
+                     + ("; this one's layers are all recurrent" if states else "") + "): nothing quantized")
             return False
         specs = {"key": parse_qspec(self.keys, f"{self.name}.keys"),
                  "value": parse_qspec(self.values, f"{self.name}.values")}

@@ -56,6 +56,14 @@ def check_exportable(traced: TracedModel) -> None:
         said = [n for n in traced.notes if "cache" in n]
         raise LowbitError("ONNX Runtime GenAI needs a causal LM traced with its key/value cache; this model "
                           "was not" + (f": {said[0]}" if said else ""))
+    states = traced.decoder.state_inputs(traced.graph)
+    if states:
+        raise LowbitError(f"{traced.decoder.model_config.get('model_type', 'this model')}'s recurrent layers carry "
+                          f"fixed-size states ({', '.join(v.name for v in states[:3])}"
+                          f"{', ...' if len(states) > 3 else ''}) beside the key/value cache, and ONNX Runtime GenAI's "
+                          "decoder feeds back a key/value cache only. export_onnx writes the decode step with the "
+                          "states as inputs and outputs (past_key_values.N.conv/.state → present.N...), for ONNX "
+                          "Runtime to run")
     stored = [v for v in traced.decoder.cache_inputs(traced.graph) if not v.tensor_type.dtype.is_float
               or v.tensor_type.dtype.bits < 16]
     if stored:
