@@ -97,6 +97,14 @@ def build(model: torch.nn.Module | TracedModel | str | os.PathLike, example_inpu
     samples = traced.example_leaves() if measure_drift else None
     batches = None if calls is None else [traced.flatten_inputs(*c, what=f"calibration batch {i}")
                                           for i, c in enumerate(calls)]
+    if traced.decoder is not None and traced.decoder.max_step:  # prompts longer than a step run in pieces
+        from lowbit.ir.interpreter import run_graph
+
+        def pieces(leaves: list) -> list[list]:
+            return traced.decoder.pieces(leaves, lambda piece: run_graph(traced.graph, piece))
+
+        samples = None if samples is None else pieces(samples)[0]
+        batches = None if batches is None else [p for b in batches for p in pieces(b)]
     plain = _without_rotations(passes) if rotation == "auto" and batches else None
     original = clone_graph(traced.graph) if plain is not None else None
 

@@ -76,8 +76,8 @@ def generate(module, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         leaves = [step_ids, mask, positions_from_mask(mask, step_ids.shape[1]), *cache]
-        module.traced.check(leaves)
-        results = module._plan().run(leaves)
+        module.traced.check(leaves, prompt=True)
+        results = decoder.run_prompt(leaves, module._plan().run)
         logits, cache = results[0], list(results[1:])
         token = next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad), token)

@@ -83,6 +83,7 @@ def save(traced: TracedModel, directory: str | os.PathLike) -> Path:
             "eos_token_id": traced.decoder.eos_token_id,
             "pad_token_id": traced.decoder.pad_token_id,
             "model_config": traced.decoder.model_config,
+            "max_step": traced.decoder.max_step,
         },
     }
     try:
@@ -186,7 +187,7 @@ def _traced_from(meta: dict, text: str, tensors: dict[str, torch.Tensor | LazyTe
     args, kwargs = pytree.tree_unflatten(leaves, _spec_loads(meta["example_spec"]))
     dec = meta.get("decoder")
     decoder = None if dec is None else DecoderIO(_spec_loads(dec["out_spec"]), dec["n_layers"], dec["eos_token_id"],
-                                                 dec["pad_token_id"], dec["model_config"])
+                                                 dec["pad_token_id"], dec["model_config"], dec.get("max_step"))
     return TracedModel(graph, _spec_loads(meta["in_spec"]), _spec_loads(meta["out_spec"]), tuple(args),
                        notes=list(meta.get("notes", [])),
                        dim_ranges={k: (v[0], v[1]) for k, v in meta["dim_ranges"].items()},

@@ -121,3 +121,47 @@ def build_mamba():
     torch.manual_seed(0)
     return tf.MambaForCausalLM(tf.MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
                                               state_size=8)).eval()
+
+
+@pytest.fixture(scope="module")
+def deltanet():
+    """Qwen3-Next's gated DeltaNet: transformers loops over chunks of 64 tokens in Python."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Qwen3NextConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                                layer_types=["linear_attention", "full_attention"], num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                                linear_value_head_dim=16)
+    model = tf.Qwen3NextForCausalLM(config).eval()
+    return model, lowbit.compile(model, (_prompt(2, 9),), progress=False)
+
+
+@pytest.mark.slow
+def test_a_chunk_loop_runs_longer_prompts_in_steps(deltanet, tmp_path):
+    """The step holds for one chunk; longer prompts run chunk by chunk, each from the cache of
+    the one before: every length equals eager, generation equals transformers' (left padding
+    included), calibration batches longer than a chunk quantize, and saving keeps the limit."""
+    model, fast = deltanet
+    assert fast.traced.decoder.max_step == 64
+    assert any("chunks of 64 tokens" in n for n in fast.traced.notes)
+    for length in (1, 64, 65, 150):
+        ids = _prompt(2, length, seed=length)
+        want = model(ids).logits
+        assert ((fast(ids).logits - want).abs().max() / want.abs().max()).item() < 1e-4, length
+    ids = _prompt(2, 70)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(fast.generate(ids, mask, max_new_tokens=6), theirs)
+    q = lowbit.compile(fast.traced, recipe="w8a8", calibration=[(_prompt(2, n, seed=n),) for n in (30, 100)],
+                       progress=False)
+    want = model(ids).logits
+    assert ((q(ids).logits - want).norm() / want.norm()).item() < 0.15
+    q.save(tmp_path / "q")
+    loaded = lowbit.load(tmp_path / "q")
+    assert loaded.traced.decoder.max_step == 64
+    assert torch.equal(loaded(ids).logits, q(ids).logits)

@@ -206,6 +206,39 @@ class DecoderIO:
     eos_token_id: int | list[int] | None = None  # from the model's generation config
     pad_token_id: int | None = None
     model_config: dict = field(default_factory=dict)  # the model's config (for ONNX Runtime GenAI's)
+    max_step: int | None = None  # the most tokens one step takes (see run_prompt); None: any
+
+    def run_prompt(self, leaves: list, run) -> list:
+        """``run`` (the graph) on a step's inputs; a prompt longer than ``max_step`` runs in
+        pieces of at most ``max_step`` tokens, each fed the cache the one before returned: the
+        last piece's outputs, with the logits of all pieces joined along the sequence."""
+        n = leaves[0].shape[1]
+        if not self.max_step or n <= self.max_step:
+            return run(leaves)
+        ids, mask, pos, cache = leaves[0], leaves[1], leaves[2], list(leaves[len(STEP_INPUTS):])
+        past, logits = mask.shape[1] - n, []
+        for start in range(0, n, self.max_step):
+            end = min(n, start + self.max_step)
+            out = run([ids[:, start:end], mask[:, :past + end], pos[:, start:end], *cache])
+            logits.append(out[0])
+            cache = list(out[1:])
+        return [torch.cat(logits, 1), *cache]
+
+    def pieces(self, leaves: list, run) -> list[list]:
+        """A prompt's step inputs as the steps ``run_prompt`` would run, each piece's cache the
+        one ``run`` (the float graph) returns for the pieces before it: calibration data for a
+        graph that takes at most ``max_step`` tokens."""
+        n = leaves[0].shape[1]
+        if not self.max_step or n <= self.max_step:
+            return [leaves]
+        ids, mask, pos, cache = leaves[0], leaves[1], leaves[2], list(leaves[len(STEP_INPUTS):])
+        past, out = mask.shape[1] - n, []
+        for start in range(0, n, self.max_step):
+            end = min(n, start + self.max_step)
+            out.append([ids[:, start:end], mask[:, :past + end], pos[:, start:end], *cache])
+            if end < n:
+                cache = list(run(out[-1])[1:])
+        return out
 
     def cache_inputs(self, graph: Graph) -> list:
         return graph.inputs[len(STEP_INPUTS):]
@@ -244,6 +277,7 @@ class DecoderIO:
 
         ids = input_ids(call)
         new = chunk_span(self.model_config) if self.state_inputs(graph) else 3  # see chunk_span
+        new = min(new, self.max_step or new)
         n = 2 * (5 + new)
         tokens = ids.reshape(-1).repeat(n // max(ids.numel(), 1) + 1)[:n].reshape(2, 5 + new)
         prompt = self.step_leaves(((tokens[:, :5],), {}), graph)
@@ -270,17 +304,22 @@ def _genai_name(name: str, prefix: str) -> str:
     return f"{prefix}.{match.group(1)}.{match.group(2)}" if match else f"{prefix}.{name}"
 
 
-def chunk_span(config: dict) -> int:
-    """New tokens for the example step of a model with recurrent layers (``config``: the
-    model's, as a dict): more than two of the chunks its scan splits a sequence into (a
-    config's ``*chunk_size``, else 64, gated DeltaNet's), and not a multiple of one.
-    torch.export takes a size that is 1 in the example for a constant, so a one-chunk example
-    would give a graph that is wrong past one chunk."""
+def scan_chunk(config: dict) -> int:
+    """The chunk a recurrent layer's scan splits a sequence into (``config``: the model's, as a
+    dict): a config's ``*chunk_size`` (Mamba-2's 256), else 64 (gated DeltaNet's, fixed in
+    transformers' code)."""
     def sizes(d: dict) -> list[int]:
         found = [v for k, v in d.items() if str(k).endswith("chunk_size") and isinstance(v, int) and v > 1]
         return found + [n for v in d.values() if isinstance(v, dict) for n in sizes(v)]
 
-    return 2 * max(sizes(config), default=64) + 5
+    return max(sizes(config), default=64)
+
+
+def chunk_span(config: dict) -> int:
+    """New tokens for the example step of a model with recurrent layers: more than two chunks
+    of its scan, and not a multiple of one. torch.export takes a size that is 1 in the example
+    for a constant, so a one-chunk example would give a graph that is wrong past one chunk."""
+    return 2 * scan_chunk(config) + 5
 
 
 def check_lengths(graph: Graph, model: torch.nn.Module, ids: torch.Tensor, length: int) -> float:

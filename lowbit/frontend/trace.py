@@ -23,7 +23,7 @@ from lowbit.errors import TraceError
 from lowbit.frontend.caches import drop_caches, without_cache
 from lowbit.frontend.convert import convert_program
 from lowbit.frontend.decoder import (DecoderIO, DecoderStep, cache_unsupported, check_lengths, chunk_span, input_ids,
-                                    step_example)
+                                    scan_chunk, step_example)
 from lowbit.frontend.inputs import (Call, align, check_shapes, drop_kwargs, example_call, leaf_names,
                                     plan_shapes, unnamed_kwargs)
 from lowbit.frontend.noise import quiet
@@ -73,13 +73,17 @@ class TracedModel:
             raise TypeError(f"{what} does not have the traced structure:\n got {spec}\n want {self.in_spec}")
         if self.decoder is not None:
             leaves = self.decoder.step_leaves(call, self.graph)
-        self.check(leaves, what)
+        self.check(leaves, what, prompt=True)
         return leaves
 
-    def check(self, leaves: list, what: str = "input") -> None:
-        """``leaves`` fit the graph's inputs (see ``check_shapes``)."""
+    def check(self, leaves: list, what: str = "input", prompt: bool = False) -> None:
+        """``leaves`` fit the graph's inputs (see ``check_shapes``); a ``prompt`` may be longer
+        than one step takes (``DecoderIO.run_prompt`` runs it in pieces)."""
         why = next((n for n in self.notes if f" {FIXED_BY_TRACE} the example" in n), None)
-        check_shapes(self.graph, leaves, self._input_labels, self.dim_ranges, what, fixed_why=why)
+        ranges = self.dim_ranges
+        if prompt and self.decoder is not None and self.decoder.max_step:
+            ranges = {**ranges, "seq": (ranges.get("seq", (1, None))[0], None)}
+        check_shapes(self.graph, leaves, self._input_labels, ranges, what, fixed_why=why)
 
     @functools.cached_property
     def _example(self) -> Call:
@@ -299,32 +303,43 @@ def _finish(traced: TracedModel, model: torch.nn.Module, ignored: list[str], can
 
 def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     """Trace ``model`` as one decode step (``lowbit.frontend.decoder``); the traced model
-    answers ``example``'s kind of call with an empty cache."""
+    answers ``example``'s kind of call with an empty cache.
+
+    A model with recurrent layers is traced on a step spanning several chunks of its scan and
+    checked at a longer length against the model. Where that fails (transformers' code loops
+    over the chunks in Python and torch.export fixes the count), the step is traced on a few
+    tokens and checked at one chunk: it then takes at most one chunk per run
+    (``DecoderIO.max_step``), and longer prompts run in pieces, each continuing from the
+    cache of the one before."""
     args, kwargs = example
     ids = input_ids(example)
+    config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
     was_training = model.training
     model.eval()
+    max_step = None
     try:
         with torch.no_grad(), eager_on_placeholders(model):
             call, shapes, layout = step_example(model, ids)
             recurrent = not all(e.grows for e in layout)
-            if recurrent:  # a scan over chunks: the example spans several (see chunk_span)
-                config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
-                call, shapes, layout = step_example(model, ids, chunk_span(config))
             with without_cache(model):  # the model's own output structure, minus the cache
                 out_spec = drop_caches(pytree.tree_structure(model(*args, **kwargs)))
-            step = DecoderStep(model, layout)
-            plan = plan_shapes(step, (call, {}), shapes)
-            ep = export_model(step, plan.trace_call, plan.export_shapes)
-        graph, ranges = convert_program(ep, plan.axis_names)
-        if recurrent and not is_weightless(model):
-            length = 2 * call[0].shape[1] + 7
-            err = check_lengths(graph, model, ids, length)
-            if not err <= 1e-3:
-                differ = "the trace fails" if err == float("inf") else \
-                    f"the trace's logits differ from the model's by {err:.1e} relative"
-                raise FixedLength(f"its recurrent layers trace for the example's length only: at {length} tokens "
-                                  f"{differ} (torch.export fixed the count of a loop over the sequence)")
+            if not recurrent:
+                graph, ranges = _export_step(model, call, shapes, layout)
+            else:  # a scan over chunks: the example spans several (see chunk_span)
+                span = chunk_span(config)
+                long_call, long_shapes, layout = step_example(model, ids, span)
+                graph, ranges = _export_step(model, long_call, long_shapes, layout)
+                err = 0.0 if is_weightless(model) else check_lengths(graph, model, ids, 2 * span + 7)
+                if not err <= 1e-3:
+                    chunk = scan_chunk(config)
+                    graph, ranges = _export_step(model, call, shapes, layout)
+                    if not max(check_lengths(graph, model, ids, n) for n in (chunk, chunk // 2 + 1)) <= 1e-3:
+                        differ = "the trace fails" if err == float("inf") else \
+                            f"the trace's logits differ from the model's by {err:.1e} relative"
+                        raise FixedLength(f"its recurrent layers trace for the example's length only: at "
+                                          f"{2 * span + 7} tokens {differ} (torch.export fixed the count of a "
+                                          "loop over the sequence)")
+                    max_step = chunk
     finally:
         model.train(was_training)
     _drop_wrapper_prefix(graph, "model")
@@ -332,18 +347,29 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     for value, entry in zip(graph.inputs[3:], layout):
         value.name = graph.fresh_name(entry.name)
     for dim, lowest in (("past", 0), ("total", 1), ("seq", 1), ("batch", 1)):
-        ranges[dim] = (lowest, ranges.get(dim, (0, None))[1])  # torch's lower bounds avoid 0/1 only
+        ranges[dim] = (lowest, max_step or ranges.get(dim, (0, None))[1] if dim == "seq" else
+                       ranges.get(dim, (0, None))[1])  # torch's lower bounds avoid 0/1 only
     in_spec = pytree.tree_structure((tuple(args), dict(kwargs)))
     states = sum(not e.grows for e in layout)
     notes = [f"{type(model).__name__} is traced as one decode step: its key/value cache of {n_layers} layers "
              + (f"(and the {states} fixed-size states of its recurrent layers) " if states else "")
              + "is an input and an output of the graph (generate() feeds it back)"]
-    config = getattr(model, "generation_config", None)
-    model_config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
-    decoder = DecoderIO(out_spec, n_layers, getattr(config, "eos_token_id", None),
-                        getattr(config, "pad_token_id", None), model_config)
+    if max_step:
+        notes.append(f"{type(model).__name__}'s recurrent layers loop over chunks of {max_step} tokens in Python, "
+                     "whose count torch.export fixes: its step takes at most one chunk, and longer prompts run "
+                     f"in steps of {max_step} tokens, each continuing from the cache of the one before (an "
+                     f"exported ONNX graph likewise takes at most {max_step} tokens a run)")
+    generation = getattr(model, "generation_config", None)
+    decoder = DecoderIO(out_spec, n_layers, getattr(generation, "eos_token_id", None),
+                        getattr(generation, "pad_token_id", None), config, max_step=max_step)
     return TracedModel(graph, in_spec, out_spec, tuple(args), notes=notes, dim_ranges=ranges,
                        example_kwargs=dict(kwargs), decoder=decoder)
+
+
+def _export_step(model: torch.nn.Module, call: tuple, shapes: tuple, layout: list) -> tuple[Graph, dict]:
+    step = DecoderStep(model, layout)
+    plan = plan_shapes(step, (call, {}), shapes)
+    return convert_program(export_model(step, plan.trace_call, plan.export_shapes), plan.axis_names)
 
 
 def _drop_wrapper_prefix(graph: Graph, attr: str) -> None:

@@ -142,7 +142,8 @@ class CompiledModule(torch.nn.Module):
     def forward(self, *args, **kwargs):
         leaves = self.traced.flatten_inputs(args, kwargs)
         with torch.no_grad():
-            outputs = self._plan().run(leaves)
+            decoder = self.traced.decoder
+            outputs = self._plan().run(leaves) if decoder is None else decoder.run_prompt(leaves, self._plan().run)
         return self.traced.unflatten_outputs(outputs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
