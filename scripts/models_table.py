@@ -46,10 +46,12 @@ weights. The cells:
   `generate`, and the `w8a8` model generates with an int8 cache of fewer bytes (a note for a
   model without attention layers, whose states stay float); — for models that do not generate.
 
-Hybrid and state-space models whose transformers code loops over a sequence's tokens or chunks
-in Python (Mamba, Falcon-Mamba, Jamba, Qwen3-Next, Qwen3.5, RecurrentGemma) are not in the
-matrix: torch.export fixes the loop's count, so lowbit traces them at the example's length and
-says so in a note (see the README's "Hybrid and state-space models").
+Two kinds of recurrent model are not in the matrix. Gated DeltaNet models (Qwen3-Next,
+Qwen3.5) generate, but their transformers code loops over chunks of 64 tokens in Python: their
+step takes one chunk, and longer prompts run chunk by chunk (`tests/test_recurrent.py`; a
+trace takes minutes). Mamba, Falcon-Mamba, Jamba and RecurrentGemma loop over single tokens:
+lowbit traces them at the example's length, without their cache, and says so in a note. See
+the README's "Hybrid and state-space models".
 
 Written by `python scripts/models_table.py`; `tests/test_families.py` runs the same matrix in CI.
 """
