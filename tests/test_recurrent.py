@@ -146,7 +146,7 @@ def test_a_chunk_loop_runs_longer_prompts_in_steps(deltanet, tmp_path):
     included), calibration batches longer than a chunk quantize, and saving keeps the limit."""
     model, fast = deltanet
     assert fast.traced.decoder.max_step == 64
-    assert any("chunks of 64 tokens" in n for n in fast.traced.notes)
+    assert any("chunks of 64 tokens (in Python" in n for n in fast.traced.notes)
     for length in (1, 64, 65, 150):
         ids = _prompt(2, length, seed=length)
         want = model(ids).logits
@@ -165,3 +165,19 @@ def test_a_chunk_loop_runs_longer_prompts_in_steps(deltanet, tmp_path):
     loaded = lowbit.load(tmp_path / "q")
     assert loaded.traced.decoder.max_step == 64
     assert torch.equal(loaded(ids).logits, q(ids).logits)
+
+
+def test_a_folder_is_read_one_chunk_a_step(hybrid, tmp_path):
+    """Compiled from its files, the model's weights are not in memory to check a trace of
+    several chunks against: the step takes one chunk, and longer prompts run in pieces."""
+    model, _ = hybrid
+    model.save_pretrained(tmp_path / "hf")
+    ids = _prompt(2, 40)
+    fast = lowbit.compile(tmp_path / "hf", (ids,), progress=False)
+    assert fast.traced.decoder.max_step == 16
+    assert any("read from its files" in n for n in fast.traced.notes)
+    want = model(ids).logits
+    assert ((fast(ids).logits - want).abs().max() / want.abs().max()).item() < 1e-4
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert torch.equal(fast.generate(ids, max_new_tokens=5), theirs)
