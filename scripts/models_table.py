@@ -46,12 +46,13 @@ weights. The cells:
   `generate`, and the `w8a8` model generates with an int8 cache of fewer bytes (a note for a
   model without attention layers, whose states stay float); — for models that do not generate.
 
-Two kinds of recurrent model are not in the matrix. Gated DeltaNet models (Qwen3-Next,
-Qwen3.5) generate, but their transformers code loops over chunks of 64 tokens in Python: their
-step takes one chunk, and longer prompts run chunk by chunk (`tests/test_recurrent.py`; a
-trace takes minutes). Mamba, Falcon-Mamba, Jamba and RecurrentGemma loop over single tokens:
-lowbit traces them at the example's length, without their cache, and says so in a note. See
-the README's "Hybrid and state-space models".
+Recurrent models whose transformers code loops in Python are not in the matrix, as their step
+takes a bounded number of tokens and a longer prompt runs in pieces (`tests/test_recurrent.py`):
+gated DeltaNet (Qwen3-Next, Qwen3.5) loops over chunks of 64 tokens, so its step takes one chunk
+(a trace takes minutes); Mamba, Falcon-Mamba and Jamba loop over single tokens and read their
+state only on a one-token call, so their step takes one token. RecurrentGemma keeps a cache of
+its own: it is traced without it, at the example's length, and a note says so. See the
+README's "Hybrid and state-space models".
 
 Written by `python scripts/models_table.py`; `tests/test_families.py` runs the same matrix in CI.
 """

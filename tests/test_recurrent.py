@@ -103,24 +103,46 @@ def test_a_model_without_attention_generates_from_states_alone():
     assert torch.equal(fast.generate(ids, max_new_tokens=8), theirs)
 
 
-def test_a_length_torch_export_fixed_is_said_not_computed_wrong():
-    """Mamba (1) loops over the tokens in Python: the trace holds at the example's length only,
-    the note says so, and another length is refused with that reason, not computed wrong."""
-    model = build_mamba()
-    fast = lowbit.compile(model, (_prompt(2, 9),), progress=False)
-    note = " ".join(fast.traced.notes)
-    assert "fixed at the example's size" in note and "cannot generate" in note
-    assert torch.allclose(fast(_prompt(2, 9, seed=4)).logits, model(_prompt(2, 9, seed=4)).logits, atol=1e-5)
-    with pytest.raises(InputError, match=r"fixed at 9 \(.*Python loop"):
-        fast(_prompt(2, 12))
-
-
-def build_mamba():
+def test_a_token_loop_runs_prompts_token_by_token():
+    """Mamba (1) loops over the tokens in Python and reads its state only on a one-token call:
+    its step takes one token, prompts run token by token, and generation equals transformers'."""
     import transformers as tf
 
     torch.manual_seed(0)
-    return tf.MambaForCausalLM(tf.MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
-                                              state_size=8)).eval()
+    model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                               state_size=8)).eval()
+    fast = lowbit.compile(model, (_prompt(2, 9),), progress=False)
+    assert fast.traced.decoder.max_step == 1
+    assert any("token by token" in n for n in fast.traced.notes)
+    for length in (1, 9, 30):
+        ids = _prompt(2, length, seed=length)
+        want = model(ids).logits
+        assert ((fast(ids).logits - want).abs().max() / want.abs().max()).item() < 1e-4, length
+    ids = _prompt(3, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(fast.generate(ids, mask, max_new_tokens=6), theirs)
+
+
+def test_a_length_torch_export_fixed_is_said_not_computed_wrong():
+    """RecurrentGemma keeps its own cache and loops over the tokens in Python: traced without
+    the cache, at the example's length; the note says so, and another length is refused with
+    that reason, not computed wrong."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.RecurrentGemmaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, lru_width=64, block_types=["recurrent", "attention"])
+    model = tf.RecurrentGemmaForCausalLM(config).eval()
+    fast = lowbit.compile(model, (_prompt(2, 9),), progress=False)
+    note = " ".join(fast.traced.notes)
+    assert "fixed at the example's size" in note and "cannot generate" in note
+    ids = _prompt(2, 9, seed=4)
+    assert torch.allclose(fast(ids).logits, model(ids).logits, atol=1e-5)
+    with pytest.raises(InputError, match=r"fixed at 9 \(.*Python loop"):
+        fast(_prompt(2, 12))
 
 
 @pytest.fixture(scope="module")

@@ -166,10 +166,13 @@ class DecoderStep(torch.nn.Module):
     ``past``, one dynamic dim; trimmed caches (GPT-OSS, Gemma 2/3 past their windows) would
     stop at the window while the others grow, which one graph cannot type."""
 
-    def __init__(self, model: torch.nn.Module, layout: Sequence[CacheEntry]):
+    def __init__(self, model: torch.nn.Module, layout: Sequence[CacheEntry], new_mask: bool = False):
         super().__init__()
         self.model = model
         self.layout = tuple(layout)
+        # Mamba's mixers multiply their inputs by the mask as given: they get the new tokens' part
+        # (transformers' generate passes them no mask after the prompt, all new tokens being real)
+        self.new_mask = new_mask
         self.cache_arg = _cache_parameter(model)
         # ALiBi models (Bloom, MPT) place tokens by the mask alone: the step still takes the
         # positions, so that every decode step has the same inputs, and leaves them unread
@@ -178,9 +181,38 @@ class DecoderStep(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list):
         cache = build_cache(self.layout, past_key_values)
         where = {"position_ids": position_ids} if self.positions else {}
+        if self.new_mask:
+            attention_mask = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:]
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                          **where, **{self.cache_arg: cache})
         return out.logits, cache_tensors(cache, self.layout)
+
+
+def run_pieces(leaves: list, run, max_step: int | None) -> list:
+    """``run`` on a step's inputs; a prompt longer than ``max_step`` runs in pieces of at most
+    ``max_step`` tokens, each fed the cache the one before returned: the last piece's outputs,
+    with the logits of all pieces joined along the sequence."""
+    n = leaves[0].shape[1]
+    if not max_step or n <= max_step:
+        return run(leaves)
+    ids, mask, pos, cache = leaves[0], leaves[1], leaves[2], list(leaves[len(STEP_INPUTS):])
+    past, logits = mask.shape[1] - n, []
+    for start in range(0, n, max_step):
+        end = min(n, start + max_step)
+        out = run([ids[:, start:end], mask[:, :past + end], pos[:, start:end], *cache])
+        logits.append(out[0])
+        cache = list(out[1:])
+    return [torch.cat(logits, 1), *cache]
+
+
+def first_piece(leaves: list, max_step: int | None) -> list:
+    """The inputs of the first piece ``run_pieces`` runs (the whole step if it fits)."""
+    n = leaves[0].shape[1]
+    if not max_step or n <= max_step:
+        return leaves
+    past = leaves[1].shape[1] - n
+    return [leaves[0][:, :max_step], leaves[1][:, :past + max_step], leaves[2][:, :max_step],
+            *leaves[len(STEP_INPUTS):]]
 
 
 def positions_from_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
@@ -209,20 +241,9 @@ class DecoderIO:
     max_step: int | None = None  # the most tokens one step takes (see run_prompt); None: any
 
     def run_prompt(self, leaves: list, run) -> list:
-        """``run`` (the graph) on a step's inputs; a prompt longer than ``max_step`` runs in
-        pieces of at most ``max_step`` tokens, each fed the cache the one before returned: the
-        last piece's outputs, with the logits of all pieces joined along the sequence."""
-        n = leaves[0].shape[1]
-        if not self.max_step or n <= self.max_step:
-            return run(leaves)
-        ids, mask, pos, cache = leaves[0], leaves[1], leaves[2], list(leaves[len(STEP_INPUTS):])
-        past, logits = mask.shape[1] - n, []
-        for start in range(0, n, self.max_step):
-            end = min(n, start + self.max_step)
-            out = run([ids[:, start:end], mask[:, :past + end], pos[:, start:end], *cache])
-            logits.append(out[0])
-            cache = list(out[1:])
-        return [torch.cat(logits, 1), *cache]
+        """``run`` (the graph) on a step's inputs, in pieces of at most ``max_step`` tokens
+        (``run_pieces``)."""
+        return run_pieces(leaves, run, self.max_step)
 
     def pieces(self, leaves: list, run) -> list[list]:
         """A prompt's step inputs as the steps ``run_prompt`` would run, each piece's cache the
@@ -322,10 +343,12 @@ def chunk_span(config: dict) -> int:
     return 2 * scan_chunk(config) + 5
 
 
-def check_lengths(graph: Graph, model: torch.nn.Module, ids: torch.Tensor, length: int) -> float:
+def check_lengths(graph: Graph, model: torch.nn.Module, ids: torch.Tensor, length: int,
+                  max_step: int | None = None) -> float:
     """Relative error of the traced step's logits on a prompt of ``length`` tokens (from an
-    empty cache) against the model's own: a trace that holds only at the example's length shows
-    here (torch.export may turn a loop over the sequence's chunks into a fixed count)."""
+    empty cache, in pieces of at most ``max_step``) against the model's own: a trace that holds
+    only at the example's length shows here (torch.export may turn a loop over the sequence's
+    chunks into a fixed count)."""
     from lowbit.ir.interpreter import run_graph
 
     flat = ids.reshape(-1)
@@ -335,7 +358,8 @@ def check_lengths(graph: Graph, model: torch.nn.Module, ids: torch.Tensor, lengt
                          dtype=v.type.dtype.storage, device=ids.device) for v in graph.inputs[len(STEP_INPUTS):]]
     with torch.no_grad():
         try:
-            got = run_graph(graph, [tokens, mask, positions_from_mask(mask, length), *cache])[0].float()
+            got = run_pieces([tokens, mask, positions_from_mask(mask, length), *cache],
+                             lambda leaves: run_graph(graph, leaves), max_step)[0].float()
         except Exception:  # noqa: BLE001 - a shape the trace fixed: the graph fails at another length
             return float("inf")
         want = model(input_ids=tokens, use_cache=False).logits.float()
@@ -345,7 +369,7 @@ def check_lengths(graph: Graph, model: torch.nn.Module, ids: torch.Tensor, lengt
 
 
 def _check_continues(model: torch.nn.Module, tokens: torch.Tensor, past: int, layout: list[CacheEntry],
-                     example: list[torch.Tensor]) -> None:
+                     example: list[torch.Tensor], new_mask: bool = False) -> None:
     """For a model with recurrent layers: the step run on a prompt from zero states, then on the
     rest with the states it returned, gives the logits of the model run on the whole sequence.
     Some transformers models (Mamba, Jamba) restart their recurrence on every call of more than
@@ -353,7 +377,7 @@ def _check_continues(model: torch.nn.Module, tokens: torch.Tensor, past: int, la
     one step, and this raises ``TypeError`` (the trace then runs without the cache)."""
     if all(e.grows for e in layout):
         return
-    step = DecoderStep(model, layout)
+    step = DecoderStep(model, layout, new_mask)
     empty = [torch.zeros(*t.shape[:2], 0, *t.shape[3:], dtype=t.dtype, device=t.device) if e.grows
              else torch.zeros_like(t) for e, t in zip(layout, example)]
     mask = torch.ones_like(tokens)
@@ -372,11 +396,13 @@ def _check_continues(model: torch.nn.Module, tokens: torch.Tensor, past: int, la
                         f"call of several tokens (logits differ from the whole sequence's by {err:.1e} relative)")
 
 
-def step_example(model: torch.nn.Module, ids: torch.Tensor, new: int = 3) -> tuple[tuple, tuple, list[CacheEntry]]:
+def step_example(model: torch.nn.Module, ids: torch.Tensor, new: int = 3, new_mask: bool = False,
+                 check: bool = True) -> tuple[tuple, tuple, list[CacheEntry]]:
     """A decode-step call on tokens from ``ids``: batch 2, ``new`` tokens after 5 cached ones
     (sizes that differ, so torch.export keeps every dim its own symbol), with the cache the
     model itself computes for the first 5; the dynamic dims of each input; and the cache's
-    layout."""
+    layout. ``check``: the step continues the sequence (``_check_continues``);
+    ``new_mask``: the model gets the new tokens' part of the mask (``DecoderStep``)."""
     batch, past = 2, 5
     flat = ids.reshape(-1)
     tokens = flat.repeat((batch * (past + new)) // max(flat.numel(), 1) + 1)[:batch * (past + new)]
@@ -396,7 +422,8 @@ def step_example(model: torch.nn.Module, ids: torch.Tensor, new: int = 3) -> tup
     mask = torch.ones(batch, past + new, dtype=torch.long, device=ids.device)
     pos = torch.arange(past, past + new, device=ids.device).expand(batch, new)
     call = (tokens[:, past:], mask, pos, flat_cache)
-    shapes = ({0: "batch", 1: "seq"}, {0: "batch", 1: "total"}, {0: "batch", 1: "seq"},
-              [{0: "batch", 2: "past"} if e.grows else {0: "batch"} for e in layout])
-    _check_continues(model, tokens, past, layout, flat_cache)
+    seq = {0: "batch", 1: "seq"} if new > 1 else {0: "batch"}  # a one-token step: one token is all it takes
+    shapes = (seq, {0: "batch", 1: "total"}, seq, [{0: "batch", 2: "past"} if e.grows else {0: "batch"} for e in layout])
+    if check:
+        _check_continues(model, tokens, past, layout, flat_cache, new_mask)
     return call, shapes, layout

@@ -22,8 +22,8 @@ from torch.utils import _pytree as pytree
 from lowbit.errors import TraceError
 from lowbit.frontend.caches import drop_caches, without_cache
 from lowbit.frontend.convert import convert_program
-from lowbit.frontend.decoder import (DecoderIO, DecoderStep, cache_unsupported, check_lengths, chunk_span, input_ids,
-                                    scan_chunk, step_example)
+from lowbit.frontend.decoder import (DecoderIO, DecoderStep, cache_unsupported, check_lengths, chunk_span, first_piece,
+                                    input_ids, scan_chunk, step_example)
 from lowbit.frontend.inputs import (Call, align, check_shapes, drop_kwargs, example_call, leaf_names,
                                     plan_shapes, unnamed_kwargs)
 from lowbit.frontend.noise import quiet
@@ -80,10 +80,9 @@ class TracedModel:
         """``leaves`` fit the graph's inputs (see ``check_shapes``); a ``prompt`` may be longer
         than one step takes (``DecoderIO.run_prompt`` runs it in pieces)."""
         why = next((n for n in self.notes if f" {FIXED_BY_TRACE} the example" in n), None)
-        ranges = self.dim_ranges
-        if prompt and self.decoder is not None and self.decoder.max_step:
-            ranges = {**ranges, "seq": (ranges.get("seq", (1, None))[0], None)}
-        check_shapes(self.graph, leaves, self._input_labels, ranges, what, fixed_why=why)
+        if prompt and self.decoder is not None:  # the pieces after the first have its shapes
+            leaves = first_piece(leaves, self.decoder.max_step)
+        check_shapes(self.graph, leaves, self._input_labels, self.dim_ranges, what, fixed_why=why)
 
     @functools.cached_property
     def _example(self) -> Call:
@@ -305,13 +304,10 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     """Trace ``model`` as one decode step (``lowbit.frontend.decoder``); the traced model
     answers ``example``'s kind of call with an empty cache.
 
-    A model with recurrent layers is traced on a step spanning several chunks of its scan and
-    checked at a longer length against the model. Where that fails (transformers' code loops
-    over the chunks in Python and torch.export fixes the count), the step is traced on a few
-    tokens and checked at one chunk: it then takes at most one chunk per run
-    (``DecoderIO.max_step``), and longer prompts run in pieces, each continuing from the
-    cache of the one before. A model read from its folder (no weights to check against) takes
-    one chunk per run."""
+    A model with recurrent layers is traced as ``_recurrent_step`` finds it holds: at any
+    length, or taking at most one chunk of its scan or one token per run
+    (``DecoderIO.max_step``), longer prompts then running in pieces, each continuing from the
+    cache of the one before."""
     args, kwargs = example
     ids = input_ids(example)
     config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
@@ -320,30 +316,13 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     max_step = None
     try:
         with torch.no_grad(), eager_on_placeholders(model):
-            call, shapes, layout = step_example(model, ids)
-            recurrent = not all(e.grows for e in layout)
+            call, shapes, layout = step_example(model, ids, check=False)
             with without_cache(model):  # the model's own output structure, minus the cache
                 out_spec = drop_caches(pytree.tree_structure(model(*args, **kwargs)))
-            if not recurrent:
+            if all(e.grows for e in layout):
                 graph, ranges = _export_step(model, call, shapes, layout)
-            elif is_weightless(model):  # no weights to check a longer trace against: one chunk a step
-                graph, ranges = _export_step(model, call, shapes, layout)
-                max_step = scan_chunk(config)
-            else:  # a scan over chunks: the example spans several (see chunk_span)
-                span = chunk_span(config)
-                long_call, long_shapes, layout = step_example(model, ids, span)
-                graph, ranges = _export_step(model, long_call, long_shapes, layout)
-                err = check_lengths(graph, model, ids, 2 * span + 7)
-                if not err <= 1e-3:
-                    chunk = scan_chunk(config)
-                    graph, ranges = _export_step(model, call, shapes, layout)
-                    if not max(check_lengths(graph, model, ids, n) for n in (chunk, chunk // 2 + 1)) <= 1e-3:
-                        differ = "the trace fails" if err == float("inf") else \
-                            f"the trace's logits differ from the model's by {err:.1e} relative"
-                        raise FixedLength(f"its recurrent layers trace for the example's length only: at "
-                                          f"{2 * span + 7} tokens {differ} (torch.export fixed the count of a "
-                                          "loop over the sequence)")
-                    max_step = chunk
+            else:
+                graph, ranges, layout, max_step = _recurrent_step(model, ids, config)
     finally:
         model.train(was_training)
     _drop_wrapper_prefix(graph, "model")
@@ -358,7 +337,12 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     notes = [f"{type(model).__name__} is traced as one decode step: its key/value cache of {n_layers} layers "
              + (f"(and the {states} fixed-size states of its recurrent layers) " if states else "")
              + "is an input and an output of the graph (generate() feeds it back)"]
-    if max_step:
+    if max_step == 1:
+        notes.append(f"{type(model).__name__}'s recurrent layers loop over single tokens in Python and read their "
+                     "state only on a call of one token: its step takes one token, and a prompt runs token by "
+                     "token, each step continuing from the cache of the one before (slower for long prompts; an "
+                     "exported ONNX graph likewise takes one token a run)")
+    elif max_step:
         why = ("read from its files, a trace of several chunks cannot be checked against the model"
                if is_weightless(model) else "in Python; torch.export fixes the loop's count")
         notes.append(f"{type(model).__name__}'s recurrent layers scan a sequence in chunks of {max_step} tokens ({why}): "
@@ -372,10 +356,58 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
                        example_kwargs=dict(kwargs), decoder=decoder)
 
 
-def _export_step(model: torch.nn.Module, call: tuple, shapes: tuple, layout: list) -> tuple[Graph, dict]:
-    step = DecoderStep(model, layout)
+def _export_step(model: torch.nn.Module, call: tuple, shapes: tuple, layout: list,
+                 new_mask: bool = False) -> tuple[Graph, dict]:
+    step = DecoderStep(model, layout, new_mask)
     plan = plan_shapes(step, (call, {}), shapes)
     return convert_program(export_model(step, plan.trace_call, plan.export_shapes), plan.axis_names)
+
+
+def _recurrent_step(model: torch.nn.Module, ids: torch.Tensor, config: dict) -> tuple:
+    """The decode step of a model with recurrent layers, and the most tokens it takes:
+    ``(graph, ranges, layout, max_step)``. Tried in turn, each checked against the model at a
+    length past what it was traced on:
+
+    1. a step spanning several chunks of the scan (``chunk_span``): any length;
+    2. a step of a few tokens, at most one chunk a run (the model loops over its chunks in
+       Python, so no trace holds at every length);
+    3. a step of one token, prompts run token by token (the model loops over single tokens, and
+       reads its state only on a one-token call: Mamba, Jamba); with the new tokens' part of the
+       mask where the whole one does not fit the model's mixers.
+
+    A model read from its files has no weights in memory to check against: 2., or 3. where the
+    trace fixed the step's length."""
+    chunk, weightless = scan_chunk(config), is_weightless(model)
+    failures = []
+
+    def attempt(new: int, max_step: int | None, lengths: tuple[int, ...], new_mask: bool = False):
+        what = f"{new} token(s) a step" + (" (new tokens masked)" if new_mask else "")
+        try:
+            call, shapes, layout = step_example(model, ids, new, new_mask, check=not weightless)
+            graph, ranges = _export_step(model, call, shapes, layout, new_mask)
+        except (TraceError, TypeError) as e:
+            failures.append(f"{what}: {str(e).strip().splitlines()[0]}")
+            return None
+        if new > 1 and isinstance(graph.inputs[0].tensor_type.shape[1], int):
+            failures.append(f"{what}: the trace fixed the step's length")  # a loop over single tokens
+            return None
+        err = 0.0 if weightless else max(check_lengths(graph, model, ids, n, max_step) for n in lengths)
+        if not err <= 1e-3:
+            failures.append(f"{what}, {_differ(err)}")
+            return None
+        return graph, ranges, layout, max_step
+
+    span = chunk_span(config)
+    found = (None if weightless else attempt(span, None, (2 * span + 7,))) \
+        or attempt(3, chunk, (chunk // 2 + 1, chunk + 3)) or attempt(1, 1, (9,)) or attempt(1, 1, (9,), True)
+    if found is None:
+        raise FixedLength("its recurrent layers trace for the example's length only (torch.export fixed the count "
+                          "of a loop over the sequence): " + "; ".join(failures))
+    return found
+
+
+def _differ(err: float) -> str:
+    return "the trace fails" if err == float("inf") else f"the logits differ from the model's by {err:.1e} relative"
 
 
 def _drop_wrapper_prefix(graph: Graph, attr: str) -> None:
