@@ -203,3 +203,24 @@ def test_a_folder_is_read_one_chunk_a_step(hybrid, tmp_path):
     with torch.no_grad():
         theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     assert torch.equal(fast.generate(ids, max_new_tokens=5), theirs)
+
+
+def test_compressed_tensors_checkpoint_of_a_state_space_model_loads_in_transformers(tmp_path):
+    """Mamba-2's ``A_log`` reaches the graph as the folded ``-exp(A_log)`` and its convolution's
+    kernel squeezed and unsqueezed: the checkpoint recovers both, and transformers loads it
+    with lowbit's logits."""
+    pytest.importorskip("compressed_tensors")
+    import transformers as tf
+
+    model = build_model("mamba2")
+    q = lowbit.compile(model, (_prompt(2, 9),), recipe="w4a16-rtn", calibration=[(_prompt(2, 20),)], progress=False)
+    q.save_pretrained(tmp_path / "ct")
+    loaded, info = tf.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", output_loading_info=True, quantization_config=tf.CompressedTensorsConfig(dequantize=True))
+    assert not any(info.values()), info
+    ids = _prompt(2, 30, seed=2)
+    with torch.no_grad():
+        got, want = loaded.eval()(ids).logits, q(ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    mixer = loaded.backbone.layers[0].mixer
+    assert torch.allclose(mixer.A_log, model.backbone.layers[0].mixer.A_log, atol=1e-6)

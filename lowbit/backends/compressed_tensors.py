@@ -544,15 +544,24 @@ def _linear_tensors(skeleton: torch.nn.Module, linears: dict[str, _Linear], as_f
     return out, schemes, ignore
 
 
+_UNDO = {"view": lambda t: t, "to": lambda t: t, "neg": torch.neg, "exp": torch.log}
+
+
 def _parameter(graph: Graph, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
     """The graph's value for the parameter ``key``: its own constant, or the constant
-    fold-constants made of a reshape of it (named ``key.view``: gpt-oss's attention sinks,
-    [heads], read as [1, heads, 1, 1]); None where the graph has neither."""
+    fold-constants made of it through reshapes and invertible elementwise ops, named by them
+    (``key.view``: gpt-oss's attention sinks, [heads] read as [1, heads, 1, 1]; ``key.exp.neg``:
+    Mamba's ``-exp(A_log)``; ``key.view.view``: a convolution's squeezed and unsqueezed
+    kernel), undone in reverse order; None where the graph has none of these."""
     if key in graph.tensors:
         return graph.tensors[key]
-    view = f"{key}.view"
-    if view in graph.tensors and graph.tensors[view].numel() == math.prod(shape):
-        return graph.tensors[view].reshape(shape)
+    for name in graph.tensors:
+        steps = name[len(key) + 1:].split(".") if name.startswith(key + ".") else []
+        if steps and all(step in _UNDO for step in steps) and graph.tensors[name].numel() == math.prod(shape):
+            value = graph.tensors[name].float()
+            for step in reversed(steps):
+                value = _UNDO[step](value)
+            return value.reshape(shape)
     return None
 
 

@@ -161,6 +161,10 @@ _RESHAPES = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.def
              "aten.squeeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.flatten.using_ints")
 
 
+# elementwise ops whose input an export can recover from the folded constant (Mamba's A = -exp(A_log))
+_INVERTIBLE = {"aten.exp.default": "exp", "aten.neg.default": "neg", "core.neg": "neg", "aten._to_copy.default": "to"}
+
+
 def _distinct_selects(node: Node) -> bool:
     """Whether ``node`` selects from a tensor that only selects along one dim read, each at
     its own index: the selects partition it."""
@@ -179,13 +183,17 @@ def _folded_name(node: Node, graph: Graph) -> str:
     """The name of a folded node's constant: ``W.mT`` for a named weight ``W`` with its last two
     dims swapped (MoE experts stored [experts, out, in] and read [experts, in, out]), ``W.view``
     for ``W`` only reshaped (gpt-oss's attention sinks, [heads] read as [1, heads, 1, 1]),
-    ``W.3`` for ``W[3]`` where selects partition ``W`` (JetMoE's experts), so that exports can
-    still say which parameter it is; the node's own name otherwise."""
+    ``W.3`` for ``W[3]`` where selects partition ``W`` (JetMoE's experts), ``W.exp``, ``W.neg``
+    and ``W.to`` for ``W`` through an invertible elementwise op (Mamba's ``-exp(A_log)``, named
+    ``A_log.exp.neg``), so that exports can still say which parameter it is and recover it;
+    the node's own name otherwise."""
     if _distinct_selects(node) and graph.is_constant(node.operand(0)):
         dim, index = node.attrs["args"].args[1:]
         return f"{node.operand(0).producer.attrs['name']}.{index}" if dim == 0 else node.result.name
     if node.op in _RESHAPES and graph.is_constant(node.operands[0] if node.operands else None):
         return f"{node.operand(0).producer.attrs['name']}.view"
+    if node.op in _INVERTIBLE and len(node.operands) == 1 and graph.is_constant(node.operand(0)):
+        return f"{node.operand(0).producer.attrs['name']}.{_INVERTIBLE[node.op]}"
     if node.op == "aten.transpose.int" and node.operands and graph.is_constant(node.operand(0)):
         rank = node.operand(0).tensor_type.rank
         dims = sorted(int(d) % rank for d in node.attrs["args"].args[1:3]) if rank >= 2 else []
