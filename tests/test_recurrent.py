@@ -15,6 +15,20 @@ def _prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 255, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _equal_at_lengths_and_in_generation(model, fast, lengths: tuple[int, ...], ids: torch.Tensor) -> None:
+    """Prompts of each length equal eager; greedy tokens from ``ids`` (its second row
+    left-padded) equal transformers'."""
+    for length in lengths:
+        prompt = _prompt(2, length, seed=length)
+        want = model(prompt).logits
+        assert ((fast(prompt).logits - want).abs().max() / want.abs().max()).item() < 1e-4, length
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(fast.generate(ids, mask, max_new_tokens=6), theirs)
+
+
 @pytest.fixture(scope="module")
 def hybrid():
     """Granite 4's architecture: a Mamba-2 layer, an attention layer, MoE; scans in chunks of 16."""
@@ -114,16 +128,7 @@ def test_a_token_loop_runs_prompts_token_by_token():
     fast = lowbit.compile(model, (_prompt(2, 9),), progress=False)
     assert fast.traced.decoder.max_step == 1
     assert any("token by token" in n for n in fast.traced.notes)
-    for length in (1, 9, 30):
-        ids = _prompt(2, length, seed=length)
-        want = model(ids).logits
-        assert ((fast(ids).logits - want).abs().max() / want.abs().max()).item() < 1e-4, length
-    ids = _prompt(3, 12)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    with torch.no_grad():
-        theirs = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(fast.generate(ids, mask, max_new_tokens=6), theirs)
+    _equal_at_lengths_and_in_generation(model, fast, (1, 9, 30), _prompt(3, 12))
 
 
 def test_a_length_torch_export_fixed_is_said_not_computed_wrong():
@@ -169,16 +174,8 @@ def test_a_chunk_loop_runs_longer_prompts_in_steps(deltanet, tmp_path):
     model, fast = deltanet
     assert fast.traced.decoder.max_step == 64
     assert any("chunks of 64 tokens (in Python" in n for n in fast.traced.notes)
-    for length in (1, 64, 65, 150):
-        ids = _prompt(2, length, seed=length)
-        want = model(ids).logits
-        assert ((fast(ids).logits - want).abs().max() / want.abs().max()).item() < 1e-4, length
     ids = _prompt(2, 70)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    with torch.no_grad():
-        theirs = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(fast.generate(ids, mask, max_new_tokens=6), theirs)
+    _equal_at_lengths_and_in_generation(model, fast, (1, 64, 65, 150), ids)
     q = lowbit.compile(fast.traced, recipe="w8a8", calibration=[(_prompt(2, n, seed=n),) for n in (30, 100)],
                        progress=False)
     want = model(ids).logits
