@@ -188,6 +188,16 @@ class DecoderStep(torch.nn.Module):
         return out.logits, cache_tensors(cache, self.layout)
 
 
+def empty_cache(graph: Graph, batch: int, device: torch.device | None = None) -> list[torch.Tensor]:
+    """A cache of length 0 for ``batch`` sequences in the types of a decode step's cache
+    inputs (recurrent states: zeros)."""
+    out = []
+    for value in graph.inputs[len(STEP_INPUTS):]:
+        shape = [d if isinstance(d, int) else (batch if d == "batch" else 0) for d in value.type.shape]
+        out.append(torch.zeros(shape, dtype=value.type.dtype.storage, device=device))
+    return out
+
+
 def run_pieces(leaves: list, run, max_step: int | None) -> list:
     """``run`` on a step's inputs; a prompt longer than ``max_step`` runs in pieces of at most
     ``max_step`` tokens, each fed the cache the one before returned: the last piece's outputs,
@@ -249,16 +259,10 @@ class DecoderIO:
         """A prompt's step inputs as the steps ``run_prompt`` would run, each piece's cache the
         one ``run`` (the float graph) returns for the pieces before it: calibration data for a
         graph that takes at most ``max_step`` tokens."""
-        n = leaves[0].shape[1]
-        if not self.max_step or n <= self.max_step:
+        if not self.max_step or leaves[0].shape[1] <= self.max_step:
             return [leaves]
-        ids, mask, pos, cache = leaves[0], leaves[1], leaves[2], list(leaves[len(STEP_INPUTS):])
-        past, out = mask.shape[1] - n, []
-        for start in range(0, n, self.max_step):
-            end = min(n, start + self.max_step)
-            out.append([ids[:, start:end], mask[:, :past + end], pos[:, start:end], *cache])
-            if end < n:
-                cache = list(run(out[-1])[1:])
+        out: list[list] = []
+        run_pieces(leaves, lambda piece: out.append(piece) or run(piece), self.max_step)
         return out
 
     def cache_inputs(self, graph: Graph) -> list:
@@ -270,11 +274,7 @@ class DecoderIO:
 
     def empty_cache(self, graph: Graph, batch: int, device: torch.device | None = None) -> list[torch.Tensor]:
         """A cache of length 0 for ``batch`` sequences, in the graph's cache types."""
-        out = []
-        for value in self.cache_inputs(graph):
-            shape = [d if isinstance(d, int) else (batch if d == "batch" else 0) for d in value.type.shape]
-            out.append(torch.zeros(shape, dtype=value.type.dtype.storage, device=device))
-        return out
+        return empty_cache(graph, batch, device)
 
     def step_leaves(self, call: Call, graph: Graph) -> list:
         """The graph's inputs for a call of the model's own form (a prompt, no cache): positions
@@ -354,11 +354,9 @@ def check_lengths(graph: Graph, model: torch.nn.Module, ids: torch.Tensor, lengt
     flat = ids.reshape(-1)
     tokens = flat.repeat(2 * length // max(flat.numel(), 1) + 1)[:2 * length].reshape(2, length).to(ids.device)
     mask = torch.ones_like(tokens)
-    cache = [torch.zeros([d if isinstance(d, int) else (2 if d == "batch" else 0) for d in v.type.shape],
-                         dtype=v.type.dtype.storage, device=ids.device) for v in graph.inputs[len(STEP_INPUTS):]]
     with torch.no_grad():
         try:
-            got = run_pieces([tokens, mask, positions_from_mask(mask, length), *cache],
+            got = run_pieces([tokens, mask, positions_from_mask(mask, length), *empty_cache(graph, 2, ids.device)],
                              lambda leaves: run_graph(graph, leaves), max_step)[0].float()
         except Exception:  # noqa: BLE001 - a shape the trace fixed: the graph fails at another length
             return float("inf")
@@ -371,10 +369,10 @@ def check_lengths(graph: Graph, model: torch.nn.Module, ids: torch.Tensor, lengt
 def _check_continues(model: torch.nn.Module, tokens: torch.Tensor, past: int, layout: list[CacheEntry],
                      example: list[torch.Tensor], new_mask: bool = False) -> None:
     """For a model with recurrent layers: the step run on a prompt from zero states, then on the
-    rest with the states it returned, gives the logits of the model run on the whole sequence.
-    Some transformers models (Mamba, Jamba) restart their recurrence on every call of more than
-    one token and read the state only when one token comes: their cache cannot be traced as
-    one step, and this raises ``TypeError`` (the trace then runs without the cache)."""
+    rest with the states it returned, gives the logits of the model run on the whole sequence;
+    ``TypeError`` where it does not. Some transformers models (Mamba, Jamba) restart their
+    recurrence on every call of more than one token and read the state only when one token
+    comes: their step is then tried on one token (``trace._recurrent_step``)."""
     if all(e.grows for e in layout):
         return
     step = DecoderStep(model, layout, new_mask)

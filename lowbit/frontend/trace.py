@@ -330,8 +330,9 @@ def trace_step(model: torch.nn.Module, example: Call) -> TracedModel:
     for value, entry in zip(graph.inputs[3:], layout):
         value.name = graph.fresh_name(entry.name)
     for dim, lowest in (("past", 0), ("total", 1), ("seq", 1), ("batch", 1)):
-        ranges[dim] = (lowest, max_step or ranges.get(dim, (0, None))[1] if dim == "seq" else
-                       ranges.get(dim, (0, None))[1])  # torch's lower bounds avoid 0/1 only
+        ranges[dim] = (lowest, ranges.get(dim, (0, None))[1])  # torch's lower bounds avoid 0/1 only
+    if max_step:
+        ranges["seq"] = (1, max_step)
     in_spec = pytree.tree_structure((tuple(args), dict(kwargs)))
     states = sum(not e.grows for e in layout)
     notes = [f"{type(model).__name__} is traced as one decode step: its key/value cache of {n_layers} layers "
