@@ -18,6 +18,15 @@ MiniLM) also feeds the residual add, so no constant can absorb 1/s there; with `
 (the default) its linears read X·diag(s)⁻¹ from one per-channel multiply inserted for them,
 an elementwise pass at run time, while the residual keeps X. The pass is lossless; the pass
 manager checks it.
+
+MoE layers (``experts``, on by default): the experts read rows of the norm's output that the
+router gathers for them, so one scale per channel folds into the norm, the router and every
+expert's rows of W [experts, in, out] alike. After a gated expert MLP's up projection each
+expert gets its own scale s_e: its slice of up-projection columns divided by s_e, the rows of
+its down projection multiplied by it, with statistics (and, for ``alpha: auto``, the search)
+from the calibration rows routed to that expert. An expert no calibration row reached keeps
+s_e = 1. Experts whose input nothing can absorb a scale into (an activation clamp, a bias
+added after the up projection) are named in a note.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from lowbit.ir.graph import Graph, Node, Value
 from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.rewriter import single_user
 from lowbit.quant.calibrate import RowSample, calibrate
-from lowbit.quant.experts import expert_matmuls, where
+from lowbit.quant.experts import GROUPED_MM, expert_matmuls, is_expert_matmul, watch, watch_routed, watched, where
 from lowbit.quant.observers import TensorStats
 from lowbit.quant.spec import parse_qspec
 from lowbit.quant.weights import fake_quantize
@@ -45,8 +54,10 @@ _HEAD_RESHAPES = ("aten.view.default", "aten._unsafe_view.default", "aten.reshap
 class Region:
     x: Value
     producer: Node
-    consumers: list[Node]
+    consumers: list[Node]  # linears, or MoE grouped matmuls (``GROUPED_MM``) reading x's channels
     explicit: bool = False  # 1/s as a multiply before ``consumers``, not folded into ``producer``
+    routed: bool = False  # one MoE layer's experts, each its own scale: s is [experts, channels]
+    offset: int = 0  # routed: where x's channels start in the producer's outputs
 
 
 def _keeps_channels(node: Node) -> bool:
@@ -98,11 +109,16 @@ def _flattened_norm(x: Value, graph: Graph) -> Node | None:
             return None
         x = src
     p = x.producer
-    if p is None or p.op not in ("core.layer_norm", "core.rms_norm") or not _own_constant(p.operands[1], graph):
-        return None
-    if p.op == "core.layer_norm" and p.operands[2] is not None and not _own_constant(p.operands[2], graph):
+    if p is None or not _absorbing_norm(p, graph):
         return None
     return p if single_user(x, graph) is not None or all(u.op == "core.linear" for u in x.users) else None
+
+
+def _absorbing_norm(p: Node, graph: Graph) -> bool:
+    """A LayerNorm/RMSNorm whose scale (and shift) only it reads, so they can absorb 1/s."""
+    if p.op not in ("core.layer_norm", "core.rms_norm") or not _own_constant(p.operands[1], graph):
+        return False
+    return p.op == "core.rms_norm" or p.operands[2] is None or _own_constant(p.operands[2], graph)
 
 
 def _gated_producer(x: Value, graph: Graph) -> Node | None:
@@ -118,15 +134,106 @@ def _gated_producer(x: Value, graph: Graph) -> Node | None:
     return None
 
 
-def find_regions(graph: Graph, explicit: bool = False) -> list[Region]:
-    """Values whose linear readers can be smoothed. With ``explicit``, also a norm's output read
-    by linears and by something else (the residual add of a post-norm model)."""
+def _reads_once(u: Node, v: Value) -> bool:
+    """``u`` reads ``v`` as its first operand and nowhere else."""
+    return bool(u.operands) and u.operands[0] is v and not any(o is v for o in u.operands[1:])
+
+
+def _weight_reader(u: Node, v: Value, graph: Graph) -> bool:
+    """``u`` reads ``v`` as the input of a linear or of MoE experts whose weight only it reads."""
+    if not _reads_once(u, v) or len(u.operands) < 2 or not _own_constant(u.operands[1], graph):
+        return False
+    return u.op == "core.linear" or is_expert_matmul(graph, u)
+
+
+def _row_gather(u: Node, v: Value) -> bool:
+    """``u`` picks whole rows of ``v`` (MoE routing: ``x[token_index]``), channels untouched."""
+    if u.op not in ("aten.index.Tensor", "aten.index_select.default") or not _reads_once(u, v) \
+            or v.tensor_type.rank < 2:
+        return False
+    args = u.attrs["args"].args  # type: ignore[union-attr]
+    if u.op == "aten.index.Tensor":
+        return isinstance(args[1], (tuple, list)) and len(args[1]) == 1 and args[1][0] is not None
+    return u.op == "aten.index_select.default" and args[1] == 0
+
+
+def _keeps_last_dim(u: Node, v: Value) -> bool:
+    """A reshape whose last dim is ``v``'s: every row of the result is a row of ``v``."""
+    return (u.op in ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
+            and _reads_once(u, v) and u.result.tensor_type.shape[-1] == v.tensor_type.shape[-1])
+
+
+def _channel_readers(x: Value, graph: Graph) -> list[Node] | None:
+    """The linears and MoE experts that read x's channels, through reshapes and row gathers;
+    None if anything else reads them (or they leave the graph)."""
+    outputs = {id(v) for v in graph.outputs}
+    readers, todo = [], [x]
+    while todo:
+        v = todo.pop()
+        if id(v) in outputs:
+            return None
+        for u in dict.fromkeys(v.users):
+            if _weight_reader(u, v, graph):
+                readers.append(u)
+            elif _keeps_last_dim(u, v) or _row_gather(u, v):
+                todo.append(u.result)
+            else:
+                return None
+    return readers
+
+
+def _split_offset(v: Value) -> int | None:
+    """Where piece ``v`` of a split along the last dim starts (None: not such a piece)."""
+    p = v.producer
+    if p is None or p.op not in ("aten.split.Tensor", "aten.split_with_sizes.default"):
+        return None
+    args = p.attrs["args"].args  # type: ignore[union-attr]
+    rank = p.operand(0).tensor_type.rank
+    if len(args) < 3 or args[2] % rank != rank - 1:
+        return None
+    i = next(k for k, r in enumerate(p.results) if r is v)
+    return i * args[1] if p.op == "aten.split.Tensor" else sum(args[1][:i])
+
+
+def _expert_regions(graph: Graph) -> list[Region]:
+    """MoE layers' scale-folding regions:
+
+    - a norm whose output reaches experts through the routing's row gathers (and any router
+      or shared-expert linears beside them): one scale per channel for all its readers;
+    - a gated expert MLP, x = a ⊙ u with u a slice of the experts' up projection: each expert's
+      up columns divided by its own scale, the rows of its down projection multiplied by it."""
     regions = []
+    for node in graph.nodes:
+        if _absorbing_norm(node, graph):
+            readers = _channel_readers(node.result, graph)
+            if readers and any(u.op in GROUPED_MM for u in readers):
+                regions.append(Region(node.result, node, readers))
+    for down in expert_matmuls(graph):
+        x, mul = down.operand(0), down.operand(0).producer
+        if mul is None or mul.op != "core.mul" or single_user(x, graph) is not down:
+            continue
+        for v in mul.operands:
+            offset = _split_offset(v) if v is not None and v.type == x.type else None
+            up = v.producer.operand(0).producer if offset is not None else None
+            if (up is not None and single_user(v, graph) is mul and is_expert_matmul(graph, up)
+                    and _own_constant(up.operands[1], graph) and up.operands[2] is down.operands[2]
+                    and _own_constant(down.operands[1], graph)):
+                regions.append(Region(x, up, [down], routed=True, offset=offset))
+                break
+    return regions
+
+
+def find_regions(graph: Graph, explicit: bool = False, experts: bool = False) -> list[Region]:
+    """Values whose linear readers can be smoothed. With ``explicit``, also a norm's output read
+    by linears and by something else (the residual add of a post-norm model); with ``experts``,
+    MoE layers' regions too (``_expert_regions``)."""
+    regions = _expert_regions(graph) if experts else []
+    taken = {id(r.x) for r in regions}
     outputs = {id(v) for v in graph.outputs}
     for node in graph.nodes:
         for x in node.results:
             users = x.users
-            if not users:
+            if not users or id(x) in taken:
                 continue
             linears = [u for u in users
                        if u.op == "core.linear" and u.operands[0] is x and _own_constant(u.operands[1], graph)]
@@ -154,6 +261,7 @@ class SmoothQuant(Pass):
     acts: str = "uint8/tensor/asym"  # rounds with (as the insert-qdq that follows)
     rows: int = 512           # alpha=auto: calibration tokens sampled per region
     explicit: bool = True     # a norm output that also feeds the residual: 1/s as a multiply
+    experts: bool = True      # smooth MoE experts' inputs too (each expert its own scale after its up projection)
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, str):
@@ -167,26 +275,41 @@ class SmoothQuant(Pass):
         parse_qspec(self.acts, f"{self.name}.acts")
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
-        regions = find_regions(graph, self.explicit)
-        experts = expert_matmuls(graph)
-        if experts:
-            ctx.note(f"{self.name}: {len(experts)} MoE expert weight tensor(s) ({where(experts)}) "
-                     "are not smoothed (they read a routed copy of their input)")
+        regions = find_regions(graph, self.explicit, experts=self.experts)
+        note_unscaled_experts(graph, regions, ctx, self.name, self.experts)
         if not regions:
             return False
         search = self.alpha == "auto"
-        stats = calibrate(graph, ctx.require_calibration(self.name), [r.x for r in regions],
-                          progress=ctx.progress, desc=self.name,
-                          observer=(lambda: _StatsAndSample(self.rows)) if search else TensorStats)
-        chosen = []
+        xs, routed = sample_inputs(graph, ctx.require_calibration(self.name), [r.x for r in regions if not r.routed],
+                                   [u for r in regions for u in r.consumers if u.op in GROUPED_MM],
+                                   (lambda: _StatsAndSample(self.rows)) if search else TensorStats,
+                                   4 * self.rows if search else 0, ctx, self.name)
+        chosen, tokens = [], 0
         for r in regions:
-            st = stats[r.x.name]
+            if r.routed:
+                down = r.consumers[0]
+                rows = routed[id(down)]
+                w = graph.tensor(down.operand(1)).float()
+                w_absmax = input_absmax(graph, down, per_expert=True)
+                s = torch.ones_like(w_absmax)
+                for e in range(w.shape[0]):
+                    sample = rows.rows(e)
+                    if rows.absmax is None or not rows.absmax[e].any():
+                        continue  # no calibration row reached the expert: no statistics to smooth by
+                    alpha = (self._search(sample, [w[e].T], rows.absmax[e], w_absmax[e]) if search and sample.shape[0]
+                             else 0.5 if search else float(self.alpha))
+                    if search:
+                        chosen.append(alpha)
+                    s[e] = smoothing_scales(rows.absmax[e], w_absmax[e], alpha)
+                apply_scales(graph, r, equal_ranges(s, rows.absmax), self.name)
+                continue
+            st = xs[r.x.name]
             x_absmax = st.stats.channel_absmax if search else st.channel_absmax
-            w_absmax = torch.stack([graph.tensor(u.operand(1)).abs().amax(0) for u in r.consumers]).amax(0).float()
+            w_absmax = torch.stack([input_absmax(graph, u) for u in r.consumers]).amax(0)
             if search:
                 sample = st.sample.tensor()
-                weights = [graph.tensor(u.operand(1)).float() for u in r.consumers]
-                alpha = self._search(sample, weights, x_absmax, w_absmax)
+                weights = [graph.tensor(u.operand(1)).float() for u in r.consumers if u.op not in GROUPED_MM]
+                alpha = self._search(sample, weights, x_absmax, w_absmax, expert_terms(graph, r, routed))
                 chosen.append(alpha)
                 tokens = sample.shape[0]
             else:
@@ -198,25 +321,27 @@ class SmoothQuant(Pass):
                      "linears (a post-norm residual); their linears read them through one per-channel multiply")
         if chosen:
             counts = {a: chosen.count(a) for a in sorted(set(chosen))}
-            ctx.note(f"{self.name}: α chosen per region by quantized output error on {tokens} sampled "
-                     f"calibration tokens ({self.weights} weights, {self.acts} activations): "
+            ctx.note(f"{self.name}: α chosen per region (and MoE expert) by quantized output error on {tokens} "
+                     f"sampled calibration tokens ({self.weights} weights, {self.acts} activations): "
                      + ", ".join(f"{a:g} ×{n}" for a, n in counts.items()))
         return True
 
     def _search(self, x: torch.Tensor, weights: list[torch.Tensor], x_absmax: torch.Tensor,
-                w_absmax: torch.Tensor) -> float:
+                w_absmax: torch.Tensor, extra: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> float:
         """The α on the grid whose smoothing leaves the least error ‖Q(X/s)·Q(W·s)ᵀ − X·Wᵀ‖² in
-        the region's consumers, with weights and activations rounded as specified."""
+        the region's consumers, with weights and activations rounded as specified; ``extra``
+        are (rows, weight) pairs read on their own rows (MoE experts on the rows routed to them)."""
         wspec, aspec = parse_qspec(self.weights), parse_qspec(self.acts)
         if aspec.granularity == "token":  # the sample's rows are tokens: one range per row
             aspec = dataclasses.replace(aspec, granularity="channel", dynamic=False)
-        ref = [x @ w.T for w in weights]
+        terms = [(x, w) for w in weights] + list(extra)
+        ref = [xt @ w.T for xt, w in terms]
         best, best_err = 0.5, float("inf")
         for i in range(self.grid + 1):
             alpha = i / self.grid
             s = smoothing_scales(x_absmax, w_absmax, alpha)
-            xq = fake_quantize(x / s, aspec)
-            err = sum((xq @ fake_quantize(w * s, wspec).T - y).pow(2).sum().item() for w, y in zip(weights, ref))
+            err = sum((fake_quantize(xt / s, aspec) @ fake_quantize(w * s, wspec).T - y).pow(2).sum().item()
+                      for (xt, w), y in zip(terms, ref))
             if err < best_err:
                 best, best_err = alpha, err
         return best
@@ -233,20 +358,97 @@ class _StatsAndSample:
         self.sample.update(x)
 
 
+def sample_inputs(graph: Graph, batches, values: list[Value], experts: list[Node], observer,
+                  routed_rows: int, ctx: PassContext, desc: str) -> tuple[dict, dict]:
+    """One calibration sweep: an ``observer()`` on each of ``values`` (by name), and the rows
+    routed to each expert of the grouped matmuls ``experts`` (``RoutedRows`` by node id, with a
+    sample of ``routed_rows`` rows)."""
+    observers: dict = {}
+    xs = {}
+    for v in values:
+        if v.name not in xs:
+            xs[v.name] = observer()
+            watch(observers, v, xs[v.name].update)
+    routed = {id(u): watch_routed(observers, u, routed_rows) for u in experts}
+    calibrate(graph, batches, watched(observers), progress=ctx.progress, desc=desc, observers=observers)
+    return xs, routed
+
+
+def expert_terms(graph: Graph, r: Region, routed: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows, weight [out, in]) for each expert among a shared region's consumers that
+    calibration routed sampled rows to."""
+    terms = []
+    for u in r.consumers:
+        if u.op in GROUPED_MM:
+            w = graph.tensor(u.operand(1)).float()
+            terms += [(rows, w[e].T) for e in range(w.shape[0]) if (rows := routed[id(u)].rows(e)).shape[0]]
+    return terms
+
+
+def note_unscaled_experts(graph: Graph, regions: list[Region], ctx: PassContext, name: str, asked: bool) -> None:
+    """A note naming the MoE experts no region scales: not ``asked`` to, or their input comes
+    from something that cannot absorb a scale."""
+    scaled = {id(u) for r in regions for u in r.consumers if u.op in GROUPED_MM}
+    left = [n for n in expert_matmuls(graph) if id(n) not in scaled]
+    if left:
+        why = ("their input is not a norm's output or a gated up projection's, which could absorb them" if asked
+               else "experts=false")
+        ctx.note(f"{name}: {len(left)} MoE expert weight tensor(s) ({where(left)}) get no scales ({why})")
+
+
+def equal_ranges(s: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Per-expert scales s [experts, channels] times one constant per expert, so that every
+    expert calibration reached has the same max |x/s|: all experts' inputs share one activation
+    quantizer, which an expert of larger range would otherwise claim for itself. (A constant
+    per expert changes nothing for the weights, which have a scale per output channel.)"""
+    reached = absmax.amax(1) > 0
+    if not reached.any():
+        return s
+    peak = (absmax / s).amax(1)
+    out = s.clone()
+    out[reached] *= (peak[reached] / absmax.amax())[:, None]
+    return out
+
+
 def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant's s_j = max|X_j|^α / max|W_·j|^(1−α), kept within [1e-4, 1e4]."""
     s = x_absmax.clamp_min(1e-5) ** alpha / w_absmax.clamp_min(1e-5) ** (1 - alpha)
     return s.clamp(1e-4, 1e4)
 
 
+def _scale_inputs(graph: Graph, node: Node, s: torch.Tensor) -> None:
+    """Multiply the weight's input channels by s: a linear's columns ([out, in]), the rows of
+    every expert's [in, out] matrix (s [in] for all experts, or [experts, in] each its own)."""
+    w = node.operand(1)
+    t = graph.tensor(w)
+    s = s.to(t.dtype)
+    graph.set_tensor(w, t * s[..., None] if node.op in GROUPED_MM else t * s)
+
+
+def input_absmax(graph: Graph, node: Node, per_expert: bool = False) -> torch.Tensor:
+    """max |W| per input channel of a linear or of MoE experts (over all experts, or each
+    expert's own: [experts, in])."""
+    t = graph.tensor(node.operand(1)).abs().float()
+    if node.op not in GROUPED_MM:
+        return t.amax(0)
+    return t.amax(2) if per_expert else t.amax((0, 2))
+
+
 def apply_scales(graph: Graph, r: Region, s: torch.Tensor, pass_name: str) -> None:
     """X → X·diag(s)⁻¹ absorbed by the producer (or, for an explicit region, computed by a
     multiply the consumers read), W → W·diag(s) for every consumer."""
     for u in r.consumers:
-        w = u.operand(1)
-        graph.set_tensor(w, graph.tensor(w) * s.to(graph.tensor(w).dtype))
+        _scale_inputs(graph, u, s)
         u.touch(pass_name)
     p = r.producer
+    if r.routed:  # each expert's slice of up-projection columns
+        w = p.operand(1)
+        t = graph.tensor(w)
+        divisor = torch.ones(t.shape[0], 1, t.shape[2], dtype=t.dtype)
+        divisor[:, 0, r.offset:r.offset + s.shape[1]] = s
+        graph.set_tensor(w, t / divisor)
+        p.touch(pass_name)
+        return
     if r.explicit:
         inverse = graph.constant((1 / s).to(r.x.tensor_type.dtype.storage), f"{pass_name}_inverse_scale")
         mul = graph.create_node("core.mul", [r.x, inverse], loc=p.loc.copy())

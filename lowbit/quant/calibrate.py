@@ -326,9 +326,11 @@ class _Boundary:
 def calibrate(graph: Graph, batches: Iterable[Sequence[object]], values: Sequence[Value],
               flatten: Callable[[Sequence[object]], list] | None = None,
               progress: bool = True, desc: str = "calibrating",
-              observer: Callable[[], Observer] = TensorStats) -> dict[str, Any]:
+              observer: Callable[[], Observer] = TensorStats,
+              observers: Mapping[str, Observer] | None = None) -> dict[str, Any]:
     """Statistics of ``values`` (by value name) over ``batches``: one ``observer()`` each
-    (``TensorStats`` by default; ``RowSample`` for AWQ's search).
+    (``TensorStats`` by default; ``RowSample`` for AWQ's search), or the one ``observers``
+    gives for its name (one object may watch several values, e.g. rows and their experts).
 
     ``flatten`` turns one batch (the model's argument tuple) into the graph's inputs. The
     batches go through the graph together, block by block (``Sweep``), and only as far as the
@@ -336,7 +338,8 @@ def calibrate(graph: Graph, batches: Iterable[Sequence[object]], values: Sequenc
     NaN/Inf, or a node producing them, is an error naming the batch and the node.
     """
     wanted = {id(v): v.name for v in values}
-    stats = {name: observer() for name in wanted.values()}
+    stats = {name: observers[name] if observers and name in observers else observer()
+             for name in wanted.values()}
     if not values:
         return stats
     sweep = Sweep(graph, batches, flatten)

@@ -39,13 +39,15 @@ HESSIAN_BYTES = 1 << 30  # experts' Hessians held at once (float64), at most
 
 def expert_matmuls(graph: Graph) -> list[Node]:
     """The grouped matmuls whose weight is a constant float [experts, in, out] tensor."""
-    out = []
-    for node in graph.nodes:
-        if node.op in GROUPED_MM and len(node.operands) >= 3 and graph.is_constant(node.operands[1]):
-            t = node.operand(1).tensor_type
-            if t.rank == 3 and t.dtype.is_float and t.is_static:
-                out.append(node)
-    return out
+    return [node for node in graph.nodes if is_expert_matmul(graph, node)]
+
+
+def is_expert_matmul(graph: Graph, node: Node) -> bool:
+    """``node`` is a grouped matmul whose weight is a constant float [experts, in, out] tensor."""
+    if node.op not in GROUPED_MM or len(node.operands) < 3 or not graph.is_constant(node.operands[1]):
+        return False
+    t = node.operand(1).tensor_type
+    return t.rank == 3 and t.dtype.is_float and t.is_static
 
 
 def where(nodes: list[Node]) -> str:
@@ -135,3 +137,74 @@ def _expert_hessians(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], first
             hs[i].add_(part.T @ part)
             seen[i] += part.shape[0]
     return hs, seen
+
+
+class RoutedRows:
+    """One grouped matmul's calibration input, kept by the expert each row was routed to: every
+    expert's channel max |x| over all its rows, and a sample of rows (every k-th routed row of
+    a batch, so that each expert keeps its share of the traffic), ``max_rows`` in all. It is fed
+    each batch's rows and offsets by ``watch_routed``, in whichever order the graph makes them."""
+
+    def __init__(self, experts: int, max_rows: int = 2048, per_batch: int = 256) -> None:
+        self.experts, self.max_rows, self.per_batch = experts, max_rows, per_batch
+        self.absmax: torch.Tensor | None = None  # [experts, in]
+        self.parts: list[list[torch.Tensor]] = [[] for _ in range(experts)]
+        self.count = 0
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def feed(self, kind: str, t: torch.Tensor) -> None:
+        self._pending[kind] = t
+        if len(self._pending) == 2:
+            self._add(self._pending.pop("rows"), self._pending.pop("offsets"))
+
+    def _add(self, x: torch.Tensor, offsets: torch.Tensor) -> None:
+        counts = torch.diff(offsets.reshape(-1).long(), prepend=torch.zeros(1, dtype=torch.long))
+        x = x.detach().reshape(-1, x.shape[-1])[: int(counts.sum())].float()
+        expert = torch.repeat_interleave(torch.arange(self.experts), counts)
+        amax = torch.zeros(self.experts, x.shape[1]).scatter_reduce(
+            0, expert[:, None].expand_as(x), x.abs(), "amax", include_self=True)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        take = min(self.per_batch, self.max_rows - self.count)
+        if take <= 0 or not x.shape[0]:
+            return
+        idx = torch.arange(0, x.shape[0], max(1, x.shape[0] // self.per_batch))[:take]
+        for e in expert[idx].unique().tolist():
+            self.parts[e].append(x[idx[expert[idx] == e]].clone())
+        self.count += idx.numel()
+
+    def rows(self, e: int) -> torch.Tensor:
+        """Expert ``e``'s sampled rows [rows, in] (none: zero rows)."""
+        parts = self.parts[e]
+        return torch.cat(parts) if parts else torch.zeros(0, 0 if self.absmax is None else self.absmax.shape[1])
+
+
+class _Watch:
+    """A calibration observer that hands each tensor to several readers."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+        self.readers: list[Callable[[torch.Tensor], None]] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        for read in self.readers:
+            read(x)
+
+
+def watch(observers: dict, value, read: Callable[[torch.Tensor], None]) -> None:
+    """Have ``calibrate(graph, batches, watched(observers), observers=observers)`` hand ``value``'s
+    tensor of each batch to ``read``."""
+    observers.setdefault(value.name, _Watch(value)).readers.append(read)
+
+
+def watched(observers: dict) -> list:
+    """The values ``watch`` was asked to observe."""
+    return [w.value for w in observers.values()]
+
+
+def watch_routed(observers: dict, node: Node, max_rows: int = 2048) -> RoutedRows:
+    """The rows routed to each expert of grouped matmul ``node``, gathered by ``calibrate``
+    (``observers``, with ``node.operands[0]`` and ``[2]`` among its values)."""
+    routed = RoutedRows(node.operand(1).tensor_type.shape[0], max_rows)
+    watch(observers, node.operand(0), lambda t: routed.feed("rows", t))
+    watch(observers, node.operand(2), lambda t: routed.feed("offsets", t))
+    return routed
