@@ -323,7 +323,7 @@ def make_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=_export)
     e = sub.add_parser("eval", help="quality of quantization recipes vs fp32")
     e.add_argument("model", help="minilm (cosine of mean-pooled sentence embeddings) or "
-                                 "byte-llama, byte-llama-192 (perplexity on held-out text, and the KL divergence "
+                                 "byte-llama, byte-llama-192, byte-moe (perplexity on held-out text, and the KL divergence "
                                  "from fp32's next-byte predictions)")
     e.add_argument("--recipe", action="append", required=True,
                    help="built-in recipe name or a .yaml/.toml file; repeat to compare")

@@ -4,7 +4,7 @@ MiniLM: cosine similarity of mean-pooled sentence embeddings on the evaluation s
 package ships (``lowbit/data/sentences_eval.txt``), calibrated on a disjoint set
 (``sentences_calibration.txt``).
 
-byte-llama, byte-llama-192: perplexity (per byte) on held-out Python source (``byte_llama_val.txt``, from
+byte-llama, byte-llama-192, byte-moe: perplexity (per byte) on held-out Python source (``byte_llama_val.txt``, from
 files the model was not trained on), calibrated on a disjoint slice of its training text
 (``byte_llama_calib.txt``).
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 DATA = Path(__file__).parent / "data"
-BYTE_LMS = ("byte-llama", "byte-llama-192")  # the shipped byte-level LMs: same data, same metric
+BYTE_LMS = ("byte-llama", "byte-llama-192", "byte-moe")  # the shipped byte-level LMs: same data, same metric
 
 
 def sentences(split: str) -> list[str]:

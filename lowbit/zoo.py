@@ -141,12 +141,13 @@ def minilm() -> ModelSpec:
 
 BYTE_LLAMA_DIR = Path(__file__).parent / "data" / "byte_llama"
 BYTE_LLAMA_192_DIR = Path(__file__).parent / "data" / "byte_llama_192"
+BYTE_MOE_DIR = Path(__file__).parent / "data" / "byte_moe"
 
 
 def _byte_lm(folder: Path, description: str) -> ModelSpec:
     import transformers as tf
 
-    model = tf.LlamaForCausalLM.from_pretrained(folder).eval()
+    model = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
     text = (Path(__file__).parent / "data" / "byte_llama_val.txt").read_bytes()[:64]
     ids = torch.tensor(list(text), dtype=torch.long).reshape(2, 32)
     seq = Dim("seq", max=model.config.max_position_embeddings)
@@ -165,6 +166,13 @@ def byte_llama_192() -> ModelSpec:
                     "3 kv heads), ~1.8M params, trained on the Python standard library")
 
 
+def byte_moe() -> ModelSpec:
+    """A byte-level mixture of experts (Qwen3-MoE: 8 experts of width 96 per layer, 2 per token,
+    hidden 128, 4 layers, ~1.4M params), trained the same way."""
+    return _byte_lm(BYTE_MOE_DIR, "byte-level mixture of experts (Qwen3-MoE, 8 experts, 2 per token), ~1.4M params, "
+                    "trained on the Python standard library")
+
+
 ZOO: dict[str, Callable[[], ModelSpec]] = {
     "tiny-llama": tiny_llama,
     "tiny-gpt2": tiny_gpt2,
@@ -173,6 +181,7 @@ ZOO: dict[str, Callable[[], ModelSpec]] = {
     "tiny-cnn": tiny_cnn,
     "byte-llama": byte_llama,
     "byte-llama-192": byte_llama_192,
+    "byte-moe": byte_moe,
 }
 
 

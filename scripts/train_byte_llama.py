@@ -68,12 +68,20 @@ VAL_BYTES = 64 * 1024
 LOG_EVERY = 20
 
 
-def model_config(hidden: int = 128, ffn: int = 384, layers: int = 4, heads: int = 4, kv_heads: int = 2):
-    from transformers import LlamaConfig
+def model_config(hidden: int = 128, ffn: int = 384, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                 experts: int = 0, top_k: int = 2):
+    from transformers import LlamaConfig, Qwen3MoeConfig
 
     if hidden % heads or heads % kv_heads:
         raise SystemExit(f"--hidden {hidden} must split into --heads {heads}, which must split into --kv-heads {kv_heads}")
-    return LlamaConfig(
+    if experts and not 0 < top_k <= experts:
+        raise SystemExit(f"--top-k {top_k} must be between 1 and --experts {experts}")
+    # a mixture of experts: Qwen3-MoE's architecture, every layer's MLP ``experts`` experts of
+    # width ``ffn``, ``top_k`` of them per token (and a router load-balancing loss in training)
+    moe = dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=ffn, head_dim=hidden // heads,
+               decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=True) if experts else {}
+    return (Qwen3MoeConfig if experts else LlamaConfig)(
+        **moe,
         vocab_size=256,
         hidden_size=hidden,
         intermediate_size=ffn,
@@ -166,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4, help="query heads")
     ap.add_argument("--kv-heads", type=int, default=2, help="key-value heads")
+    ap.add_argument("--experts", type=int, default=0,
+                    help="MoE experts per layer (0: a dense Llama; else Qwen3-MoE, --ffn the experts' width)")
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
     ap.add_argument(
         "--val-text",
         default=None,
@@ -174,8 +185,8 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from transformers import LlamaForCausalLM
     import transformers
+    from transformers import AutoModelForCausalLM
 
     out_dir = Path(args.out)
     if args.val_text is not None:
@@ -199,7 +210,8 @@ def main(argv=None) -> int:
         f"(eval on first {len(val_text_bytes):,} bytes)"
     )
 
-    model = LlamaForCausalLM(model_config(args.hidden, args.ffn, args.layers, args.heads, args.kv_heads))
+    config = model_config(args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.experts, args.top_k)
+    model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}")
 
@@ -253,6 +265,7 @@ def main(argv=None) -> int:
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.output_router_logits = False  # the balancing loss is for training only
     model.save_pretrained(out_dir, safe_serialization=True)
     log = {
         "parameters": n_params,
@@ -261,7 +274,7 @@ def main(argv=None) -> int:
         "seq_len": SEQ_LEN,
         "seed": args.seed,
         "shape": {"hidden": args.hidden, "ffn": args.ffn, "layers": args.layers, "heads": args.heads,
-                  "kv_heads": args.kv_heads},
+                  "kv_heads": args.kv_heads, **({"experts": args.experts, "top_k": args.top_k} if args.experts else {})},
         "lr": LR,
         "final_train_loss": round(final_train_loss, 4),
         "final_train_loss_note": f"mean of the last {len(recent)} step losses (nats/byte)",

@@ -8,6 +8,7 @@ from conftest import rel_err
 from lowbit import zoo
 from lowbit.frontend import trace
 from lowbit.ir import parse_graph, print_graph, run_graph, verify
+from lowbit.quant.experts import GROUPED_MM
 
 
 def _second_inputs(name: str, spec: zoo.ModelSpec) -> tuple:
@@ -50,7 +51,7 @@ def test_symbolic_dims_are_named(traced):
     name, _, t = traced
     dims = {d for v in t.graph.inputs for d in v.tensor_type.shape if isinstance(d, str)}
     assert "batch" in dims
-    if name in ("tiny-llama", "tiny-gpt2", "minilm", "byte-llama", "byte-llama-192"):
+    if name in ("tiny-llama", "tiny-gpt2", "minilm", "byte-llama", "byte-llama-192", "byte-moe"):
         assert "seq" in dims
 
 
@@ -74,6 +75,7 @@ def test_canonical_ops_present(traced):
     expected = {"tiny-llama": {"core.rms_norm", "core.sdpa", "core.linear"},
                 "byte-llama": {"core.rms_norm", "core.sdpa", "core.linear"},
                 "byte-llama-192": {"core.rms_norm", "core.sdpa", "core.linear"},
+                "byte-moe": {"core.rms_norm", "core.sdpa", "core.linear", *GROUPED_MM},
                 "tiny-gpt2": {"core.layer_norm", "core.sdpa", "core.linear"},
                 "minilm": {"core.layer_norm", "core.sdpa", "core.linear", "core.gelu"},
                 "tiny-vit": {"core.layer_norm", "core.sdpa", "core.conv2d"},
