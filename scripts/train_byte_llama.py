@@ -4,7 +4,9 @@ What it trains
     A ``transformers.LlamaForCausalLM`` of about 0.85M parameters whose vocabulary is
     the 256 byte values (token id == byte value, so no tokenizer is needed):
     hidden 128, MLP 384, 4 layers, 4 query heads / 2 key-value heads, context 256,
-    untied embeddings.
+    untied embeddings. With ``--experts N`` it is a ``Qwen3MoeForCausalLM`` instead, every
+    layer's MLP N experts of width ``--ffn``, ``--top-k`` of them per token, trained with the
+    router's load-balancing loss.
 
 On what
     The ``.py`` files of the running Python's standard library
@@ -31,9 +33,12 @@ How to rerun
     # the second shipped LM, with widths that are not powers of two (byte-llama-192):
     python scripts/train_byte_llama.py --hidden 192 --ffn 528 --heads 6 --kv-heads 3 \
         --out lowbit/data/byte_llama_192 --val-text /tmp/byte_llama_val.txt   # ~5 minutes
+    # the shipped mixture of experts (byte-moe: Qwen3-MoE, 8 experts of width 96, 2 per token):
+    python scripts/train_byte_llama.py --experts 8 --top-k 2 --ffn 96 --steps 1500 \
+        --out lowbit/data/byte_moe --val-text /tmp/byte_moe_val.txt   # ~11 minutes
 
 The trained result is committed to the repository so tests never train; they only
-load ``lowbit/data/byte_llama`` with ``LlamaForCausalLM.from_pretrained``.
+load ``lowbit/data/byte_llama`` (and its siblings) with ``AutoModelForCausalLM.from_pretrained``.
 """
 
 from __future__ import annotations
