@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from lowbit.ir.graph import Graph, Node
 from lowbit.passes.base import Pass, PassContext, register
-from lowbit.passes.smooth import (Region, apply_scales, expert_terms, find_regions, note_unscaled_experts,
-                                  sample_inputs)
+from lowbit.passes.smooth import (Region, apply_scales, expert_rows, expert_terms, find_regions,
+                                  note_unscaled_experts, sample_inputs)
 from lowbit.quant.calibrate import RowSample
 from lowbit.quant.experts import GROUPED_MM, RoutedRows, expert_matmuls, expert_spec
 from lowbit.quant.spec import QSpec, parse_qspec
@@ -105,11 +105,11 @@ class Awq(Pass):
         for r in tqdm(regions, desc=f"{self.name} scales", unit="region", disable=not ctx.progress, leave=False):
             if r.routed:  # each expert's own scale, searched on the rows routed to it
                 down = r.consumers[0]
-                w = graph.tensor(down.operand(1)).float()
-                s = torch.ones(w.shape[0], w.shape[1])
+                w = expert_rows(graph, down)  # [experts, out, in]
+                s = torch.ones(w.shape[0], w.shape[2])
                 for e in range(w.shape[0]):
                     if (rows := routed[id(down)].rows(e)).shape[0]:
-                        s[e] = search_scale(rows, [w[e].T], spec, self.grid)
+                        s[e] = search_scale(rows, [w[e]], spec, self.grid)
                     else:
                         unreached.add((id(down), e))
                 apply_scales(graph, r, s, self.name)
@@ -146,16 +146,16 @@ class Awq(Pass):
         """Each expert's weights clipped on the rows routed to it; the (node, expert) pairs
         that no sampled row reached."""
         w = node.operand(1)
-        tensor = graph.tensor(w)
-        clipped = tensor.float().clone()
-        spec = expert_spec(spec, tensor.shape[1])
+        dtype = graph.tensor(w).dtype
+        clipped = expert_rows(graph, node)  # [experts, out, in]
+        spec = expert_spec(spec, clipped.shape[2])
         unreached = set()
-        for e in range(tensor.shape[0]):
+        for e in range(clipped.shape[0]):
             if (rows := routed.rows(e)).shape[0]:
-                clipped[e] = search_clip(clipped[e].T, rows, spec).T
+                clipped[e] = search_clip(clipped[e], rows, spec)
             else:
                 unreached.add((id(node), e))
-        graph.set_tensor(w, clipped.to(tensor.dtype))
+        graph.set_tensor(w, clipped.transpose(1, 2).contiguous().to(dtype))
         node.touch(self.name)
         return unreached
 

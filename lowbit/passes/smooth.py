@@ -289,14 +289,14 @@ class SmoothQuant(Pass):
             if r.routed:
                 down = r.consumers[0]
                 rows = routed[id(down)]
-                w = graph.tensor(down.operand(1)).float()
+                w = expert_rows(graph, down)
                 w_absmax = input_absmax(graph, down, per_expert=True)
                 s = torch.ones_like(w_absmax)
                 for e in range(w.shape[0]):
                     sample = rows.rows(e)
                     if rows.absmax is None or not rows.absmax[e].any():
                         continue  # no calibration row reached the expert: no statistics to smooth by
-                    alpha = (self._search(sample, [w[e].T], rows.absmax[e], w_absmax[e]) if search and sample.shape[0]
+                    alpha = (self._search(sample, [w[e]], rows.absmax[e], w_absmax[e]) if search and sample.shape[0]
                              else 0.5 if search else float(self.alpha))
                     if search:
                         chosen.append(alpha)
@@ -380,9 +380,15 @@ def expert_terms(graph: Graph, r: Region, routed: dict) -> list[tuple[torch.Tens
     terms = []
     for u in r.consumers:
         if u.op in GROUPED_MM:
-            w = graph.tensor(u.operand(1)).float()
-            terms += [(rows, w[e].T) for e in range(w.shape[0]) if (rows := routed[id(u)].rows(e)).shape[0]]
+            w = expert_rows(graph, u)
+            terms += [(rows, w[e]) for e in range(w.shape[0]) if (rows := routed[id(u)].rows(e)).shape[0]]
     return terms
+
+
+def expert_rows(graph: Graph, node: Node) -> torch.Tensor:
+    """MoE experts' weights [experts, in, out] as float [experts, out, in], each expert's matrix
+    contiguous as a linear's weight (what the searches quantize, once per grid point)."""
+    return graph.tensor(node.operand(1)).float().transpose(1, 2).contiguous()
 
 
 def note_unscaled_experts(graph: Graph, regions: list[Region], ctx: PassContext, name: str, asked: bool) -> None:

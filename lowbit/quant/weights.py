@@ -102,6 +102,25 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | No
 
 
 def fake_quantize(w: torch.Tensor, spec: QSpec, clip: torch.Tensor | None = None) -> torch.Tensor:
-    """w rounded to the grid and back (the float weights a quantized layer computes with)."""
-    scale, zp, attrs = weight_qparams(w, spec, clip)
-    return dequantize_codes(apply_qparams(w, scale, zp, spec, attrs), scale, zp, attrs)
+    """w rounded to the grid and back (the float weights a quantized layer computes with).
+    Float32 weights on an integer grid take the same steps on [rows, groups, size] views with
+    the scales broadcast, in place: the same values, without the codes and the expanded scales
+    (AWQ's and SmoothQuant's searches call this once per grid point on every weight)."""
+    if spec.dtype.is_float or w.dtype != torch.float32 or w.dim() != 2:
+        scale, zp, attrs = weight_qparams(w, spec, clip)
+        return dequantize_codes(apply_qparams(w, scale, zp, spec, attrs), scale, zp, attrs)
+    lo, hi, _ = _ranges(w, spec, clip)
+    scale, zp = _scale_zero(lo, hi, spec)
+    if spec.granularity == "group":
+        view = group_view(w, spec.group_size)
+    else:
+        view = w[:, None, :] if spec.granularity == "channel" else w.reshape(1, 1, -1)
+    scale = scale.reshape(*view.shape[:2], 1)
+    q = torch.round(view / scale)
+    qmin, qmax = spec.qrange
+    if zp is None:
+        q.clamp_(qmin, qmax)
+    else:
+        zp = zp.reshape(scale.shape)
+        q.add_(zp).clamp_(qmin, qmax).sub_(zp)
+    return q.mul_(scale).reshape(w.shape[0], -1)[:, : w.shape[1]]
