@@ -13,7 +13,7 @@ MoE experts (``experts``, on by default) take part as ``smooth`` describes: a no
 searched on the error of the router, the other linears and every expert on the rows routed to
 it; after the up projection each expert's own scale is searched on its own rows, and each
 expert's weights are clipped on them. An expert no sampled calibration row reached keeps
-scale 1 and its full range, and a note counts them.
+its own scale at 1 and its full range, and a note counts them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from lowbit.ir.graph import Graph, Node
 from lowbit.passes.base import Pass, PassContext, register
-from lowbit.passes.smooth import (Region, apply_scales, expert_rows, expert_terms, find_regions,
+from lowbit.passes.smooth import (Region, apply_scales, expert_matrices, expert_terms, find_regions,
                                   note_unscaled_experts, sample_inputs)
 from lowbit.quant.calibrate import RowSample
 from lowbit.quant.experts import GROUPED_MM, RoutedRows, expert_matmuls, expert_spec
@@ -105,7 +105,7 @@ class Awq(Pass):
         for r in tqdm(regions, desc=f"{self.name} scales", unit="region", disable=not ctx.progress, leave=False):
             if r.routed:  # each expert's own scale, searched on the rows routed to it
                 down = r.consumers[0]
-                w = expert_rows(graph, down)  # [experts, out, in]
+                w = expert_matrices(graph, down)  # [experts, out, in]
                 s = torch.ones(w.shape[0], w.shape[2])
                 for e in range(w.shape[0]):
                     if (rows := routed[id(down)].rows(e)).shape[0]:
@@ -147,7 +147,7 @@ class Awq(Pass):
         that no sampled row reached."""
         w = node.operand(1)
         dtype = graph.tensor(w).dtype
-        clipped = expert_rows(graph, node)  # [experts, out, in]
+        clipped = expert_matrices(graph, node)  # [experts, out, in]
         spec = expert_spec(spec, clipped.shape[2])
         unreached = set()
         for e in range(clipped.shape[0]):

@@ -289,10 +289,10 @@ class SmoothQuant(Pass):
             if r.routed:
                 down = r.consumers[0]
                 rows = routed[id(down)]
-                w = expert_rows(graph, down)
+                w = expert_matrices(graph, down) if search else None
                 w_absmax = input_absmax(graph, down, per_expert=True)
                 s = torch.ones_like(w_absmax)
-                for e in range(w.shape[0]):
+                for e in range(s.shape[0]):
                     sample = rows.rows(e)
                     if rows.absmax is None or not rows.absmax[e].any():
                         continue  # no calibration row reached the expert: no statistics to smooth by
@@ -380,12 +380,12 @@ def expert_terms(graph: Graph, r: Region, routed: dict) -> list[tuple[torch.Tens
     terms = []
     for u in r.consumers:
         if u.op in GROUPED_MM:
-            w = expert_rows(graph, u)
+            w = expert_matrices(graph, u)
             terms += [(rows, w[e]) for e in range(w.shape[0]) if (rows := routed[id(u)].rows(e)).shape[0]]
     return terms
 
 
-def expert_rows(graph: Graph, node: Node) -> torch.Tensor:
+def expert_matrices(graph: Graph, node: Node) -> torch.Tensor:
     """MoE experts' weights [experts, in, out] as float [experts, out, in], each expert's matrix
     contiguous as a linear's weight (what the searches quantize, once per grid point)."""
     return graph.tensor(node.operand(1)).float().transpose(1, 2).contiguous()
