@@ -19,8 +19,8 @@ import re
 import time
 
 import lowbit
-from lowbit.quant.experts import GROUPED_MM
 from lowbit.evaluate import byte_windows, next_token_scores, reference_logprobs
+from lowbit.quant.experts import GROUPED_MM
 from lowbit.recipes import recipe_pipeline
 from lowbit.zoo import load_model
 
