@@ -167,6 +167,8 @@ class _Converter:
             tensor = self.ep.constants[key]
         if not isinstance(tensor, torch.Tensor):
             raise TraceError(f"constant {key} is a {type(tensor).__name__}, not a tensor")
+        if tensor.is_complex():  # lowbit.frontend.complex reads it as its real view
+            tensor = torch.view_as_real(tensor)
         module = key.rsplit(".", 1)[0] if "." in key else ""
         return self.graph.constant(tensor.detach(), key, Location(module))
 

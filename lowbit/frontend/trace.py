@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from lowbit.errors import TraceError
 from lowbit.frontend.caches import drop_caches, without_cache
+from lowbit.frontend.complex import lower_complex
 from lowbit.frontend.convert import convert_program
 from lowbit.frontend.decoder import (DecoderIO, DecoderStep, cache_unsupported, check_lengths, chunk_span, first_piece,
                                     input_ids, scan_chunk, step_example)
@@ -187,7 +188,7 @@ def export_model(model: torch.nn.Module, call: Call, dynamic_shapes: object) -> 
     with _module_stack(model) as stack, quiet(), _stateless_rope(model):
         try:
             ep = export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-            return ep.run_decompositions({})  # functional ATen, higher-order ops inlined, no CIA decomps
+            ep = ep.run_decompositions({})  # functional ATen, higher-order ops inlined, no CIA decomps
         except Exception as e:
             where = f"inside module {stack[-1]}" if stack else "at the model's top level"
             frame = _user_frame(e)
@@ -197,6 +198,8 @@ def export_model(model: torch.nn.Module, call: Call, dynamic_shapes: object) -> 
                 f"torch.export could not trace {type(model).__name__}: it failed {where}"
                 + (f"\n  at {frame}" if frame else "")
                 + f"\n  torch says ({type(e).__name__}):\n    {reason_text}") from e
+    lower_complex(ep)
+    return ep
 
 
 FIXED_BY_TRACE = "fixed at"  # what a note says of a dim the trace could not keep dynamic
