@@ -117,3 +117,19 @@ def test_why_not_explains_misses():
 def test_every_pass_has_a_summary():
     for name, cls in PASSES.items():
         assert cls.summary, f"{name} has no summary"
+
+
+class _SliceToLength(torch.nn.Module):
+    def forward(self, x, y):
+        return x[:, : y.shape[1]] * 2  # a slice whose end is the (symbolic) length it already has
+
+
+def test_remove_identities_on_a_slice_to_a_symbolic_end():
+    from lowbit.frontend import trace
+
+    x, y = torch.randn(2, 6), torch.randn(2, 6)
+    traced = trace(_SliceToLength(), (x, y), dynamic_shapes={"x": {1: "seq"}, "y": {1: "seq"}},
+                   canonicalize=False)
+    assert any(n.op == "aten.slice.Tensor" for n in traced.graph.nodes)
+    PassManager(parse_pipeline("remove-identities")).run(traced.graph)
+    assert not any(n.op == "aten.slice.Tensor" for n in traced.graph.nodes), traced.graph

@@ -68,9 +68,9 @@ def _identity_input(node: Node):
     if op in ("aten.to.dtype", "aten.to.dtype_layout", "aten.to.device", "aten._to_copy.default",
               "aten.type_as.default"):
         return src  # same type in and out; a device move is the backend's business
-    if op == "aten.slice.Tensor":  # slice(x, dim, 0, ≥ INT64_MAX) takes everything
-        start, end, step = (list(call.args[2:5]) + [0, None, 1][len(call.args[2:5]):])[:3]
-        return src if start in (0, None) and (end is None or end >= 2**63 - 1) and step == 1 else None
+    if op == "aten.slice.Tensor":  # from 0 by 1 to the same shape (an end of INT64_MAX, or the length itself)
+        start, _, step = (list(call.args[2:5]) + [0, None, 1][len(call.args[2:5]):])[:3]
+        return src if start in (0, None) and step == 1 else None
     if op in ("aten.mul.Tensor", "aten.div.Tensor", "aten.add.Tensor", "aten.sub.Tensor"):
         neutral = 1 if op in ("aten.mul.Tensor", "aten.div.Tensor") else 0
         other = call.args[1] if len(call.args) > 1 else None
