@@ -4,8 +4,8 @@ A transformers model loaded with its default config has ``use_cache=True`` and r
 cache object (``DynamicCache``) that torch.export refuses as an output. While tracing,
 :func:`without_cache` turns ``config.use_cache`` off (and says so in a note), and registers
 every cache class as a pytree node with no leaves, so a model that builds a cache anyway is
-still traced; :func:`drop_caches` then turns such nodes of the output structure into ``None``
-(a ``ModelOutput`` leaves a ``None`` field out), which is the model's output minus the cache.
+still traced; :func:`drop_caches` then turns such nodes of the output structure into nodes
+without leaves that give ``None``, which is the model's output minus the cache.
 """
 
 from __future__ import annotations
@@ -68,11 +68,20 @@ def _unflatten_nothing(leaves: list, context: None) -> None:
     return None
 
 
+class _Dropped:
+    """Where a cache stood in an output structure: no leaves, and ``None`` when unflattened
+    (torch ≥ 2.13 counts ``None`` itself as a leaf)."""
+
+
+pytree.register_pytree_node(_Dropped, _flatten_nothing, _unflatten_nothing, flatten_with_keys_fn=_flatten_nothing,
+                            serialized_type_name="lowbit.frontend.caches.dropped")
+
+
 def drop_caches(spec: pytree.TreeSpec) -> pytree.TreeSpec:
-    """``spec`` with every cache node replaced by ``None``."""
+    """``spec`` with every cache node replaced by one that holds nothing and gives ``None``."""
     caches = cache_types()
     if spec.type in caches:
-        return pytree.tree_structure(None)
+        return pytree.TreeSpec(_Dropped, None, [])
     if spec.is_leaf():
         return spec
     kids = spec.children() if hasattr(spec, "children") else spec.children_specs  # torch < 2.10

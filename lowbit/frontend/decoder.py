@@ -48,6 +48,9 @@ def cache_unsupported(model: torch.nn.Module, example: Call) -> str | None:
     if not getattr(model, "can_generate", lambda: False)():
         return "it does not generate"
     names = list(inspect.signature(model.forward).parameters)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "an encoder-decoder model: lowbit generates with decoder-only LMs and compiles an " \
+               "encoder-decoder for whole calls"
     if _cache_parameter(model) is None:
         return f"{type(model).__name__}.forward takes no cache"
     args, kwargs = example

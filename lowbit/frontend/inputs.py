@@ -11,7 +11,8 @@ positional arguments, a tensor, or a mapping of keyword arguments (a dict, a tok
   e.g. ``seq <= 512`` from BERT's position table), printed under that name;
 - a ``Dim`` the user gives is kept as given;
 - for a transformers model without ``dynamic_shapes``, dim 0 of every tensor is ``batch`` and
-  dim 1 of every integer matrix (token ids, masks, positions) is ``seq``;
+  dim 1 of every integer matrix (token ids, masks, positions) is ``seq`` (``decoder_seq`` for an
+  encoder-decoder's ``decoder_*`` inputs);
 - any dim whose size differs between the example and a calibration batch is dynamic too.
 
 torch.export specializes a dim whose example size is 1 to the constant 1, so such a dim is
@@ -117,7 +118,7 @@ def plan_shapes(model: torch.nn.Module, example: Call, user_shapes: object,
     leaves, spec = pytree.tree_flatten(example)
     names = leaf_names(example)
     axes = _user_axes(model, example, user_shapes, leaves) if user_shapes is not None else \
-        _default_axes(model, leaves)
+        _default_axes(model, leaves, names)
     notes = _varying_axes(leaves, names, spec, samples, axes)
     if not any(axes):
         return ShapePlan(None, [{} for _ in leaves], example, notes)
@@ -146,15 +147,16 @@ def _is_transformers(model: torch.nn.Module) -> bool:
                for c in type(model).__mro__)
 
 
-def _default_axes(model: torch.nn.Module, leaves: list) -> list[dict]:
+def _default_axes(model: torch.nn.Module, leaves: list, names: list[str]) -> list[dict]:
+    """An encoder-decoder's ``decoder_*`` inputs have a length of their own, ``decoder_seq``."""
     axes: list[dict] = [{} for _ in leaves]
     if not _is_transformers(model):
         return axes
-    for leaf, a in zip(leaves, axes):
+    for leaf, a, name in zip(leaves, axes, names):
         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
             a[0] = ("batch", Dim.AUTO)
             if leaf.dim() == 2 and not leaf.is_floating_point():
-                a[1] = ("seq", Dim.AUTO)
+                a[1] = ("decoder_seq" if name.startswith("decoder_") else "seq", Dim.AUTO)
     return axes
 
 
