@@ -85,6 +85,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
              num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0, q_lora_rank=32,
              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),  # multi-head latent
     # attention; its key heads equal its query heads, as in the released configs
+    _decoder("deepseek-v2", "DeepseekV2", num_key_value_heads=4, moe_intermediate_size=48, n_routed_experts=4,
+             num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0, q_lora_rank=32,
+             kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),  # rotary embeddings
+    # as complex products (polar, view_as_complex), traced as pairs of real tensors
+    Family("llama4", "Llama4ForCausalLM", "Llama4TextConfig", dict(_DECODER, head_dim=16, num_local_experts=4,
+                                                                    intermediate_size_mlp=96), "ids"),  # complex
+    # rotary embeddings too; MoE beside a shared expert, chunked attention
     _decoder("phi", "Phi"),  # partial rotary, attention and MLP in parallel off one norm
     _decoder("olmoe", "Olmoe", num_experts=4, num_experts_per_tok=2),
     _decoder("qwen2-moe", "Qwen2Moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
@@ -125,6 +132,18 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            "image"),
     Family("resnet", "ResNetModel", "ResNetConfig", dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1]),
            "image"),
+    Family("t5", "T5ForConditionalGeneration", "T5Config",
+           dict(vocab_size=256, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4), "seq2seq"),
+    Family("bart", "BartForConditionalGeneration", "BartConfig",
+           dict(vocab_size=256, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96), "seq2seq"),
+    Family("marian", "MarianMTModel", "MarianConfig",
+           dict(vocab_size=256, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96), "seq2seq"),
+    Family("whisper", "WhisperForConditionalGeneration", "WhisperConfig",
+           dict(vocab_size=256, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_mel_bins=16,
+                max_source_positions=16, max_target_positions=32), "audio-seq2seq"),
     Family("whisper-encoder", "WhisperForAudioClassification", "WhisperConfig",
            dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=96,
                 num_mel_bins=16, max_source_positions=16, classifier_proj_size=32), "audio"),
@@ -152,23 +171,28 @@ def build_model(name: str) -> torch.nn.Module:
 
 def make_inputs(model: torch.nn.Module, kind: str, batch: int, length: int, seed: int = 0):
     """A call as a user would make it: token ids (and a padded attention mask, as a tokenizer
-    gives it) for text, the ids alone for ``ids`` (a decoder's prompt), pixels for images, log-mel features for audio (``length`` is then the
-    batch size's stand-in: audio and image sizes are fixed by the config)."""
+    gives it) for text, the ids alone for ``ids`` (a decoder's prompt), pixels for images,
+    log-mel features for audio (``length`` is then the batch size's stand-in: audio and image
+    sizes are fixed by the config); ``seq2seq`` and ``audio-seq2seq`` add an encoder-decoder's
+    ``decoder_input_ids``, about half as long as the text."""
     gen = torch.Generator().manual_seed(seed)
     config = model.config
     if kind == "image":
         size = getattr(config, "image_size", 32)
         return (torch.randn(batch, getattr(config, "num_channels", 3), size, size, generator=gen),)
-    if kind == "audio":
+    target = torch.randint(0, config.vocab_size, (batch, length // 2 + 1), generator=gen)
+    if kind.startswith("audio"):
         frames = 2 * config.max_source_positions
-        return (torch.randn(batch, config.num_mel_bins, frames, generator=gen),)
+        features = torch.randn(batch, config.num_mel_bins, frames, generator=gen)
+        return (features,) if kind == "audio" else {"input_features": features, "decoder_input_ids": target}
     ids = torch.randint(0, config.vocab_size, (batch, length), generator=gen)
     if kind == "ids":
         return (ids,)
     mask = torch.ones(batch, length, dtype=torch.long)
     if batch > 1:
         mask[-1, length - length // 3:] = 0  # the last row padded, as a tokenizer pads a batch
-    return {"input_ids": ids, "attention_mask": mask}
+    call = {"input_ids": ids, "attention_mask": mask}
+    return call if kind == "tokens" else dict(call, decoder_input_ids=target)
 
 
 def build_family(name: str):
@@ -186,7 +210,9 @@ def build_family(name: str):
 # ---- the coverage matrix -------------------------------------------------------------------
 
 CELLS = ("compile", "w8a8", "w4a16", "rotation", "onnx", "triton", "generate")
-NOT_APPLICABLE = "not a causal LM"  # a cell that does not apply to the family (generate, for encoders)
+NOT_APPLICABLE = "not a causal LM"
+ENCODER_DECODER = ("an encoder-decoder: compiled for whole calls (encoder and decoder together, as training and "
+                   "scoring call it); generate() and its cache are for decoder-only LMs")  # a cell that does not apply to the family (generate, for encoders)
 BOUNDS = {"w8a8": 0.15, "w4a16": 0.35, "rotation": 0.15}  # relative L2 error vs eager, random weights
 
 
@@ -222,6 +248,9 @@ def relative_error(got, want) -> float:
                for x, y in zip(a, b))
 
 
+_TEXT_KINDS = ("tokens", "ids", "seq2seq")
+
+
 @dataclass
 class _Run:
     """What the cells of one family share: the model, its calls, the compiled ``w8a8`` model."""
@@ -240,12 +269,12 @@ class _Run:
         return self.inputs(2, 9)
 
     def calibration(self) -> list:
-        if self.family.inputs in ("tokens", "ids"):
+        if self.family.inputs in _TEXT_KINDS:
             return [self.inputs(2, n, seed=i + 1) for i, n in enumerate((7, 12, 20))]
-        return [self.inputs(b, 9, seed=b) for b in (1, 2, 3)]
+        return [self.inputs(b, 9 + 2 * b, seed=b) for b in (1, 2, 3)]
 
     def fourth(self):
-        return self.inputs(3, 5, seed=9) if self.family.inputs in ("tokens", "ids") else self.inputs(4, 9, seed=9)
+        return self.inputs(3, 5, seed=9) if self.family.inputs in _TEXT_KINDS else self.inputs(4, 7, seed=9)
 
     def compile(self, from_model: bool = False, **options):
         """``lowbit.compile`` on the model (``from_model``) or on the trace the compile cell made."""
@@ -347,6 +376,8 @@ def _cell_triton(run: _Run) -> str:
 def _cell_generate(run: _Run) -> str:
     """Greedy tokens of the fp32 trace equal transformers' ``generate``; the ``w8a8`` model with
     an int8 key/value cache generates from a cache of fewer bytes."""
+    if run.family.inputs.endswith("seq2seq"):
+        return ENCODER_DECODER
     if run.family.inputs != "ids":
         return NOT_APPLICABLE
     fast = run.compile()

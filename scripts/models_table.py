@@ -45,6 +45,9 @@ weights. The cells:
   recurrent layers' states where they have them): 12 greedy tokens equal transformers'
   `generate`, and the `w8a8` model generates with an int8 cache of fewer bytes (a note for a
   model without attention layers, whose states stay float); — for models that do not generate.
+  The encoder-decoders (T5, BART, Marian, Whisper) are called with their encoder's inputs and
+  `decoder_input_ids` of about half the text's length, in every cell; they are compiled for such
+  whole calls, and their note says that `generate` is for decoder-only LMs.
 
 Recurrent models whose transformers code loops in Python are not in the matrix, as their step
 takes a bounded number of tokens and a longer prompt runs in pieces (`tests/test_recurrent.py`):
