@@ -241,3 +241,25 @@ def test_expert_scales_bring_a_trained_moe_closer_to_fp32(recipe, ratio):
                            calibration=calibration, progress=False)
         kl.append(next_token_scores(q, evals, reference)["kl"])
     assert kl[0] < ratio * kl[1], kl
+
+
+@pytest.mark.parametrize("family, fused", [("phi3", "mlp.down_proj"), ("jetmoe", "mlp.input_linear")])
+def test_scales_reach_fused_up_projections_and_experts_on_split_rows(family, fused):
+    """Phi-3's down projection reads a piece of its fused gate_up projection, whose rows for
+    that piece absorb the scale; JetMoE's experts are linears on the routed rows split per
+    expert, which the norm's scale reaches as the router does. The model computes the same
+    function, and the linears left unscaled are named."""
+    model = build_model(family)
+    calibration = [make_inputs(model, "ids", 2, n, seed=n) for n in (7, 12)]
+    plain = lowbit.compile(model, calibration[0], progress=False)
+    q = lowbit.compile(model, calibration[0], pipeline="smooth-quant", calibration=calibration, progress=False)
+    reached = [n for n in q.graph.nodes if n.op == "core.linear" and n.loc.module.endswith(fused)]
+    assert reached and all("smooth-quant" in n.loc.touched_by for n in reached)
+    moved = [rel_err(q.graph.tensor(n.operand(1)), plain.graph.tensor(m.operand(1))) for n, m in
+             zip(reached, [m for m in plain.graph.nodes if m.op == "core.linear" and m.loc.module.endswith(fused)])]
+    assert min(moved) > 0.01
+    said = [n for n in q.traced.notes if "linear layer(s) are not scaled" in n]
+    assert said and "lm_head" not in said[0], q.traced.notes
+    test = make_inputs(model, "ids", 2, 15, seed=7)
+    with torch.no_grad():
+        assert rel_err(q(*test).logits, model(*test).logits) < 1e-5

@@ -224,3 +224,20 @@ def test_rotation_guard_keeps_the_better_pipeline():
             assert rotated == verdicts[0].startswith("rotation kept"), verdicts
     with pytest.raises(ValueError, match="rotation='sometimes'"):
         build(spec.model, spec.example_inputs, recipe="w4a8-rot", rotation="sometimes")
+
+
+def test_a_fused_layout_quantizes_as_well_as_the_split_one():
+    """byte-llama rewritten into Phi-3's fused qkv/gate_up layout is the same function; smoothing
+    reaches its down projections through the gate_up split, so static w8a8 comes out the same
+    (before, they kept no scale there and the KL from fp32 was twice the split layout's)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from fused_layout import compare
+    finally:
+        sys.path.pop(0)
+    split, fused = compare(["w8a8-static"], calib_batches=1, eval_batches=2)
+    assert fused["layout"] == "phi-3 fused" and fused["kl"] > 0
+    assert abs(fused["kl"] - split["kl"]) <= 0.01 * split["kl"], (split, fused)

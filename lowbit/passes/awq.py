@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from lowbit.ir.graph import Graph, Node
 from lowbit.passes.base import Pass, PassContext, register
 from lowbit.passes.smooth import (Region, apply_scales, expert_matrices, expert_terms, find_regions,
-                                  note_unscaled_experts, sample_inputs)
+                                  note_unscaled, sample_inputs)
 from lowbit.quant.calibrate import RowSample
 from lowbit.quant.experts import GROUPED_MM, RoutedRows, expert_matmuls, expert_spec
 from lowbit.quant.spec import QSpec, parse_qspec
@@ -98,7 +98,7 @@ class Awq(Pass):
         spec = parse_qspec(self.weights, f"{self.name}.weights")
         batches = ctx.require_calibration(self.name)
         regions = find_regions(graph, experts=self.experts)
-        note_unscaled_experts(graph, regions, ctx, self.name, self.experts)
+        note_unscaled(graph, regions, ctx, self.name, self.experts)
         xs, routed = self._sample(graph, batches, [r.x for r in regions if not r.routed],
                                   [u for r in regions for u in r.consumers if u.op in GROUPED_MM], ctx)
         unreached = set()

@@ -6,7 +6,8 @@ and diag(s)⁻¹ is absorbed by X's producer:
     LayerNorm / RMSNorm:  γ' = γ / s,  β' = β / s
     a linear through attention heads (v_proj → sdpa → o_proj): rows of W_v and b_v divided by s,
     since attention mixes tokens, never channels, the per-channel scale passes through;
-    a gated MLP's up projection (x = silu(gate) ⊙ up → down): rows of W_up divided by s.
+    a gated MLP's up projection (x = silu(gate) ⊙ up → down): rows of W_up divided by s; of a
+    fused gate/up projection split in two (Phi-3's gate_up_proj), the up piece's rows only.
 SmoothQuant picks  s_j = max|X_j|^α / max|W_·j|^(1−α)  from calibration statistics; with
 ``alpha: auto`` each region takes the α on a grid whose smoothed, quantized consumers best
 reproduce their float outputs on a sample of calibration tokens (quantized as ``weights`` and
@@ -21,17 +22,20 @@ manager checks it.
 
 MoE layers (``experts``, on by default): the experts read rows of the norm's output that the
 router gathers for them, so one scale per channel folds into the norm, the router and every
-expert's rows of W [experts, in, out] alike. After a gated expert MLP's up projection each
+expert's rows of W [experts, in, out] alike (or every expert's linear, where each reads its
+piece of the routed rows split per expert, as JetMoE's do). After a gated expert MLP's up projection each
 expert gets its own scale s_e: its slice of up-projection columns divided by s_e, the rows of
 its down projection multiplied by it, with statistics (and, for ``alpha: auto``, the search)
 from the calibration rows routed to that expert. An expert no calibration row reached keeps
 s_e = 1. Experts whose input nothing can absorb a scale into (an activation clamp, a bias
-added after the up projection) are named in a note.
+added after the up projection) are named in a note, as are the linears no region reaches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,7 +61,7 @@ class Region:
     consumers: list[Node]  # linears, or MoE grouped matmuls (``GROUPED_MM``) reading x's channels
     explicit: bool = False  # 1/s as a multiply before ``consumers``, not folded into ``producer``
     routed: bool = False  # one MoE layer's experts, each its own scale: s is [experts, channels]
-    offset: int = 0  # routed: where x's channels start in the producer's outputs
+    offset: int = 0  # where x's channels start in the producer's outputs (a fused gate/up projection)
 
 
 def _keeps_channels(node: Node) -> bool:
@@ -121,16 +125,22 @@ def _absorbing_norm(p: Node, graph: Graph) -> bool:
     return p.op == "core.rms_norm" or p.operands[2] is None or _own_constant(p.operands[2], graph)
 
 
-def _gated_producer(x: Value, graph: Graph) -> Node | None:
-    """The up projection u in x = a ⊙ u (Llama's MLP: silu(gate) ⊙ up): x / s = a ⊙ (u / s)."""
+def _gated_producer(x: Value, graph: Graph) -> tuple[Node, int] | None:
+    """The up projection u in x = a ⊙ u (Llama's MLP: silu(gate) ⊙ up): x / s = a ⊙ (u / s);
+    u may be a piece of a fused gate/up projection's output split along its last dim (Phi-3's
+    ``gate_up_proj``), the returned offset saying where its rows start."""
     p = x.producer
     if p is None or p.op != "core.mul":
         return None
     for v in p.operands:
-        q = v.producer if v is not None else None
-        if (q is not None and q.op == "core.linear" and single_user(v, graph) is p
-                and _own_constant(q.operands[1], graph) and v.type == x.type):
-            return q
+        if v is None or v.type != x.type or single_user(v, graph) is not p:
+            continue
+        offset = _split_offset(v)
+        if offset is not None and single_user(v.producer.operand(0), graph) is v.producer:
+            v = v.producer.operand(0)
+        q = v.producer
+        if q is not None and q.op == "core.linear" and _own_constant(q.operands[1], graph):
+            return q, offset or 0
     return None
 
 
@@ -163,11 +173,12 @@ def _keeps_last_dim(u: Node, v: Value) -> bool:
             and _reads_once(u, v) and u.result.tensor_type.shape[-1] == v.tensor_type.shape[-1])
 
 
-def _channel_readers(x: Value, graph: Graph) -> list[Node] | None:
-    """The linears and MoE experts that read x's channels, through reshapes and row gathers;
-    None if anything else reads them (or they leave the graph)."""
+def _channel_readers(x: Value, graph: Graph) -> tuple[list[Node], bool] | None:
+    """The linears and MoE experts that read x's channels, through reshapes and row gathers
+    and splits, and whether any reads routed rows (through a gather or a split); None if
+    anything else reads them (or they leave the graph)."""
     outputs = {id(v) for v in graph.outputs}
-    readers, todo = [], [x]
+    readers, todo, routed = [], [x], False
     while todo:
         v = todo.pop()
         if id(v) in outputs:
@@ -175,11 +186,23 @@ def _channel_readers(x: Value, graph: Graph) -> list[Node] | None:
         for u in dict.fromkeys(v.users):
             if _weight_reader(u, v, graph):
                 readers.append(u)
-            elif _keeps_last_dim(u, v) or _row_gather(u, v):
+            elif _keeps_last_dim(u, v):
                 todo.append(u.result)
+            elif _row_gather(u, v) or _row_split(u, v):
+                todo.extend(u.results)
+                routed = True
             else:
                 return None
-    return readers
+    return readers, routed
+
+
+def _row_split(u: Node, v: Value) -> bool:
+    """``u`` splits ``v``'s rows into pieces (JetMoE: the routed rows, one piece per expert)."""
+    if u.op not in ("aten.split.Tensor", "aten.split_with_sizes.default") or not _reads_once(u, v):
+        return False
+    args = u.attrs["args"].args  # type: ignore[union-attr]
+    rank = v.tensor_type.rank
+    return rank >= 2 and (args[2] if len(args) > 2 else 0) % rank != rank - 1
 
 
 def _split_offset(v: Value) -> int | None:
@@ -205,9 +228,9 @@ def _expert_regions(graph: Graph) -> list[Region]:
     regions = []
     for node in graph.nodes:
         if _absorbing_norm(node, graph):
-            readers = _channel_readers(node.result, graph)
-            if readers and any(u.op in GROUPED_MM for u in readers):
-                regions.append(Region(node.result, node, readers))
+            found = _channel_readers(node.result, graph)
+            if found and found[0] and (found[1] or any(u.op in GROUPED_MM for u in found[0])):
+                regions.append(Region(node.result, node, found[0]))
     for down in expert_matmuls(graph):
         x, mul = down.operand(0), down.operand(0).producer
         if mul is None or mul.op != "core.mul" or single_user(x, graph) is not down:
@@ -238,10 +261,10 @@ def find_regions(graph: Graph, explicit: bool = False, experts: bool = False) ->
             linears = [u for u in users
                        if u.op == "core.linear" and u.operands[0] is x and _own_constant(u.operands[1], graph)]
             if len(linears) == len(users) and id(x) not in outputs:
-                producer = (_flattened_norm(x, graph) or _attention_producer(x, graph)
-                            or _gated_producer(x, graph))
+                producer = _flattened_norm(x, graph) or _attention_producer(x, graph)
+                producer, offset = (producer, 0) if producer is not None else _gated_producer(x, graph) or (None, 0)
                 if producer is not None:
-                    regions.append(Region(x, producer, users))
+                    regions.append(Region(x, producer, users, offset=offset))
                     continue
             if explicit and linears and node.op in ("core.layer_norm", "core.rms_norm") \
                     and isinstance(x.tensor_type.shape[-1], int):
@@ -276,7 +299,7 @@ class SmoothQuant(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         regions = find_regions(graph, self.explicit, experts=self.experts)
-        note_unscaled_experts(graph, regions, ctx, self.name, self.experts)
+        note_unscaled(graph, regions, ctx, self.name, self.experts)
         if not regions:
             return False
         search = self.alpha == "auto"
@@ -391,15 +414,25 @@ def expert_matrices(graph: Graph, node: Node) -> torch.Tensor:
     return graph.tensor(node.operand(1)).float().transpose(1, 2).contiguous()
 
 
-def note_unscaled_experts(graph: Graph, regions: list[Region], ctx: PassContext, name: str, asked: bool) -> None:
-    """A note naming the MoE experts no region scales: not ``asked`` to, or their input comes
-    from something that cannot absorb a scale."""
-    scaled = {id(u) for r in regions for u in r.consumers if u.op in GROUPED_MM}
+def note_unscaled(graph: Graph, regions: list[Region], ctx: PassContext, name: str, asked: bool) -> None:
+    """Notes naming the layers no region scales: MoE experts (not ``asked`` to, or their input
+    comes from something that cannot absorb a scale) and linears other than the output head."""
+    from lowbit.passes.quantize import output_heads
+
+    scaled = {id(u) for r in regions for u in r.consumers}
     left = [n for n in expert_matmuls(graph) if id(n) not in scaled]
     if left:
         why = ("their input is not a norm's output or a gated up projection's, which could absorb them" if asked
                else "experts=false")
         ctx.note(f"{name}: {len(left)} MoE expert weight tensor(s) ({where(left)}) get no scales ({why})")
+    heads = output_heads(graph)
+    linears = [n for n in graph.nodes if n.op == "core.linear" and id(n) not in scaled and id(n) not in heads
+               and graph.is_constant(n.operands[1])]
+    if linears:
+        kinds = Counter(re.sub(r"\.\d+(?=\.|$)", ".*", n.loc.module or n.result.name) for n in linears)
+        ctx.note(f"{name}: {len(linears)} linear layer(s) are not scaled ("
+                 + ", ".join(f"{k} ×{c}" for k, c in kinds.most_common()) + "): their input is not the output of a "
+                 "norm, a linear or a gated up projection that could absorb the scales (rounded as they are)")
 
 
 def equal_ranges(s: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -467,9 +500,11 @@ def apply_scales(graph: Graph, r: Region, s: torch.Tensor, pass_name: str) -> No
         for v in p.operands[1:]:
             if v is not None:
                 graph.set_tensor(v, graph.tensor(v) / s)
-    else:  # a linear producer: its output rows
+    else:  # a linear producer: its output rows (x's slice of them)
         w = p.operand(1)
-        graph.set_tensor(w, graph.tensor(w) / s[:, None])
+        divisor = torch.ones(graph.tensor(w).shape[0], dtype=s.dtype)
+        divisor[r.offset:r.offset + s.shape[0]] = s
+        graph.set_tensor(w, graph.tensor(w) / divisor[:, None])
         if p.operands[2] is not None:
-            graph.set_tensor(p.operand(2), graph.tensor(p.operand(2)) / s)
+            graph.set_tensor(p.operand(2), graph.tensor(p.operand(2)) / divisor)
     p.touch(pass_name)
