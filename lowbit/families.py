@@ -144,6 +144,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            dict(vocab_size=256, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                 decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_mel_bins=16,
                 max_source_positions=16, max_target_positions=32), "audio-seq2seq"),
+    Family("wav2vec2", "Wav2Vec2ForCTC", "Wav2Vec2Config",
+           dict(vocab_size=32, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96,
+                conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+                num_conv_pos_embedding_groups=4), "waveform"),  # convolutions over samples of any length
     Family("whisper-encoder", "WhisperForAudioClassification", "WhisperConfig",
            dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=96,
                 num_mel_bins=16, max_source_positions=16, classifier_proj_size=32), "audio"),
@@ -173,18 +177,24 @@ def make_inputs(model: torch.nn.Module, kind: str, batch: int, length: int, seed
     """A call as a user would make it: token ids (and a padded attention mask, as a tokenizer
     gives it) for text, the ids alone for ``ids`` (a decoder's prompt), pixels for images,
     log-mel features for audio (``length`` is then the batch size's stand-in: audio and image
-    sizes are fixed by the config); ``seq2seq`` and ``audio-seq2seq`` add an encoder-decoder's
+    sizes are fixed by the config), a waveform of a length that grows with ``length`` for
+    ``waveform``; ``seq2seq`` and ``audio-seq2seq`` add an encoder-decoder's
     ``decoder_input_ids``, about half as long as the text."""
     gen = torch.Generator().manual_seed(seed)
     config = model.config
     if kind == "image":
         size = getattr(config, "image_size", 32)
         return (torch.randn(batch, getattr(config, "num_channels", 3), size, size, generator=gen),)
-    target = torch.randint(0, config.vocab_size, (batch, length // 2 + 1), generator=gen)
+
+    def target():  # drawn after the encoder's inputs, which stay as they were drawn before
+        return torch.randint(0, config.vocab_size, (batch, length // 2 + 1), generator=gen)
+
+    if kind == "waveform":  # raw audio of 400 + 40·length samples
+        return {"input_values": torch.randn(batch, 400 + 40 * length, generator=gen)}
     if kind.startswith("audio"):
         frames = 2 * config.max_source_positions
         features = torch.randn(batch, config.num_mel_bins, frames, generator=gen)
-        return (features,) if kind == "audio" else {"input_features": features, "decoder_input_ids": target}
+        return (features,) if kind == "audio" else {"input_features": features, "decoder_input_ids": target()}
     ids = torch.randint(0, config.vocab_size, (batch, length), generator=gen)
     if kind == "ids":
         return (ids,)
@@ -192,7 +202,7 @@ def make_inputs(model: torch.nn.Module, kind: str, batch: int, length: int, seed
     if batch > 1:
         mask[-1, length - length // 3:] = 0  # the last row padded, as a tokenizer pads a batch
     call = {"input_ids": ids, "attention_mask": mask}
-    return call if kind == "tokens" else dict(call, decoder_input_ids=target)
+    return call if kind == "tokens" else dict(call, decoder_input_ids=target())
 
 
 def build_family(name: str):

@@ -12,7 +12,7 @@ positional arguments, a tensor, or a mapping of keyword arguments (a dict, a tok
 - a ``Dim`` the user gives is kept as given;
 - for a transformers model without ``dynamic_shapes``, dim 0 of every tensor is ``batch`` and
   dim 1 of every integer matrix (token ids, masks, positions) is ``seq`` (``decoder_seq`` for an
-  encoder-decoder's ``decoder_*`` inputs);
+  encoder-decoder's ``decoder_*`` inputs), and dim 1 of a waveform (``input_values``) ``samples``;
 - any dim whose size differs between the example and a calibration batch is dynamic too.
 
 torch.export specializes a dim whose example size is 1 to the constant 1, so such a dim is
@@ -148,7 +148,8 @@ def _is_transformers(model: torch.nn.Module) -> bool:
 
 
 def _default_axes(model: torch.nn.Module, leaves: list, names: list[str]) -> list[dict]:
-    """An encoder-decoder's ``decoder_*`` inputs have a length of their own, ``decoder_seq``."""
+    """An encoder-decoder's ``decoder_*`` inputs have a length of their own, ``decoder_seq``; a
+    waveform's samples are a length too."""
     axes: list[dict] = [{} for _ in leaves]
     if not _is_transformers(model):
         return axes
@@ -157,6 +158,8 @@ def _default_axes(model: torch.nn.Module, leaves: list, names: list[str]) -> lis
             a[0] = ("batch", Dim.AUTO)
             if leaf.dim() == 2 and not leaf.is_floating_point():
                 a[1] = ("decoder_seq" if name.startswith("decoder_") else "seq", Dim.AUTO)
+            elif leaf.dim() == 2 and name == "input_values":  # a waveform (wav2vec2, HuBERT, WavLM)
+                a[1] = ("samples", Dim.AUTO)
     return axes
 
 
