@@ -220,9 +220,9 @@ def build_family(name: str):
 # ---- the coverage matrix -------------------------------------------------------------------
 
 CELLS = ("compile", "w8a8", "w4a16", "rotation", "onnx", "triton", "generate")
-NOT_APPLICABLE = "not a causal LM"
+NOT_APPLICABLE = "not a causal LM"  # a cell that does not apply to the family (generate, for encoders)
 ENCODER_DECODER = ("an encoder-decoder: compiled for whole calls (encoder and decoder together, as training and "
-                   "scoring call it); generate() and its cache are for decoder-only LMs")  # a cell that does not apply to the family (generate, for encoders)
+                   "scoring call it); generate() and its cache are for decoder-only LMs")
 BOUNDS = {"w8a8": 0.15, "w4a16": 0.35, "rotation": 0.15}  # relative L2 error vs eager, random weights
 
 

@@ -23,11 +23,11 @@ manager checks it.
 MoE layers (``experts``, on by default): the experts read rows of the norm's output that the
 router gathers for them, so one scale per channel folds into the norm, the router and every
 expert's rows of W [experts, in, out] alike (or every expert's linear, where each reads its
-piece of the routed rows split per expert, as JetMoE's do). After a gated expert MLP's up projection each
-expert gets its own scale s_e: its slice of up-projection columns divided by s_e, the rows of
-its down projection multiplied by it, with statistics (and, for ``alpha: auto``, the search)
-from the calibration rows routed to that expert. An expert no calibration row reached keeps
-s_e = 1. Experts whose input nothing can absorb a scale into (an activation clamp, a bias
+piece of the routed rows split per expert, as JetMoE's do). After a gated expert MLP's up
+projection each expert gets its own scale s_e: its slice of up-projection columns divided by
+s_e, the rows of its down projection multiplied by it, with statistics (and, for ``alpha:
+auto``, the search) from the calibration rows routed to that expert. An expert no calibration
+row reached keeps s_e = 1. Experts whose input nothing can absorb a scale into (an activation clamp, a bias
 added after the up projection) are named in a note, as are the linears no region reaches.
 """
 
@@ -502,7 +502,7 @@ def apply_scales(graph: Graph, r: Region, s: torch.Tensor, pass_name: str) -> No
                 graph.set_tensor(v, graph.tensor(v) / s)
     else:  # a linear producer: its output rows (x's slice of them)
         w = p.operand(1)
-        divisor = torch.ones(graph.tensor(w).shape[0], dtype=s.dtype)
+        divisor = torch.ones(w.tensor_type.shape[0], dtype=s.dtype)
         divisor[r.offset:r.offset + s.shape[0]] = s
         graph.set_tensor(w, graph.tensor(w) / divisor[:, None])
         if p.operands[2] is not None:
