@@ -28,7 +28,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from lowbit.errors import TraceError
-from lowbit.frontend.convert import _clean_path
+from lowbit.frontend.convert import module_path
 
 aten = torch.ops.aten
 Part = torch.fx.Node | float | int | None  # None: a zero part
@@ -53,9 +53,8 @@ def _is_complex(value: object) -> bool:
 
 
 def _where(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return f"node {node.name} " + (f"in module {_clean_path(path)}" if path else "(the model's top level)")
+    path = module_path(node)
+    return f"node {node.name} " + (f"in module {path}" if path else "(the model's top level)")
 
 
 class _Rewriter:

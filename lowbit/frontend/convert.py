@@ -71,11 +71,7 @@ class _Converter:
 
     # ---- nodes -------------------------------------------------------------------------
     def loc(self, node: torch.fx.Node) -> Location:
-        stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
-            return Location()
-        path = list(stack.values())[-1][0]
-        return Location("" if path.startswith("_") else _clean_path(path))
+        return Location(module_path(node))
 
     def value(self, arg: torch.fx.Node) -> Value:
         v = self.env[arg]
@@ -202,6 +198,15 @@ def _op_name(target: object) -> str:
     if getattr(target, "__module__", None) == "torch" and getattr(target, "__name__", "").startswith("sym_"):
         return f"torch.{target.__name__}"  # torch.sym_max on sizes (a sliding window's length)
     raise TraceError(f"unsupported call target {target!r}")
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The path of the module ``node`` was traced in (``model.layers.0.mlp``; "" at the top)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return "" if path.startswith("_") else _clean_path(path)
 
 
 def _clean_path(path: str) -> str:
